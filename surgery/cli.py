@@ -1,0 +1,160 @@
+"""``surgery`` command line: thin commands over the Python API.
+
+A mistake a user can make (plan, plugin, model path) exits with code 2 and one readable message; ``-v`` shows the
+traceback. Other failures exit with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from surgery.attention import AttentionReadError
+from surgery.mixer import MixerDimsError
+from surgery.plan import PlanError
+from surgery.registry import PluginError, UnknownNameError
+
+USER_ERRORS = (PlanError, PluginError, UnknownNameError, AttentionReadError, MixerDimsError, FileNotFoundError)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import surgery
+
+    plan = surgery.load_plan(args.plan)
+    matches = surgery.check(plan)
+    rows = [[str(m.layer), m.path, m.module_class, m.mixer, m.weights] for m in matches]
+    print(_table(rows, ["layer", "module", "class", "mixer", "weights"]))
+    print(f"\n{len(matches)} layer(s) converted; plan OK")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import surgery
+
+    plan = surgery.load_plan(args.plan)
+    out = Path(args.output or (Path(plan.output or "runs/converted") / "convert"))
+    model = surgery.convert(plan)
+    surgery.save(model, out)
+    rec = model.surgery.manifest
+    print(f"converted {len(rec)} layer(s): "
+          f"{sum(len(r.copied) for r in rec)} tensors copied, {sum(len(r.reshaped) for r in rec)} reshaped, "
+          f"{sum(len(r.created) for r in rec)} created new, {sum(len(r.dropped) for r in rec)} dropped")  # fmt: skip
+    print(f"saved to {out}")
+    return 0
+
+
+def cmd_plugins_list(args: argparse.Namespace) -> int:
+    from surgery.registry import load_registry
+
+    rows = load_registry().plugins()
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows], indent=1))
+        return 0
+    table = [[r.plugin, f"{r.distribution} {r.version}", ", ".join(r.mixers), ", ".join(r.weight_maps)] for r in rows]
+    print(_table(table, ["plugin", "distribution", "mixers", "weight maps"]))
+    return 0
+
+
+def cmd_plugins_catalogue(args: argparse.Namespace) -> int:
+    import yaml
+
+    from surgery.registry import catalogue, load_registry
+
+    print(yaml.safe_dump(catalogue(load_registry(autoload=False)), sort_keys=False, width=119), end="")
+    return 0
+
+
+def cmd_plan_schema(args: argparse.Namespace) -> int:
+    from surgery.plan import plan_json_schema
+
+    print(json.dumps(plan_json_schema(), indent=1))
+    return 0
+
+
+def cmd_fetch_demo(args: argparse.Namespace) -> int:
+    from surgery.demo import prepare_demo
+
+    model_dir, data = prepare_demo(Path(args.root) if args.root else None)
+    print(f"model: {model_dir}\ndata:  {data.root}")
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from surgery.pipeline import recover_command
+
+    return recover_command(args.plan)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from surgery.pipeline import eval_command
+
+    return eval_command(args.plan, limit=args.limit)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import surgery
+
+    surgery.run(surgery.load_plan(args.plan))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="surgery", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str, plan: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        if plan:
+            sp.add_argument("plan", help="plan file (YAML)")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    add("check", cmd_check, "validate a plan against its model (meta device): layer -> module -> mixer -> mapping")
+    add("convert", cmd_convert, "convert the plan's model and save it").add_argument("-o", "--output")
+    add("recover", cmd_recover, "LoRA recovery of the converted model (plan section recover:)")
+    add("eval", cmd_eval, "lm-eval: base and converted model side by side").add_argument("--limit", type=float)
+    add("run", cmd_run, "convert -> recover -> eval -> save into the plan's output directory")
+    add("fetch-demo", cmd_fetch_demo, "build the offline demo model and data", plan=False).add_argument("--root")
+    plugins = sub.add_parser("plugins", help="plugin commands").add_subparsers(dest="sub", required=True)
+    pl = plugins.add_parser("list", help="every plugin with its distribution and version")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(fn=cmd_plugins_list)
+    cat = plugins.add_parser("catalogue", help="YAML catalogue of the built-ins (registry.yaml)")
+    cat.set_defaults(fn=cmd_plugins_catalogue)
+    plan = sub.add_parser("plan", help="plan file commands").add_subparsers(dest="sub", required=True)
+    plan.add_parser("schema", help="print the plan's JSON Schema").set_defaults(fn=cmd_plan_schema)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except USER_ERRORS as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"surgery {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if args.verbose:
+            traceback.print_exc()
+        else:
+            print(f"surgery {args.command}: {type(exc).__name__}: {exc}\n(run with -v for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Apply a plan to a model: match rules to attention sites, build mixers, map weights, swap, record a manifest.
+
+The converter names no plugin: mixers and weight maps come from the registry by the names the plan gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from surgery.attention import AttentionSite, find_attention, read_weights
+from surgery.mixer import Mixer, MixerDimsError, SharedState, install_padding_hook
+from surgery.plan import Plan, PlanError, Rule, select_layers
+from surgery.registry import Registry, load_registry
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Match:
+    """One layer the plan converts: which rule, module, mixer and weight map."""
+
+    rule: int
+    layer: int
+    path: str
+    module_class: str
+    mixer: str
+    weights: str
+
+
+@dataclass
+class LayerRecord:
+    """What the weight map did to one layer (the mapping manifest entry)."""
+
+    layer: int
+    path: str
+    module_class: str
+    mixer: str
+    weights: str
+    copied: list[str] = field(default_factory=list)  # tensors taken unchanged from the pretrained attention
+    reshaped: list[str] = field(default_factory=list)  # tensors derived from pretrained ones (split, pooled, ...)
+    created: list[str] = field(default_factory=list)  # mixer parameters the map left at their initialisation
+    dropped: list[str] = field(default_factory=list)  # pretrained tensors the mixer does not use
+
+
+@dataclass
+class SurgeryInfo:
+    """Attached to a converted model as ``model.surgery``: the resolved plan, the manifest, shared state."""
+
+    plan: Plan
+    manifest: list[LayerRecord]
+    shared: SharedState
+
+    def manifest_dict(self) -> dict[str, Any]:
+        return {"layers": [asdict(r) for r in self.manifest]}
+
+
+def num_layers(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "num_hidden_layers"))
+
+
+def match(plan: Plan, sites: list[AttentionSite], n_layers: int, registry: Registry) -> list[tuple[Match, Rule]]:
+    """Resolve every rule against the model's attention sites; raise ``PlanError`` with every problem found."""
+    by_layer = {s.layer_idx: s for s in sites}
+    problems: list[tuple[str, str]] = []
+    owner: dict[int, int] = {}
+    out: list[tuple[Match, Rule]] = []
+    for i, rule in enumerate(plan.convert):
+        loc = f"convert.{i}.layers"
+        layers = select_layers(rule.layers, n_layers)
+        bad = [x for x in layers if x >= n_layers]
+        if bad:
+            problems.append((loc, f"layer {bad[0]} is out of range: the model has {n_layers} layers (0-{n_layers - 1})"))
+        layers = [x for x in layers if x < n_layers]
+        if not layers and not bad:
+            problems.append((loc, "this rule selects no layer"))
+        mixer_cls = registry.mixer(rule.mixer)
+        options = mixer_cls.Options.model_validate(rule.options)
+        for layer in layers:
+            if layer in owner:
+                problems.append((loc, f"layer {layer} is also selected by convert.{owner[layer]}: rules must not overlap"))
+                continue
+            owner[layer] = i
+            site = by_layer.get(layer)
+            if site is None:
+                problems.append((loc, f"layer {layer} has no self-attention module that surgery can read"))
+                continue
+            try:
+                mixer_cls.check_site(site, options)
+            except MixerDimsError as exc:
+                problems.append((loc, f"layer {layer} ({site.path}, {site.module_class}): mixer '{rule.mixer}': {exc}"))
+                continue
+            m = Match(i, layer, site.path, site.module_class, rule.mixer, rule.weights or mixer_cls.default_weights)
+            out.append((m, rule))
+    if problems:
+        raise PlanError(problems)
+    return sorted(out, key=lambda mr: mr[0].layer)
+
+
+def meta_model(plan: Plan) -> nn.Module:
+    """The plan's model built from its config on the meta device (no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(plan.model)
+    except (OSError, ValueError) as exc:
+        raise PlanError([("model", f"cannot load the config of '{plan.model}': {exc}")]) from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def check(plan: Plan, model: nn.Module | None = None, registry: Registry | None = None) -> list[Match]:
+    """Resolve ``plan`` against the model (meta device when none is given): which layer gets what."""
+    registry = registry if registry is not None else load_registry()
+    model = model if model is not None else meta_model(plan)
+    return [m for m, _ in match(plan, find_attention(model), num_layers(model), registry)]
+
+
+def load_model(plan: Plan) -> nn.Module:
+    """The plan's pretrained model, in the plan's dtype, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(plan.model, dtype=DTYPES[plan.dtype])
+    except (OSError, ValueError) as exc:
+        raise PlanError([("model", f"cannot load '{plan.model}': {exc}")]) from None
+    return model.eval()
+
+
+def _record(m: Match, src: dict[str, Tensor], mapped: dict[str, Tensor], mixer: Mixer) -> LayerRecord:
+    rec = LayerRecord(m.layer, m.path, m.module_class, m.mixer, m.weights)
+    for name, t in mapped.items():
+        same = name in src and src[name].shape == t.shape and torch.equal(src[name], t)
+        (rec.copied if same else rec.reshaped).append(name)
+    rec.created = [n for n in mixer.state_dict() if n not in mapped]
+    rec.dropped = [n for n in src if n not in mapped]
+    return rec
+
+
+def _load_mapped(mixer: Mixer, mapped: dict[str, Tensor], m: Match) -> None:
+    own = mixer.state_dict()
+    where = f"layer {m.layer} ({m.path}): weight map '{m.weights}' for mixer '{m.mixer}'"
+    unknown = [k for k in mapped if k not in own]
+    if unknown:
+        raise PlanError([("", f"{where} returned {unknown} which the mixer does not have (it has {list(own)})")])
+    for k, t in mapped.items():
+        if own[k].shape != t.shape:
+            raise PlanError([("", f"{where} returned '{k}' of shape {tuple(t.shape)}; the mixer expects {tuple(own[k].shape)}")])
+    mixer.load_state_dict(mapped, strict=False)
+    # Verify what was copied: a map returning views or the wrong dtype must not pass unnoticed.
+    now = mixer.state_dict()
+    for k, t in mapped.items():
+        if not torch.equal(now[k], t.to(now[k].dtype)):
+            raise RuntimeError(f"{where}: '{k}' differs from the mapped tensor after loading")
+
+
+def apply_plan(
+    model: nn.Module, plan: Plan, registry: Registry | None = None, map_weights: bool = True
+) -> nn.Module:
+    """Swap the attention modules ``plan`` selects for mixers, in place; returns ``model``.
+
+    With ``map_weights=False`` only the structure is built (used by ``surgery.load``, which then loads saved
+    weights). The model gets ``model.surgery`` (a ``SurgeryInfo``) and a hook that records the padding mask.
+    """
+    registry = registry if registry is not None else load_registry()
+    sites = {s.layer_idx: s for s in find_attention(model)}
+    shared = SharedState()
+    manifest = []
+    for m, rule in match(plan, list(sites.values()), num_layers(model), registry):
+        site = sites[m.layer]
+        old = model.get_submodule(site.path)
+        ref = next(old.parameters())
+        mixer_cls = registry.mixer(m.mixer)
+        with torch.device(ref.device):
+            mixer = mixer_cls(site, mixer_cls.Options.model_validate(rule.options), model.config)
+        mixer.to(dtype=ref.dtype)
+        if map_weights:
+            wm_cls = registry.weight_map(m.weights)
+            src = read_weights(old, site)
+            mapped = wm_cls(wm_cls.Options.model_validate(rule.weight_options))(src, mixer)
+            _load_mapped(mixer, mapped, m)
+            manifest.append(_record(m, src, mapped, mixer))
+        else:
+            manifest.append(LayerRecord(m.layer, m.path, m.module_class, m.mixer, m.weights))
+        mixer.shared = shared
+        mixer.train(old.training)
+        parent_path, _, child = site.path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, child, mixer)
+    install_padding_hook(model, shared)
+    model.surgery = SurgeryInfo(plan=plan, manifest=manifest, shared=shared)
+    return model
+
+
+def convert(plan: Plan, model: nn.Module | None = None, registry: Registry | None = None) -> nn.Module:
+    """Convert ``model`` (or the plan's model, loaded from ``plan.model``) as the plan says.
+
+    Returns the converted model (the same object when one is given). ``model.surgery.manifest`` lists, per
+    layer, the tensors copied, reshaped, created new and dropped.
+    """
+    if getattr(model, "surgery", None) is not None:
+        raise ValueError("this model was already converted; convert the original model")
+    model = model if model is not None else load_model(plan)
+    with torch.no_grad():
+        return apply_plan(model, plan, registry, map_weights=True)

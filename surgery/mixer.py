@@ -1,0 +1,210 @@
+"""The two plugin contracts (``Mixer`` and ``WeightMap``) and the adapter to Hugging Face decoder layers.
+
+A mixer replaces one attention module. It owns HF-named projections (``q_proj``, ``k_proj``, ``v_proj``,
+``o_proj``, and the model's ``q_norm``/``k_norm`` when it has them), so LoRA targets and weight maps are the same
+for every architecture. Subclasses implement ``mix``; ``forward`` absorbs the HF calling convention (keyword
+names that change between architectures and versions) in this one place and returns ``(output, None)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+from surgery.attention import AttentionSite
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class Options(BaseModel):
+    """Base of every plugin's options: unknown keys are errors, values are immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MixerDimsError(ValueError):
+    """A mixer cannot take the dimensions of an attention layer (raised by ``Mixer.check_site``)."""
+
+
+class SharedState:
+    """Per-model values that the decoder layers do not pass to attention modules.
+
+    Transformers replaces the user's 2D ``attention_mask`` by a 4D causal mask before the layers run, but
+    recurrent mixers need the 2D padding mask (left-padded batches). A forward pre-hook on the model
+    (``install_padding_hook``) stores it here; every mixer of the model holds a reference to one instance.
+    """
+
+    def __init__(self) -> None:
+        self.padding_mask: Tensor | None = None  # [B, past + T], 1 = real token, as the user passed it
+
+
+def install_padding_hook(model: nn.Module, shared: SharedState) -> None:
+    """Record the 2D ``attention_mask`` of every call to ``model`` into ``shared`` (idempotent per model)."""
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1 and isinstance(args[1], Tensor):
+            mask = args[1]
+        shared.padding_mask = mask if (mask is not None and mask.dim() == 2) else None
+
+    handle = getattr(model, "_surgery_padding_hook", None)
+    if handle is not None:
+        handle.remove()
+    model._surgery_padding_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@dataclass
+class MixContext:
+    """What a mixer may use besides the hidden states, gathered by ``Mixer.forward``.
+
+    Attributes:
+        position_embeddings: ``(cos, sin)`` ``[B, T, R]`` as the model computed them for this layer (R may be
+            smaller than the head dim: partial rotary).
+        attention_mask: the mask the decoder layer passed (4D, a BlockMask, or None), for softmax attention.
+        padding_mask: ``[B, T]`` bool, True for real tokens of this call; None when every token is real.
+        cache: the HF ``Cache`` object of this forward, or None.
+        attn_kwargs: remaining keyword arguments, forwarded to transformers' attention functions.
+    """
+
+    position_embeddings: tuple[Tensor, Tensor] | None
+    attention_mask: Any
+    padding_mask: Tensor | None
+    cache: Any
+    attn_kwargs: dict[str, Any]
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding on ``x`` ``[B, H, T, D]`` with ``cos``/``sin`` ``[B, T, R]``, R <= D (partial rotary).
+
+    Same arithmetic as transformers' ``apply_rotary_pos_emb`` (rotate-half convention), so the softmax mixer
+    reproduces the pretrained logits bit for bit.
+    """
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return (x * cos) + (rotate_half(x) * sin)
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    return torch.cat([(x_rot * cos) + (rotate_half(x_rot) * sin), x_pass], dim=-1)
+
+
+class Mixer(nn.Module):
+    """Base of every token mixer. ``x`` ``[B, T, C]`` -> ``[B, T, C]``.
+
+    Class attributes a plugin sets: ``name`` (``^[a-z][a-z0-9_]*$``), ``description`` (one line),
+    ``default_weights`` (the weight map a plan gets when it names none), and a nested ``Options`` model.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    default_weights: ClassVar[str] = "copy_qkvo"
+
+    class Options(Options):
+        pass
+
+    def __init__(self, site: AttentionSite, options: Options, config: Any) -> None:
+        super().__init__()
+        d = site.dims
+        self.site = site
+        self.options = options
+        self.config = config  # the model config: transformers' attention functions read _attn_implementation
+        self.layer_idx = site.layer_idx
+        self.head_dim = d.head_dim
+        self.num_heads = d.num_heads
+        self.num_kv_heads = d.num_kv_heads
+        self.num_key_value_groups = d.groups  # name read by transformers' attention functions
+        self.scaling = d.scaling
+        self.is_causal = True
+        self.attention_dropout = 0.0
+        self.shared: SharedState | None = None  # set by the converter
+        self.q_proj = nn.Linear(d.hidden_size, d.num_heads * d.head_dim, bias=d.qkv_bias)
+        self.k_proj = nn.Linear(d.hidden_size, d.num_kv_heads * d.head_dim, bias=d.qkv_bias)
+        self.v_proj = nn.Linear(d.hidden_size, d.num_kv_heads * d.head_dim, bias=d.qkv_bias)
+        self.o_proj = nn.Linear(d.num_heads * d.head_dim, d.hidden_size, bias=d.o_bias)
+        self.q_norm = copy.deepcopy(site.q_norm) if site.q_norm is not None else None
+        self.k_norm = copy.deepcopy(site.k_norm) if site.k_norm is not None else None
+
+    @classmethod
+    def check_site(cls, site: AttentionSite, options: Options) -> None:
+        """Raise ``MixerDimsError`` when this mixer cannot replace ``site`` with ``options``. Default: accept."""
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_idx}, options={self.options.model_dump()}"
+
+    # -- helpers shared by mixers -------------------------------------------------------------------------
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q ``[B, T, Hq, D]``, k and v ``[B, T, Hkv, D]``, after the model's q/k norms, before RoPE."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return q, k, v
+
+    # -- the HF adapter ----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        *args: Any,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
+        attention_mask: Any = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, None]:
+        # Decoder layers call attention with keywords; GPT-NeoX-style layers pass the mask positionally.
+        if args and attention_mask is None:
+            attention_mask = args[0]
+        cache = None
+        for key in ("cache", "past_key_values", "past_key_value", "layer_past"):
+            value = kwargs.pop(key, None)
+            cache = cache if value is None else value
+        for key in ("position_ids", "use_cache", "output_attentions", "cache_position", "head_mask"):
+            kwargs.pop(key, None)
+        T = hidden_states.shape[1]
+        padding = None
+        if self.shared is not None and self.shared.padding_mask is not None:
+            pm = self.shared.padding_mask[:, -T:].to(device=hidden_states.device, dtype=torch.bool)
+            padding = None if bool(pm.all()) else pm
+        ctx = MixContext(position_embeddings, attention_mask, padding, cache, kwargs)
+        return self.mix(hidden_states, ctx), None
+
+    def mix(self, x: Tensor, ctx: MixContext) -> Tensor:
+        """Mix tokens: ``x`` ``[B, T, C]`` -> ``[B, T, C]``. Subclasses implement this."""
+        raise NotImplementedError
+
+
+class WeightMap:
+    """Base of every weight-mapping strategy: canonical pretrained tensors in, a partial state dict out.
+
+    ``mixers`` lists the mixer names this map suits (empty: any mixer). The converter loads the returned
+    tensors into the mixer; keys the mixer lacks are an error, mixer parameters left unset are reported as
+    created new, canonical tensors not returned are reported as dropped.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    mixers: ClassVar[tuple[str, ...]] = ()
+
+    class Options(Options):
+        pass
+
+    def __init__(self, options: Options | None = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    def __call__(self, src: Mapping[str, Tensor], dst: Mixer) -> dict[str, Tensor]:
+        raise NotImplementedError

@@ -1,0 +1,220 @@
+"""The plan file: YAML validated with pydantic v2, names resolved against the plugin registry.
+
+Every error carries its location (``convert.0.options.gate_rank: ...``); all errors of a plan are reported together.
+Model-dependent checks (layers in range, overlapping rules, dimensions) happen in ``surgery.convert.check``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import Field, NonNegativeInt, PositiveInt, ValidationError, field_validator
+
+from surgery.mixer import Options
+from surgery.recipes import EvalSpec, RecoverSpec
+from surgery.registry import Registry, did_you_mean, load_registry
+
+PLAN_VERSION = 1
+_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+class PlanError(ValueError):
+    """A mistake in a plan. ``problems`` holds ``(location, message)`` pairs; ``str()`` is one line per problem."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str | None = None) -> None:
+        self.problems = problems
+        self.source = source
+        head = f"invalid plan {source}" if source else "invalid plan"
+        lines = [f"{loc}: {msg}" if loc else msg for loc, msg in problems]
+        super().__init__(head + ":\n  " + "\n  ".join(lines) if len(lines) > 1 else f"{head}: {lines[0]}")
+
+
+class Every(Options):
+    """Select layers ``offset, offset + every, offset + 2*every, ...``."""
+
+    every: PositiveInt
+    offset: NonNegativeInt = 0
+
+
+LayerSelector = Union[Literal["all"], str, int, list[Union[int, str]], Every]
+
+
+def parse_range(item: int | str) -> list[int]:
+    """``5`` -> [5]; ``"2-4"`` -> [2, 3, 4]. Raises ValueError for anything else."""
+    if isinstance(item, int):
+        if item < 0:
+            raise ValueError(f"layer index {item} is negative")
+        return [item]
+    m = _RANGE.match(item)
+    if not m:
+        raise ValueError(f"bad layer range '{item}': write 'all', 'A-B', an index, a list of those, or {{every: N, offset: M}}")
+    lo = int(m.group(1))
+    hi = int(m.group(2)) if m.group(2) is not None else lo
+    if hi < lo:
+        raise ValueError(f"bad layer range '{item}': end {hi} is before start {lo}")
+    return list(range(lo, hi + 1))
+
+
+def select_layers(selector: LayerSelector, n_layers: int) -> list[int]:
+    """Layer indices a selector names for a model with ``n_layers`` layers (indices may exceed the model)."""
+    if selector == "all":
+        return list(range(n_layers))
+    if isinstance(selector, Every):
+        return list(range(selector.offset, n_layers, selector.every))
+    items = selector if isinstance(selector, list) else [selector]
+    out: list[int] = []
+    for item in items:
+        out.extend(parse_range(item))
+    return sorted(set(out))
+
+
+class Rule(Options):
+    """One line of ``convert:``: which layers get which mixer and which weight mapping."""
+
+    layers: LayerSelector = "all"
+    mixer: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = None  # None: the mixer's default weight map
+    weight_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, v: LayerSelector) -> LayerSelector:
+        if v != "all" and not isinstance(v, Every):
+            for item in v if isinstance(v, list) else [v]:
+                parse_range(item)
+            if isinstance(v, list) and not v:
+                raise ValueError("empty layer list")
+        return v
+
+
+class Plan(Options):
+    """A whole plan. Build it with ``load_plan`` so names and options are resolved against the registry."""
+
+    version: int
+    model: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    output: str | None = None
+    convert: list[Rule] = Field(min_length=1)
+    recover: RecoverSpec | None = None
+    eval: EvalSpec | None = None
+
+    @field_validator("version")
+    @classmethod
+    def _check_version(cls, v: int) -> int:
+        if v != PLAN_VERSION:
+            raise ValueError(f"plan version {v} is not supported; this surgery reads version {PLAN_VERSION}")
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def _pydantic_problems(err: ValidationError, prefix: tuple = (), allowed: dict[str, list[str]] | None = None) -> list:
+    problems = []
+    for e in err.errors():
+        loc = tuple(prefix) + tuple(e["loc"])
+        # Union types add the member name to the location ("layers.list[union[int,str]].0"); drop it.
+        loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("Every", "str", "int"))))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            known = (allowed or {}).get(".".join(map(str, loc[:-1])), [])
+            msg = f"unknown key '{key}'{did_you_mean(key, known)}"
+        problems.append((".".join(map(str, loc)), msg))
+    # A selector that failed every member of the union reports once per member; keep the first per location.
+    seen, unique = set(), []
+    for loc, msg in problems:
+        if loc not in seen:
+            seen.add(loc)
+            unique.append((loc, msg))
+    return unique
+
+
+def _read(source: str | Path | dict) -> tuple[dict, str | None]:
+    if isinstance(source, dict):
+        return source, None
+    path = Path(source)
+    if not path.is_file():
+        raise PlanError([("", f"plan file '{path}' does not exist")])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise PlanError([("", f"broken YAML: {where}{getattr(exc, 'problem', exc)}")], str(path)) from None
+    if not isinstance(data, dict):
+        raise PlanError([("", "a plan is a YAML mapping with keys version, model, convert, ...")], str(path))
+    return data, str(path)
+
+
+def _is_local_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
+
+
+def load_plan(source: str | Path | dict, registry: Registry | None = None) -> Plan:
+    """Parse and validate a plan (YAML path or dict); resolve mixers, weight maps and their options.
+
+    Returns a plan whose rules name their weight map explicitly and whose options include every default, so that
+    the resolved plan saved with a model rebuilds it exactly. Raises ``PlanError`` listing every problem.
+    """
+    data, where = _read(source)
+    registry = registry if registry is not None else load_registry()
+    allowed = {"": list(Plan.model_fields)}
+    for i in range(len(data.get("convert") or []) if isinstance(data.get("convert"), list) else 0):
+        allowed[f"convert.{i}"] = list(Rule.model_fields)
+    try:
+        plan = Plan.model_validate(data)
+    except ValidationError as err:
+        raise PlanError(_pydantic_problems(err, allowed=allowed), where) from None
+
+    problems: list[tuple[str, str]] = []
+    if _is_local_path(plan.model) and not Path(plan.model).expanduser().exists():
+        problems.append(("model", f"model path '{plan.model}' does not exist"))
+    rules = []
+    for i, rule in enumerate(plan.convert):
+        loc = f"convert.{i}"
+        if rule.mixer not in registry.mixers:
+            problems.append((f"{loc}.mixer", f"unknown mixer '{rule.mixer}'{did_you_mean(rule.mixer, registry.mixers)}"))
+            rules.append(rule)
+            continue
+        mixer_cls = registry.mixers[rule.mixer]
+        try:
+            options = mixer_cls.Options.model_validate(rule.options).model_dump(mode="json")
+        except ValidationError as err:
+            known = {"": list(mixer_cls.Options.model_fields)}
+            problems += _pydantic_problems(err, (loc, "options"), allowed={f"{loc}.options": known[""]})
+            options = rule.options
+        weights = rule.weights or mixer_cls.default_weights
+        weight_options = rule.weight_options
+        if weights not in registry.weight_maps:
+            hint = did_you_mean(weights, registry.weight_maps)
+            problems.append((f"{loc}.weights", f"unknown weight map '{weights}'{hint}"))
+        else:
+            wm = registry.weight_maps[weights]
+            if wm.mixers and rule.mixer not in wm.mixers:
+                problems.append(
+                    (f"{loc}.weights", f"weight map '{weights}' does not fit mixer '{rule.mixer}' "
+                     f"(it fits: {', '.join(wm.mixers)})")
+                )  # fmt: skip
+            try:
+                weight_options = wm.Options.model_validate(rule.weight_options).model_dump(mode="json")
+            except ValidationError as err:
+                problems += _pydantic_problems(
+                    err, (loc, "weight_options"), allowed={f"{loc}.weight_options": list(wm.Options.model_fields)}
+                )
+        rules.append(rule.model_copy(update={"options": options, "weights": weights, "weight_options": weight_options}))
+    if problems:
+        raise PlanError(problems, where)
+    return plan.model_copy(update={"convert": rules})
+
+
+def plan_json_schema() -> dict[str, Any]:
+    """JSON Schema of the plan file, for editors (mixer options are checked at load time, per mixer)."""
+    schema = Plan.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "surgery plan"
+    return schema

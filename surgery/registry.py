@@ -1,0 +1,211 @@
+"""Build a fresh plugin registry: built-ins, the ``surgery`` entry points, and extras (for tests).
+
+Nothing is created at import time. ``load_registry()`` returns a ``Registry`` facade so that the rest of the code
+never calls ``pm.hook.*`` itself. Set ``SURGERY_DISABLE_PLUGIN_AUTOLOAD=1`` to skip entry points.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.metadata as md
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from surgery import hookspecs
+from surgery.mixer import NAME_RE, Mixer, WeightMap
+
+#: Built-in plugin modules, registered exactly like third-party plugins.
+DEFAULT_PLUGINS = (
+    "surgery.plugins.softmax",
+    "surgery.plugins.weight_maps",
+    "surgery.plugins.gla",
+    "surgery.plugins.hgrn2",
+    "surgery.plugins.gsa",
+    "surgery.plugins.liger",
+    "surgery.plugins.weight_maps_liger",
+)
+ENTRY_POINT_GROUP = "surgery"
+AUTOLOAD_ENV = "SURGERY_DISABLE_PLUGIN_AUTOLOAD"
+
+
+class PluginError(RuntimeError):
+    """A plugin could not be loaded or breaks the contract; the message names the plugin and its distribution."""
+
+
+class UnknownNameError(KeyError, ValueError):
+    """An unknown mixer or weight-map name; the message suggests the closest names."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One registered plugin: where it comes from and what it provides."""
+
+    plugin: str
+    distribution: str
+    version: str
+    mixers: tuple[str, ...]
+    weight_maps: tuple[str, ...]
+
+
+class Registry:
+    """Read-only view of the mixers and weight maps provided by the registered plugins."""
+
+    def __init__(self, pm: pluggy.PluginManager, sources: dict[str, tuple[str, str]]) -> None:
+        self._pm = pm
+        self._sources = sources  # plugin name -> (distribution, version)
+        self.mixers: dict[str, type[Mixer]] = {}
+        self.weight_maps: dict[str, type[WeightMap]] = {}
+        self._owner: dict[tuple[str, str], str] = {}
+        for plugin_name, plugin in pm.list_name_plugin():
+            if plugin is hookspecs:
+                continue
+            for kind, hook, base, table in (
+                ("mixer", "surgery_mixers", Mixer, self.mixers),
+                ("weight map", "surgery_weight_maps", WeightMap, self.weight_maps),
+            ):
+                impl = getattr(plugin, hook, None)
+                if impl is None:
+                    continue
+                try:
+                    classes = list(impl() or [])
+                except Exception as exc:  # a broken plugin must be named, not crash with a bare traceback
+                    raise PluginError(f"plugin {self._describe(plugin_name)} raised in {hook}(): {exc!r}") from exc
+                for cls in classes:
+                    self._add(kind, plugin_name, cls, base, table)
+
+    def _describe(self, plugin_name: str) -> str:
+        dist, version = self._sources.get(plugin_name, ("surgery", ""))
+        return f"'{plugin_name}' (distribution {dist} {version})".replace(" )", ")")
+
+    def _add(self, kind: str, plugin_name: str, cls: Any, base: type, table: dict) -> None:
+        who = self._describe(plugin_name)
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise PluginError(f"plugin {who} returned {cls!r} as a {kind}; expected a subclass of {base.__name__}")
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise PluginError(f"plugin {who}: {kind} {cls.__name__} has name {name!r}; names must match {NAME_RE.pattern}")
+        if name in table:
+            other = self._describe(self._owner[(kind, name)])
+            raise PluginError(f"duplicate {kind} name '{name}': provided by plugin {other} and by plugin {who}")
+        table[name] = cls
+        self._owner[(kind, name)] = plugin_name
+
+    def mixer(self, name: str) -> type[Mixer]:
+        if name not in self.mixers:
+            raise UnknownNameError(f"unknown mixer '{name}'{did_you_mean(name, self.mixers)}")
+        return self.mixers[name]
+
+    def weight_map(self, name: str) -> type[WeightMap]:
+        if name not in self.weight_maps:
+            raise UnknownNameError(f"unknown weight map '{name}'{did_you_mean(name, self.weight_maps)}")
+        return self.weight_maps[name]
+
+    def plugins(self) -> list[PluginInfo]:
+        rows = []
+        for plugin_name, _plugin in self._pm.list_name_plugin():
+            if _plugin is hookspecs:
+                continue
+            dist, version = self._sources.get(plugin_name, ("surgery", _own_version()))
+            rows.append(
+                PluginInfo(
+                    plugin=plugin_name,
+                    distribution=dist,
+                    version=version,
+                    mixers=tuple(n for (k, n), p in self._owner.items() if k == "mixer" and p == plugin_name),
+                    weight_maps=tuple(n for (k, n), p in self._owner.items() if k == "weight map" and p == plugin_name),
+                )
+            )
+        return rows
+
+
+def _own_version() -> str:
+    try:
+        return md.version("surgery")
+    except md.PackageNotFoundError:
+        return "0+unknown"
+
+
+def load_registry(autoload: bool | None = None, extra: Iterable[ModuleType | object] = ()) -> Registry:
+    """A fresh registry: built-ins, then ``extra`` plugins, then entry points (unless disabled).
+
+    Args:
+        autoload: load ``surgery`` entry points; default: unless ``SURGERY_DISABLE_PLUGIN_AUTOLOAD`` is set.
+        extra: plugin modules or objects to register (tests use this).
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    sources: dict[str, tuple[str, str]] = {}
+    for modname in DEFAULT_PLUGINS:
+        try:
+            module = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name == modname:  # a built-in not written yet must not break the others
+                continue
+            raise
+        pm.register(module, name=modname)
+        sources[modname] = ("surgery", _own_version())
+    for plugin in extra:
+        name = getattr(plugin, "__name__", None) or type(plugin).__name__
+        pm.register(plugin, name=name)
+        sources[name] = ("(extra)", "")
+    if autoload is None:
+        autoload = not os.environ.get(AUTOLOAD_ENV)
+    if autoload:
+        for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+            dist = ep.dist.name if ep.dist is not None else "?"
+            version = ep.dist.version if ep.dist is not None else "?"
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin '{ep.name}' (distribution {dist} {version}) failed to load from '{ep.value}': {exc!r}"
+                ) from exc
+            if pm.is_registered(plugin):
+                continue
+            pm.register(plugin, name=ep.name)
+            sources[ep.name] = (dist, version)
+    pm.check_pending()
+    return Registry(pm, sources)
+
+
+def catalogue(registry: Registry) -> dict[str, Any]:
+    """The catalogue of a registry's built-in plugins: name, kind, description, options with defaults.
+
+    ``registry.yaml`` at the repository root is this, for the built-ins, so reviewers see what ships.
+    """
+
+    def options(cls: type) -> dict[str, Any]:
+        out = {}
+        for name, f in cls.Options.model_fields.items():
+            default = None if f.is_required() else f.get_default(call_default_factory=True)
+            out[name] = {"default": default, "type": str(f.annotation).replace("typing.", "")}
+        return out
+
+    builtin = {name for name, (dist, _) in registry._sources.items() if dist == "surgery"}
+    entries = []
+    for (kind, name), owner in sorted(registry._owner.items()):
+        if owner not in builtin:
+            continue
+        cls = registry.mixers[name] if kind == "mixer" else registry.weight_maps[name]
+        entry: dict[str, Any] = {"name": name, "kind": kind.replace(" ", "_"), "plugin": owner,
+                                 "description": cls.description, "options": options(cls)}  # fmt: skip
+        if kind == "mixer":
+            entry["default_weights"] = cls.default_weights
+        else:
+            entry["fits"] = list(cls.mixers) or "any"
+        entries.append(entry)
+    return {"generated_by": "surgery plugins catalogue > registry.yaml", "plugins": entries}

@@ -1,0 +1,50 @@
+"""Test setup: Triton runs in its interpreter when there is no GPU, plugin autoload is off, threads are few."""
+
+from __future__ import annotations
+
+import os
+
+# Must happen before any Triton kernel is defined (env.md F6): kernels read the flag when decorated.
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("SURGERY_DISABLE_PLUGIN_AUTOLOAD", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_configure(config) -> None:  # noqa: ANN001
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "slow: real-model or long tests")
+
+
+def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
+    import pytest
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer tiny Llama saved in HF layout, for plans that name a model path."""
+    from tests.models import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", num_hidden_layers=2).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def registry():
+    """A fresh registry of the built-ins only (entry points are not loaded)."""
+    from surgery.registry import load_registry
+
+    return load_registry(autoload=False)

@@ -1,0 +1,75 @@
+"""Plan parsing: every invalid plan in tests/plans/invalid gives the one message its first line announces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import surgery
+from surgery.plan import PlanError, load_plan, plan_json_schema, select_layers, Every
+
+PLANS = Path(__file__).parent / "plans"
+INVALID = sorted((PLANS / "invalid").glob("*.yaml"))
+
+
+def _materialise(src: Path, tmp_path: Path, tiny_dir: str) -> Path:
+    text = src.read_text().replace("{tiny}", tiny_dir).replace("{out}", str(tmp_path / "out"))
+    dst = tmp_path / src.name
+    dst.write_text(text)
+    return dst
+
+
+def test_there_are_enough_invalid_plans() -> None:
+    assert len(INVALID) >= 12
+
+
+@pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])
+def test_invalid_plan_gives_its_message(path: Path, tmp_path: Path, tiny_dir: str, registry) -> None:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# error: "), f"{path.name} must start with '# error: <message>'"
+    expected = first.removeprefix("# error: ")
+    with pytest.raises(PlanError) as err:
+        plan = load_plan(_materialise(path, tmp_path, tiny_dir), registry)
+        surgery.check(plan, registry=registry)
+    assert expected in str(err.value)
+    # One clear message: exactly one problem is reported for each of these plans.
+    assert len(err.value.problems) == 1, err.value.problems
+
+
+def test_valid_plan_resolves_defaults(tmp_path: Path, tiny_dir: str, registry) -> None:
+    plan = load_plan(_materialise(PLANS / "valid" / "identity.yaml", tmp_path, tiny_dir), registry)
+    assert plan.convert[0].weights == "copy_qkvo"
+    assert plan.dtype == "float32"
+    # The resolved plan is a fixed point: re-loading its dict gives the same plan.
+    assert load_plan(plan.to_dict(), registry) == plan
+
+
+def test_default_weight_map_and_options_are_filled(registry) -> None:
+    plan = load_plan({"version": 1, "model": "some/hub-id", "convert": [{"mixer": "swa"}]}, registry)
+    rule = plan.convert[0]
+    assert rule.weights == registry.mixer("swa").default_weights
+    assert rule.options == registry.mixer("swa").Options().model_dump(mode="json")
+
+
+def test_all_problems_are_reported_together(registry) -> None:
+    data = {"version": 1, "model": "x/y", "convert": [{"mixer": "softmx"}, {"mixer": "softmax", "weights": "nope"}]}
+    with pytest.raises(PlanError) as err:
+        load_plan(data, registry)
+    locs = [loc for loc, _ in err.value.problems]
+    assert locs == ["convert.0.mixer", "convert.1.weights"]
+
+
+@pytest.mark.parametrize(
+    "selector, expected",
+    [("all", [0, 1, 2, 3, 4, 5, 6, 7]), ("2-4", [2, 3, 4]), (3, [3]), ([0, "5-6", 2], [0, 2, 5, 6]),
+     (Every(every=4, offset=3), [3, 7]), (Every(every=3), [0, 3, 6])],
+)  # fmt: skip
+def test_select_layers(selector, expected) -> None:
+    assert select_layers(selector, 8) == expected
+
+
+def test_schema_exports_plan_fields() -> None:
+    schema = plan_json_schema()
+    assert {"version", "model", "dtype", "output", "convert"} <= set(schema["properties"])
+    assert schema["additionalProperties"] is False
