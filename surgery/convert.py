@@ -132,10 +132,13 @@ def load_model(plan: Plan) -> nn.Module:
     return model.eval()
 
 
-def _record(m: Match, src: dict[str, Tensor], mapped: dict[str, Tensor], mixer: Mixer) -> LayerRecord:
+def _record(m: Match, site: AttentionSite, src: dict[str, Tensor], mapped: dict[str, Tensor], mixer: Mixer) -> LayerRecord:
     rec = LayerRecord(m.layer, m.path, m.module_class, m.mixer, m.weights)
+    # A fused qkv projection reaches the mixer split into q/k/v: those tensors are reshaped, not copied.
+    split = {"q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"}
+    split = split if site.layout != "separate" else set()
     for name, t in mapped.items():
-        same = name in src and src[name].shape == t.shape and torch.equal(src[name], t)
+        same = name in src and name not in split and src[name].shape == t.shape and torch.equal(src[name], t)
         (rec.copied if same else rec.reshaped).append(name)
     rec.created = [n for n in mixer.state_dict() if n not in mapped]
     rec.dropped = [n for n in src if n not in mapped]
@@ -184,7 +187,7 @@ def apply_plan(
             src = read_weights(old, site)
             mapped = wm_cls(wm_cls.Options.model_validate(rule.weight_options))(src, mixer)
             _load_mapped(mixer, mapped, m)
-            manifest.append(_record(m, src, mapped, mixer))
+            manifest.append(_record(m, site, src, mapped, mixer))
         else:
             manifest.append(LayerRecord(m.layer, m.path, m.module_class, m.mixer, m.weights))
         mixer.shared = shared

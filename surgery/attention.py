@@ -1,0 +1,290 @@
+"""Read any Hugging Face attention module into one canonical description.
+
+The converter never looks at architecture-specific classes: it asks this module for every self-attention
+``AttentionSite`` of a causal LM, and for the site's pretrained tensors under canonical names. Two layouts are
+understood: separate q/k/v/o projections (Llama, Mistral, Qwen2/3, Gemma3, ...) and fused qkv projections
+(Phi-3's ``qkv_proj``, GPT-NeoX's head-interleaved ``query_key_value``). Anything else fails loudly with the
+module class in the message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+Layout = Literal["separate", "fused_qkv", "fused_qkv_headwise"]
+
+#: Canonical tensor names. They are also the parameter names of every built-in mixer, so that a weight map
+#: that copies is a dictionary lookup and LoRA targets (q_proj, k_proj, v_proj, o_proj) are the same everywhere.
+CANONICAL = (
+    "q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias",
+    "o_proj.weight", "o_proj.bias", "q_norm.weight", "k_norm.weight",
+)  # fmt: skip
+
+
+class AttentionReadError(ValueError):
+    """A module looks like attention but cannot be read; the message names the module path and class."""
+
+
+@dataclass(frozen=True)
+class AttentionDims:
+    """Shapes and settings of one attention layer (no tensors; valid on the meta device)."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    qkv_bias: bool
+    o_bias: bool
+    scaling: float  # the softmax scale the pretrained layer uses (1/sqrt(head_dim) unless the model says otherwise)
+    sliding_window: int | None = None  # this layer's own window, None for global attention
+    softcap: float | None = None  # attention-logit soft-capping (Gemma 2 style), None when absent
+
+    @property
+    def groups(self) -> int:
+        """Query heads per key/value head."""
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One self-attention module of a model, read without touching its weights.
+
+    ``q_norm``/``k_norm`` are the model's own per-head norm modules (Qwen3, Gemma3), applied to q and k before RoPE;
+    mixers deep-copy them so that the exact normalisation (eps, ``1 + w`` offsets) is kept.
+    """
+
+    layer_idx: int
+    path: str  # module path inside the model, e.g. "model.layers.3.self_attn"
+    module_class: str
+    dims: AttentionDims
+    layout: Layout
+    q_norm: nn.Module | None = field(default=None, compare=False, repr=False)
+    k_norm: nn.Module | None = field(default=None, compare=False, repr=False)
+
+
+#: Projection children of each layout: (q/k/v projections, output projection). A module owning one of these sets is
+#: read; any other attention-looking module is an error rather than a guess.
+_LAYOUTS: dict[Layout, tuple[tuple[str, ...], str]] = {
+    "separate": (("q_proj", "k_proj", "v_proj"), "o_proj"),
+    "fused_qkv": (("qkv_proj",), "o_proj"),
+    "fused_qkv_headwise": (("query_key_value",), "dense"),
+}
+
+#: Child names that betray an attention module whatever its class is called (GPT-2's ``c_attn``, MPT's ``Wqkv``...).
+_QKV_HINTS = frozenset(
+    {"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv", "wqkv", "qkv", "in_proj",
+     "query", "key", "value", "wq", "wk", "wv", "q_a_proj", "kv_a_proj_with_mqa"}
+)  # fmt: skip
+
+#: Children an attention module may own besides its projections: per-head norms. Parameter-free children
+#: (rotary embeddings, dropouts) are ignored; any other child with parameters would be lost, so it is an error.
+_NORMS = ("q_norm", "k_norm")
+
+
+def _error(path: str, module: nn.Module, why: str) -> AttentionReadError:
+    return AttentionReadError(f"attention module {path!r} ({type(module).__name__}): {why}")
+
+
+def _looks_like_attention(module: nn.Module) -> bool:
+    children = dict(module.named_children())
+    if _QKV_HINTS.intersection(children):
+        return True
+    # Norm classes named after attention ("PostAttentionNorm") own no Linear, so they do not match.
+    named_attention = "attention" in type(module).__name__.lower()
+    return named_attention and any(isinstance(c, nn.Linear) for c in children.values())
+
+
+def _attention_in(layer: nn.Module, layer_path: str) -> list[tuple[str, nn.Module]]:
+    """The outermost attention-looking modules inside ``layer`` (a module found inside another is not counted)."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, sub in layer.named_modules():
+        if sub is layer or any(name.startswith(f"{outer}.") for outer, _ in found):
+            continue
+        if _looks_like_attention(sub):
+            found.append((name, sub))
+    return [(f"{layer_path}.{name}", sub) for name, sub in found]
+
+
+def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The outermost ModuleList whose elements hold attention, searched in the decoder when the model has one."""
+    scope = model
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            decoder = get_decoder()
+        except (AttributeError, ValueError, NotImplementedError):
+            decoder = None
+        if isinstance(decoder, nn.Module):
+            scope = decoder
+    names = {id(m): n for n, m in model.named_modules()}
+    for sub in scope.modules():
+        if isinstance(sub, nn.ModuleList) and any(_attention_in(layer, "") for layer in sub):
+            return names[id(sub)], sub
+    raise AttentionReadError(
+        f"{type(model).__name__}: no decoder layers found (no ModuleList whose layers hold an attention module "
+        "with q/k/v projections)"
+    )
+
+
+def _linear(path: str, module: nn.Module, name: str) -> nn.Linear:
+    child = getattr(module, name, None)
+    if not isinstance(child, nn.Linear):
+        raise _error(path, module, f"{name!r} is {type(child).__name__}, expected torch.nn.Linear")
+    return child
+
+
+def _layout_of(path: str, module: nn.Module) -> Layout:
+    children = dict(module.named_children())
+    for layout, (qkv, out) in _LAYOUTS.items():
+        if all(name in children for name in (*qkv, out)):
+            return layout
+    known = "; ".join(f"{'/'.join(qkv)} + {out}" for qkv, out in _LAYOUTS.values())
+    raise _error(path, module, f"unknown projection layout (children: {', '.join(children)}); readable: {known}")
+
+
+def _check_children(path: str, module: nn.Module, layout: Layout) -> None:
+    """Refuse modules that own parameters we would silently drop (attention sinks, gates, extra norms)."""
+    own = [name for name, _ in module.named_parameters(recurse=False)]
+    if own:
+        raise _error(path, module, f"owns parameters outside its projections: {', '.join(own)}")
+    qkv, out = _LAYOUTS[layout]
+    allowed = {*qkv, out, *_NORMS}
+    for name, child in module.named_children():
+        if name not in allowed and any(True for _ in child.parameters()):
+            raise _error(path, module, f"child {name!r} ({type(child).__name__}) has parameters that cannot be read")
+
+
+def _head_dim(module: nn.Module, cfg: Any) -> int | None:
+    for owner, attr in ((module, "head_dim"), (module, "head_size"), (cfg, "head_dim")):
+        value = getattr(owner, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    hidden, heads = getattr(cfg, "hidden_size", None), getattr(cfg, "num_attention_heads", None)
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
+
+
+def _sliding_window(module: nn.Module, cfg: Any, layer_idx: int) -> int | None:
+    # The module's own attribute is what it passes to the attention function (None on its global layers).
+    if hasattr(module, "sliding_window"):
+        return module.sliding_window
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    if window is not None and isinstance(layer_types, (list, tuple)) and layer_idx < len(layer_types):
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    return window  # Mistral/Phi-3 style: one window for every layer
+
+
+def _norm(path: str, module: nn.Module, name: str, head_dim: int) -> nn.Module | None:
+    norm = getattr(module, name, None)
+    if norm is None:
+        return None
+    weight = getattr(norm, "weight", None)
+    if isinstance(weight, Tensor) and tuple(weight.shape) != (head_dim,):
+        # OLMo-2 style norms act on the whole projection [H*D], not per head: mixers cannot reproduce them.
+        raise _error(path, module, f"{name} weight has shape {tuple(weight.shape)}, expected per-head ({head_dim},)")
+    return norm
+
+
+def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> AttentionSite:
+    layout = _layout_of(path, module)
+    _check_children(path, module, layout)
+    if not getattr(module, "use_rope", True):
+        # Llama-4 / SmolLM3 "NoPE" layers skip RoPE; AttentionDims has no field to say so.
+        raise _error(path, module, "layer does not apply RoPE (use_rope is false), which sites cannot describe")
+    if getattr(module, "is_causal", True) is False:
+        raise _error(path, module, "bidirectional attention (is_causal is false) cannot be replaced in a causal LM")
+    cfg = module.config if getattr(module, "config", None) is not None else model_cfg
+    layer_idx = module.layer_idx if isinstance(getattr(module, "layer_idx", None), int) else index
+    qkv_names, out_name = _LAYOUTS[layout]
+    qkv = [_linear(path, module, name) for name in qkv_names]
+    out = _linear(path, module, out_name)
+    D = _head_dim(module, cfg)
+    if D is None or out.in_features % D:
+        raise _error(path, module, f"head dim {D} does not divide {out_name}.in_features={out.in_features}")
+    Hq, C = out.in_features // D, qkv[0].in_features
+    if layout == "separate":
+        q, k, v = qkv
+        if q.out_features != Hq * D or k.out_features != v.out_features or k.out_features % D:
+            raise _error(path, module, f"q/k/v/o widths {q.out_features}/{k.out_features}/{v.out_features}/"
+                         f"{out.in_features} do not fit head dim {D}")  # fmt: skip
+        Hkv = k.out_features // D
+        biases = {lin.bias is not None for lin in qkv}
+        if len(biases) != 1:
+            raise _error(path, module, "q/k/v projections disagree on having a bias")
+    elif layout == "fused_qkv":
+        rest = qkv[0].out_features - Hq * D
+        if rest <= 0 or rest % (2 * D):
+            raise _error(path, module, f"qkv_proj width {qkv[0].out_features} is not [q {Hq}x{D} | k | v]")
+        Hkv = rest // (2 * D)
+    else:
+        if qkv[0].out_features != 3 * Hq * D:
+            raise _error(path, module, f"query_key_value width {qkv[0].out_features} is not 3 x {Hq} heads x {D}")
+        Hkv = Hq
+    if Hq % Hkv:
+        raise _error(path, module, f"{Hq} query heads are not a multiple of {Hkv} key/value heads")
+    softcap = getattr(module, "attn_logit_softcapping", getattr(cfg, "attn_logit_softcapping", None))
+    dims = AttentionDims(
+        hidden_size=C, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, qkv_bias=qkv[0].bias is not None,
+        o_bias=out.bias is not None, scaling=float(getattr(module, "scaling", D**-0.5)),
+        sliding_window=_sliding_window(module, cfg, layer_idx), softcap=softcap,
+    )  # fmt: skip
+    q_norm, k_norm = (_norm(path, module, name, D) for name in _NORMS)
+    return AttentionSite(layer_idx, path, type(module).__name__, dims, layout, q_norm, k_norm)
+
+
+def find_attention(model: nn.Module) -> list[AttentionSite]:
+    """Every self-attention module of a causal LM, in layer order.
+
+    Works on the meta device. Raises ``AttentionReadError`` naming the module class when a decoder layer's
+    attention cannot be read (nothing is skipped silently).
+    """
+    list_path, layers = _decoder_layers(model)
+    config = getattr(model, "config", None)
+    model_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    sites: list[AttentionSite] = []
+    for index, layer in enumerate(layers):
+        found = _attention_in(layer, f"{list_path}.{index}")
+        if len(found) > 1:
+            paths = ", ".join(f"{p} ({type(m).__name__})" for p, m in found)
+            raise AttentionReadError(f"decoder layer {list_path}.{index} holds several attention modules: {paths}")
+        # A layer without attention (a recurrent layer of a hybrid model) has nothing to replace.
+        sites.extend(_read_site(path, module, index, model_cfg) for path, module in found)
+    return sites
+
+
+def read_weights(module: nn.Module, site: AttentionSite) -> dict[str, Tensor]:
+    """The pretrained tensors of ``module`` under canonical names (see ``CANONICAL``), fused layouts split.
+
+    Shapes: ``q_proj.weight`` [Hq*D, C], ``k_proj.weight``/``v_proj.weight`` [Hkv*D, C], ``o_proj.weight``
+    [C, Hq*D], biases to match, ``q_norm.weight``/``k_norm.weight`` [D]. Absent tensors are absent keys.
+    """
+    d = site.dims
+    qkv_names, out_name = _LAYOUTS[site.layout]
+    qkv = [_linear(site.path, module, name) for name in qkv_names]
+    out = _linear(site.path, module, out_name)
+    parts: dict[str, Tensor | None] = {}
+    if site.layout == "separate":
+        for name, lin in zip("qkv", qkv):
+            parts[f"{name}_proj.weight"], parts[f"{name}_proj.bias"] = lin.weight, lin.bias
+    elif site.layout == "fused_qkv":
+        # Phi-3 rows: [q (Hq*D) | k (Hkv*D) | v (Hkv*D)].
+        sizes = [d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim, d.num_kv_heads * d.head_dim]
+        weights = qkv[0].weight.split(sizes, dim=0)
+        biases = qkv[0].bias.split(sizes, dim=0) if qkv[0].bias is not None else (None,) * 3
+        for name, w, b in zip("qkv", weights, biases):
+            parts[f"{name}_proj.weight"], parts[f"{name}_proj.bias"] = w, b
+    else:
+        # GPT-NeoX rows are grouped per head: [q_h | k_h | v_h] for h = 0..H-1, each block D rows.
+        H, D = d.num_heads, d.head_dim
+        w = qkv[0].weight.view(H, 3, D, d.hidden_size)
+        b = qkv[0].bias.view(H, 3, D) if qkv[0].bias is not None else None
+        for i, name in enumerate("qkv"):
+            parts[f"{name}_proj.weight"] = w[:, i].reshape(H * D, d.hidden_size)
+            parts[f"{name}_proj.bias"] = b[:, i].reshape(H * D) if b is not None else None
+    parts["o_proj.weight"], parts["o_proj.bias"] = out.weight, out.bias
+    for name in _NORMS:
+        parts[f"{name}.weight"] = getattr(getattr(module, name, None), "weight", None)
+    return {key: t.detach() for key, t in parts.items() if isinstance(t, Tensor)}

@@ -1,0 +1,117 @@
+"""The ``softmax`` mixer: the model's own softmax attention, run through the mixer interface.
+
+It is the identity of the framework. A layer a plan keeps (or converts to ``softmax``) computes exactly what the
+pretrained layer computed, bit for bit, through whichever attention function the model is configured with
+(``config._attn_implementation``: sdpa, eager, flash, flex), so that a converted model differs from its base
+only where the plan says so, and so that the converter itself can be tested for exactness.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from surgery.attention import AttentionSite
+from surgery.hookspecs import hookimpl
+from surgery.mixer import MixContext, Mixer, apply_rope
+
+
+def _repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """``[B, Hkv, S, D]`` -> ``[B, Hkv * groups, S, D]``, each key/value head repeated for its query heads."""
+    if groups == 1:
+        return x
+    B, H, S, D = x.shape
+    return x[:, :, None].expand(B, H, groups, S, D).reshape(B, H * groups, S, D)
+
+
+def eager_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **_: Any,
+) -> tuple[Tensor, Tensor]:
+    """Plain softmax attention, used when the model's implementation is "eager".
+
+    Transformers resolves "eager" to each model's own function, so there is no shared one to call. This one
+    performs the same operations in the same order as those functions (scores in the input dtype, soft-capping
+    before the additive mask, softmax in fp32), which keeps eager models bit-identical.
+
+    Args:
+        query: ``[B, Hq, T, D]``; key, value: ``[B, Hkv, S, D]``; attention_mask: additive ``[B, 1, T, S]`` or None.
+
+    Returns:
+        ``([B, T, Hq, D], weights [B, Hq, T, S])``.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+class SoftmaxAttention(Mixer):
+    """Softmax attention with the pretrained layer's projections, norms, RoPE, window, soft-cap and cache."""
+
+    name = "softmax"
+    description = "The model's own softmax attention, unchanged (identity; kept layers)."
+    default_weights = "copy_qkvo"
+
+    class Options(Mixer.Options):
+        pass
+
+    def __init__(self, site: AttentionSite, options: Options, config: Any) -> None:
+        super().__init__(site, options, config)
+        # Same attention dropout as the pretrained layer, so that training a kept layer is unchanged too.
+        self.attention_dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
+
+    def _attention_function(self) -> Callable[..., tuple[Tensor, Any]]:
+        implementation = getattr(self.config, "_attn_implementation", None) or "eager"
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
+
+    def mix(self, x: Tensor, ctx: MixContext) -> Tensor:
+        """``x`` ``[B, T, C]`` -> ``[B, T, C]``, appending this call's keys and values to ``ctx.cache``."""
+        B, T, _ = x.shape
+        q, k, v = (t.transpose(1, 2) for t in self.project(x))  # [B, H, T, D]
+        if ctx.position_embeddings is not None:
+            cos, sin = ctx.position_embeddings
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(k, v, self.layer_idx, kwargs=ctx.attn_kwargs)
+        # Only pass what the pretrained layer passes: sdpa refuses any softcap key, even None.
+        extra: dict[str, Any] = {}
+        if self.site.dims.sliding_window is not None:
+            extra["sliding_window"] = self.site.dims.sliding_window
+        if self.site.dims.softcap is not None:
+            extra["softcap"] = self.site.dims.softcap
+        out, _ = self._attention_function()(
+            self,
+            q,
+            k,
+            v,
+            ctx.attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **extra,
+            **ctx.attn_kwargs,
+        )
+        return self.o_proj(out.reshape(B, T, -1).contiguous())
+
+
+@hookimpl
+def surgery_mixers() -> list[type[Mixer]]:
+    return [SoftmaxAttention]

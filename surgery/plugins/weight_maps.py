@@ -1,0 +1,40 @@
+"""Built-in weight maps: how a mixer's parameters are initialised from the pretrained attention tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor
+
+from surgery.attention import CANONICAL
+from surgery.hookspecs import hookimpl
+from surgery.mixer import Mixer, WeightMap
+
+
+class CopyQKVO(WeightMap):
+    """Copy every canonical tensor (q/k/v/o weights and biases, q/k norms) the mixer has a parameter for.
+
+    Liger's premise: the pretrained projections are reused as they are, and only the gates are new.
+    """
+
+    name = "copy_qkvo"
+    description = "Copy the pretrained q/k/v/o projections and q/k norms into the mixer's same-named parameters."
+    mixers = ()
+
+    def __call__(self, src: Mapping[str, Tensor], dst: Mixer) -> dict[str, Tensor]:
+        own = dict(dst.named_parameters())
+        out: dict[str, Tensor] = {}
+        for key in CANONICAL:
+            if key in src and key in own:
+                if tuple(src[key].shape) != tuple(own[key].shape):
+                    raise ValueError(
+                        f"copy_qkvo: pretrained {key} has shape {tuple(src[key].shape)} but {type(dst).__name__} "
+                        f"(layer {dst.layer_idx}) expects {tuple(own[key].shape)}"
+                    )
+                out[key] = src[key]
+        return out
+
+
+@hookimpl
+def surgery_weight_maps() -> list[type[WeightMap]]:
+    return [CopyQKVO]
