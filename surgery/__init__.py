@@ -14,6 +14,7 @@ from typing import Any
 
 from surgery.artifacts import load, register_auto_classes, save
 from surgery.convert import check, convert
+from surgery.evaluate import evaluate
 from surgery.plan import PlanError, load_plan
 
 __version__ = "0.1.0"
@@ -23,21 +24,18 @@ register_auto_classes()
 
 
 def recover(model: Any, plan: Any, **kwargs: Any) -> Any:
-    """LoRA recovery of a converted model (see ``surgery.recover.recover``)."""
-    from surgery.recover import recover as _recover
+    """LoRA recovery of a converted model (see ``surgery.recovery.recover``; peft and the Trainer load on first use).
+
+    The implementation lives in ``surgery.recovery`` rather than ``surgery.recover`` because importing a submodule
+    named like this function would replace the function on the package.
+    """
+    from surgery.recovery import recover as _recover
 
     return _recover(model, plan, **kwargs)
 
 
-def evaluate(model: Any, plan: Any, **kwargs: Any) -> dict:
-    """lm-eval on the converted and the base model, side by side (see ``surgery.evaluate.evaluate``)."""
-    from surgery.evaluate import evaluate as _evaluate
-
-    return _evaluate(model, plan, **kwargs)
-
-
 def run(plan: Any, **kwargs: Any) -> Any:
-    """convert -> recover -> evaluate -> save, into the plan's output directory (see ``surgery.run.run``)."""
+    """convert -> recover -> evaluate -> save, into the plan's output directory (see ``surgery.pipeline.run``)."""
     from surgery.pipeline import run as _run
 
     return _run(plan, **kwargs)

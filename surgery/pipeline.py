@@ -84,7 +84,7 @@ def run(plan: Plan, *, model: Any = None, limit: float | None = None) -> dict[st
     print(f"[surgery] converted {len(model.surgery.manifest)} layer(s) in {report['wall_s']['convert']:.1f}s", flush=True)
 
     if plan.recover is not None:
-        from surgery.recover import recover
+        from surgery.recovery import recover
 
         t = time.perf_counter()
         model = recover(model, plan, tokenizer=tokenizer, out_dir=out / "recover")
@@ -118,7 +118,7 @@ def run(plan: Plan, *, model: Any = None, limit: float | None = None) -> dict[st
 
 def _stage_model(plan: Plan) -> Any:
     """The newest model of a run: recovered, else converted, else converted now."""
-    for stage in ("model", "recover/merged", "convert"):
+    for stage in ("model", "recover/model", "convert"):
         path = _output(plan) / stage
         if (path / "config.json").exists():
             return load(path)
@@ -127,13 +127,19 @@ def _stage_model(plan: Plan) -> Any:
 
 def recover_command(plan_path: str) -> int:
     from surgery.plan import load_plan
-    from surgery.recover import recover
+    from surgery.recovery import recover
 
     plan = load_plan(plan_path)
     if plan.recover is None:
         raise ValueError(f"{plan_path} has no recover: section")
     model = _stage_model(plan)
-    recover(model, plan, tokenizer=_tokenizer(plan), out_dir=_output(plan) / "recover")
+    tokenizer = _tokenizer(plan)
+    out = _output(plan) / "recover"
+    model = recover(model, plan, tokenizer=tokenizer, out_dir=out)
+    if plan.recover.merge:
+        # Keep the recovered model itself (LoRA merged), so that a later `surgery eval` evaluates it.
+        save(model, out / "model", tokenizer=tokenizer)
+        print(f"recovered model saved to {out / 'model'}")
     return 0
 
 
