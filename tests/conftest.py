@@ -10,7 +10,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("SURGERY_DISABLE_PLUGIN_AUTOLOAD", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: the tests use tiny tensors, where a second thread costs more than it gives (and CI has 2 cores).
+torch.set_num_threads(1)
 
 
 def pytest_configure(config) -> None:  # noqa: ANN001

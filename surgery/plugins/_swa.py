@@ -1,0 +1,136 @@
+"""Sliding-window softmax attention, computed over a band (never a T x T score matrix).
+
+A query at position p sees the keys at positions p - window ... p: ``window`` previous tokens and itself, i.e.
+``window + 1`` keys (Liger's FlashAttention call with ``window_size=(64, 64)`` and causal masking, liger.md
+section 3). Queries are processed in blocks of ``block`` rows; block b needs only the keys from
+``b * block - window`` to ``(b + 1) * block - 1``, so each block scores ``block x (block + window)`` entries and
+the whole call ``T x (block + window)``: linear in T.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from surgery.cache import MixerCacheLayer
+from surgery.mixer import MixContext, apply_rope
+
+
+def band_mask(block: int, window: int, device: torch.device | None = None) -> Tensor:
+    """``[block, block + window]`` bool: local query r sees local key c iff ``r <= c <= r + window``.
+
+    Local key c of block b is absolute key ``b * block - window + c``; local query r is ``b * block + r``.
+    """
+    r = torch.arange(block, device=device)[:, None]
+    c = torch.arange(block + window, device=device)[None, :]
+    return (c >= r) & (c <= r + window)
+
+
+def sliding_window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int,
+    scale: float,
+    key_valid: Tensor | None = None,
+    softcap: float | None = None,
+    block: int = 64,
+) -> Tensor:
+    """Causal softmax attention restricted to the last ``window + 1`` keys, GQA-native.
+
+    The T queries are the last T positions of the S keys (S - T earlier keys come from a cache).
+
+    Args:
+        q: ``[B, Hq, T, D]`` post-RoPE queries.
+        k: ``[B, Hkv, S, D]`` post-RoPE keys, S >= T; ``Hq % Hkv == 0``.
+        v: ``[B, Hkv, S, Dv]``.
+        window: previous tokens each query sees besides itself.
+        scale: softmax scale (the pretrained layer's).
+        key_valid: ``[B, S]`` bool, False for padding keys; None when all are real. A query always sees itself,
+            so a padding query has a finite (and ignored) output.
+        softcap: Gemma-2-style logit soft-capping ``softcap * tanh(s / softcap)``, or None.
+        block: query rows per block (memory is ``O(T * (block + window))``).
+
+    Returns:
+        ``[B, Hq, T, Dv]``.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if T == 1 and S <= window + 1 and softcap is None:
+        # Decoding from a cache that holds at most `window` past keys: every key is in the window, so the band,
+        # the gather and the block padding are not needed (they cost more launches than the attention itself).
+        mask = None if key_valid is None else key_valid.to(torch.bool)[:, None, None, :].clone()
+        if mask is not None:
+            mask[..., -1] = True  # the query itself, as in the general path
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
+    off = S - T  # absolute position of query 0
+    bq = max(1, min(block, T))
+    nb = -(-T // bq)
+    L = bq + window
+    device = q.device
+    # Key indices of each block: [nb, L], from b*bq + off - window; out-of-range ones are masked below.
+    idx = torch.arange(nb, device=device)[:, None] * bq + off - window + torch.arange(L, device=device)[None, :]
+    in_range = (idx >= 0) & (idx < S)
+    idx_c = idx.clamp(0, S - 1)
+    kb = k[:, :, idx_c].permute(0, 2, 1, 3, 4).reshape(B * nb, Hkv, L, D)  # [B*nb, Hkv, L, D]
+    vb = v[:, :, idx_c].permute(0, 2, 1, 3, 4).reshape(B * nb, Hkv, L, v.shape[-1])
+    ok = in_range.expand(B, nb, L)
+    if key_valid is not None:
+        ok = ok & key_valid.to(torch.bool)[:, idx_c]
+    band = band_mask(bq, window, device)
+    itself = torch.eye(bq, L, dtype=torch.bool, device=device).roll(window, dims=1)  # c == r + window
+    mask = (band & ok[:, :, None, :]) | itself  # [B, nb, bq, L]
+    mask = mask.reshape(B * nb, 1, bq, L)
+    qb = F.pad(q, (0, 0, 0, nb * bq - T))  # [B, Hq, nb*bq, D]
+    qb = qb.view(B, Hq, nb, bq, D).transpose(1, 2).reshape(B * nb, Hq, bq, D)
+    if softcap is None:
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
+    else:
+        G = Hq // Hkv
+        s = torch.einsum("nhgqd,nhkd->nhgqk", qb.view(B * nb, Hkv, G, bq, D).float(), kb.float()) * scale
+        s = softcap * torch.tanh(s / softcap)
+        s = s.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1)
+        o = torch.einsum("nhgqk,nhkd->nhgqd", s, vb.float()).reshape(B * nb, Hq, bq, -1).to(q.dtype)
+    o = o.view(B, nb, Hq, bq, -1).transpose(1, 2).reshape(B, Hq, nb * bq, -1)
+    return o[:, :, :T]
+
+
+def rope(q: Tensor, k: Tensor, position_embeddings: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """``[B, T, H, D]`` q and k -> ``[B, H, T, D]``, rotated when the model gives position embeddings."""
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    if position_embeddings is None:
+        return q, k
+    cos, sin = position_embeddings
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def swa_branch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    ctx: MixContext,
+    layer: MixerCacheLayer | None,
+    window: int,
+    scale: float,
+    softcap: float | None = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None]]:
+    """The pretrained softmax attention (RoPE, scale, GQA) restricted to a window, continuing a cached window.
+
+    Args:
+        q: ``[B, T, Hq, D]`` pre-RoPE queries (after the model's q norm).
+        k, v: ``[B, T, Hkv, D]``.
+        ctx: the call's context (position embeddings, padding mask).
+        layer: this layer's cache, or None.
+
+    Returns:
+        ``[B, T, Hq, D]``, and the ``(keys, values, valid)`` window to pass to ``layer.commit``.
+    """
+    qr, kr = rope(q, k, ctx.position_embeddings)
+    vt = v.transpose(1, 2)
+    if layer is not None:
+        kw, vw, valid = layer.window_with(kr, vt, ctx.padding_mask)
+    else:
+        kw, vw, valid = kr, vt, ctx.padding_mask
+    o = sliding_window_attention(qr, kw, vw, window, scale, key_valid=valid, softcap=softcap)
+    return o.transpose(1, 2), (kw, vw, valid)
