@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The real-model tests (tests/test_smollm2.py) need the offline demo model: built once, ~30 s, cached in .cache/.
+.venv/bin/surgery fetch-demo
 exec .venv/bin/python -m pytest -q "$@"

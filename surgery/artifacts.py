@@ -120,7 +120,8 @@ def _plan_tokenizer(model_id: str) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model_id)
+        # Local directories and the HF cache only: saving must never wait on the network.
+        return AutoTokenizer.from_pretrained(model_id, local_files_only=True)
     except (OSError, ValueError, TypeError):
         return None
 

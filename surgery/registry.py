@@ -150,13 +150,7 @@ def load_registry(autoload: bool | None = None, extra: Iterable[ModuleType | obj
     pm.add_hookspecs(hookspecs)
     sources: dict[str, tuple[str, str]] = {}
     for modname in DEFAULT_PLUGINS:
-        try:
-            module = importlib.import_module(modname)
-        except ModuleNotFoundError as exc:
-            if exc.name == modname:  # a built-in not written yet must not break the others
-                continue
-            raise
-        pm.register(module, name=modname)
+        pm.register(importlib.import_module(modname), name=modname)
         sources[modname] = ("surgery", _own_version())
     for plugin in extra:
         name = getattr(plugin, "__name__", None) or type(plugin).__name__
@@ -192,7 +186,9 @@ def catalogue(registry: Registry) -> dict[str, Any]:
         out = {}
         for name, f in cls.Options.model_fields.items():
             default = None if f.is_required() else f.get_default(call_default_factory=True)
-            out[name] = {"default": default, "type": str(f.annotation).replace("typing.", "")}
+            ann = f.annotation
+            kind = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
+            out[name] = {"default": default, "type": kind}
         return out
 
     builtin = {name for name, (dist, _) in registry._sources.items() if dist == "surgery"}

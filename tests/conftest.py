@@ -10,6 +10,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("SURGERY_DISABLE_PLUGIN_AUTOLOAD", "1")
+# Tests build their models and data locally; a hub lookup would only wait for a network that is not there.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # One thread: the tests use tiny tensors, where a second thread costs more than it gives (and CI has 2 cores).
 torch.set_num_threads(1)
 
