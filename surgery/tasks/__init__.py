@@ -1,0 +1,184 @@
+"""The local lm-eval tasks: their items (built from held-out text) and their task YAMLs.
+
+Four tasks run offline, on files that ``surgery.demo.build_data`` writes:
+
+| task | lm-eval output type | main metric | rows |
+|---|---|---|---|
+| ``wiki_ppl`` | loglikelihood_rolling | word_perplexity (lower is better) | ``{"title", "window", "text"}`` |
+| ``wiki_nextsent`` | multiple_choice | acc_norm | ``{"context", "choices": [4], "label", "title"}`` |
+| ``passkey_1k``, ``passkey_2k`` | loglikelihood | acc (greedy exact match) | ``{"prompt", "target", ...}`` |
+
+The passkey probe is scored by teacher forcing, not by ``generate``: ``acc`` is 1 when every token of the key is
+the model's argmax given the prompt and the key's earlier tokens, which is exactly "greedy decoding writes the
+key", for one forward pass per item and without relying on a generation cache.
+
+The YAML templates next to this file (``<task>.yaml``) hold ``$data_file``; ``write_task_yamls`` renders them with
+the absolute path of each data file so ``lm_eval.tasks.TaskManager(include_path=...)`` (or ``lm_eval --include_path``)
+finds them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+from typing import Any
+
+TEMPLATE_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class LocalTask:
+    """One shipped task: its data file (a ``DataPaths`` attribute) and the metric that summarizes it."""
+
+    name: str
+    data_attr: str
+    metric: str
+    higher_is_better: bool
+
+
+LOCAL_TASKS: dict[str, LocalTask] = {
+    t.name: t
+    for t in (
+        LocalTask("wiki_ppl", "heldout_ppl", "word_perplexity", False),
+        LocalTask("wiki_nextsent", "nextsent", "acc_norm", True),
+        LocalTask("passkey_1k", "passkey_1k", "acc", True),
+        LocalTask("passkey_2k", "passkey_2k", "acc", True),
+    )
+}
+
+# ---------------------------------------------------------------------------------------------- sentences
+
+_ABBREV = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "no", "ca", "c", "e.g", "i.e", "etc", "al", "fig",
+           "approx", "u.s", "u.k", "gen", "col", "lt", "prof", "rev", "inc", "co", "ltd", "mt", "ft", "vol"}
+_BOUNDARY = re.compile(r"[.!?][\"')\]]*\s+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split prose into sentences at ``. ! ?`` followed by space and a capital, digit or quote.
+
+    A period after a known abbreviation or a single letter (an initial: "J. S. Bach") is not a boundary.
+    """
+    out, start = [], 0
+    for m in _BOUNDARY.finditer(text):
+        nxt = text[m.end(): m.end() + 1]
+        if not nxt or not (nxt.isupper() or nxt.isdigit() or nxt in "\"'("):
+            continue
+        word = re.split(r"\s", text[start: m.start()])[-1].lower().lstrip("(\"'")
+        if text[m.start()] == "." and (word in _ABBREV or (len(word) == 1 and word.isalpha())):
+            continue
+        out.append(text[start: m.end()].strip())
+        start = m.end()
+    tail = text[start:].strip()
+    if tail:
+        out.append(tail)
+    return out
+
+
+def _usable(sentence: str) -> bool:
+    # Very short or very long "sentences" are mostly splitting accidents (lists, run-ons).
+    return 40 <= len(sentence) <= 250 and sentence[-1] in ".!?\"'"
+
+
+def nextsent_items(articles: list[tuple[str, str]], n_items: int = 100, seed: int = 0) -> list[dict[str, Any]]:
+    """Four-way next-sentence items: 3 consecutive sentences, the true 4th plus 3 from OTHER articles.
+
+    Items are spread evenly over ``articles`` (taken round-robin, at seeded random places that do not overlap, so
+    a short article gives fewer); the answer's position among the choices is seeded random.
+    """
+    if len(articles) < 4:
+        raise ValueError(f"nextsent_items: needs at least 4 articles for 3 foreign distractors, got {len(articles)}")
+    rng = random.Random(seed)
+    sents = [split_sentences(body.replace("\n\n", " ")) for _, body in articles]
+    pools = [[s for s in ss if _usable(s)] for ss in sents]
+    places: list[list[int]] = []  # per article: non-overlapping starts of 4 usable consecutive sentences
+    for ss in sents:
+        starts = [i for i in range(len(ss) - 3) if all(_usable(s) for s in ss[i: i + 4])]
+        rng.shuffle(starts)
+        taken: list[int] = []
+        for i in starts:
+            if all(abs(i - j) >= 4 for j in taken):
+                taken.append(i)
+        places.append(taken)
+    chosen: list[tuple[int, int]] = []
+    for rank in range(max(map(len, places), default=0)):
+        chosen += [(a, p[rank]) for a, p in enumerate(places) if rank < len(p)]
+    if len(chosen) < n_items:
+        raise ValueError(f"nextsent_items: only {len(chosen)} of {n_items} items fit in the given articles")
+    items: list[dict[str, Any]] = []
+    for a, i in sorted(chosen[:n_items]):
+        others = [s for b, pool in enumerate(pools) if b != a for s in pool]
+        distractors = rng.sample(others, 3)
+        label = rng.randrange(4)
+        choices = distractors[:label] + [sents[a][i + 3]] + distractors[label:]
+        items.append({"title": articles[a][0], "context": " ".join(sents[a][i: i + 3]), "choices": choices,
+                      "label": label})
+    return items
+
+
+# ---------------------------------------------------------------------------------------------- passkey
+
+# Neutral, number-free filler so the key is the only number in the haystack.
+_FILLER = ("The river runs past the old mill. Birds sing in the trees by the road. "
+           "A light wind moves the tall grass. Clouds drift slowly over the hills. ")
+_FILLER_CHARS_PER_TOKEN = 4.43  # SmolLM2 tokenizer on _FILLER (measured; the slow test checks the sizes)
+_PROMPT_HEAD = ("A pass key is hidden in the long text below. Read the text, remember the pass key, "
+                "and answer the question at the end.\n\n")
+_QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def passkey_items(n_tokens: int, n_items: int = 20, seed: int = 0) -> list[dict[str, Any]]:
+    """Passkey-in-a-haystack items of about ``n_tokens`` tokens (SmolLM2 tokenizer), keys of 5 digits.
+
+    The haystack repeats neutral sentences; the sentence stating the key sits at a seeded random depth (fraction
+    of the filler before it, between 0.05 and 0.95); the prompt ends with the question and the target is
+    ``" " + key``.
+    """
+    if n_tokens < 200:
+        raise ValueError(f"passkey_items: n_tokens={n_tokens} leaves no room for a haystack (use >= 200)")
+    rng = random.Random(seed * 1_000_003 + n_tokens)
+    filler_sents = split_sentences(_FILLER)
+    overhead = len(_PROMPT_HEAD) + len(_QUESTION) + 80
+    n_sents = max(2, int((n_tokens * _FILLER_CHARS_PER_TOKEN - overhead) / (len(_FILLER) / len(filler_sents))))
+    haystack = [filler_sents[i % len(filler_sents)] for i in range(n_sents)]
+    items = []
+    for _ in range(n_items):
+        key = str(rng.randrange(10_000, 100_000))
+        depth = rng.uniform(0.05, 0.95)
+        at = round(depth * n_sents)
+        needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+        text = " ".join(haystack[:at] + [needle] + haystack[at:])
+        items.append({"prompt": _PROMPT_HEAD + text + _QUESTION, "target": " " + key, "passkey": key,
+                      "depth": round(at / n_sents, 3)})
+    return items
+
+
+# ---------------------------------------------------------------------------------------------- YAMLs
+
+
+def write_task_yamls(out_dir: Path, data: Any) -> list[Path]:
+    """Render every task template of this package into ``out_dir`` with ``data`` (a ``DataPaths``) substituted.
+
+    Args:
+        out_dir: directory to write (created).
+        data: object with the attributes named by ``LocalTask.data_attr`` (absolute paths).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for task in LOCAL_TASKS.values():
+        template = Template((TEMPLATE_DIR / f"{task.name}.yaml").read_text())
+        # json.dumps quotes the path, which is valid YAML whatever characters the path holds.
+        text = template.substitute(data_file=json.dumps(str(getattr(data, task.data_attr))))
+        path = out_dir / f"{task.name}.yaml"
+        path.write_text(text)
+        written.append(path)
+    return written
+
+
+def tasks_written(out_dir: Path) -> bool:
+    """True when ``out_dir`` holds a YAML for every local task."""
+    return all((Path(out_dir) / f"{t}.yaml").is_file() for t in LOCAL_TASKS)
