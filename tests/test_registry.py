@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -76,8 +77,11 @@ def test_plugin_raising_in_hook_is_named() -> None:
 
 
 def _install(pkg: str, target: Path) -> None:
+    # Build from a copy: setuptools writes build/ and *.egg-info next to the sources it builds.
+    src = target.parent / f"{target.name}-src"
+    shutil.copytree(PLUGINS / pkg, src)
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-           "--target", str(target), str(PLUGINS / pkg)]  # fmt: skip
+           "--target", str(target), str(src)]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True)
 
 
