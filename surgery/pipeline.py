@@ -52,9 +52,9 @@ def model_card(plan: Plan, model: Any, report: dict[str, Any]) -> str:
     """The ``README.md`` of a run: plan, manifest summary, loss curve, evaluation table, tokens, times, versions."""
     parts = [
         f"# {Path(plan.output or 'surgery').name}",
-        f"Converted from `{plan.model}` by [surgery](https://example.invalid/surgery) "
-        f"(plan version {plan.version}, dtype {plan.dtype}).",
-        "## Plan", "```yaml", yaml.safe_dump(plan.to_dict(), sort_keys=False).rstrip(), "```",
+        f"Converted from `{plan.model}` by surgery (plan version {plan.version}, dtype {plan.dtype}). "
+        "Load it with `surgery.load(dir)`, or `AutoModelForCausalLM.from_pretrained(dir)` after `import surgery`.",
+        "## Plan", "```yaml\n" + yaml.safe_dump(plan.to_dict(), sort_keys=False).rstrip() + "\n```",
         "## Mapping manifest", _manifest_summary(model),
     ]  # fmt: skip
     rec = report.get("recover")

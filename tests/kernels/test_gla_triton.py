@@ -297,3 +297,24 @@ def test_gpu_decode_step_in_cuda_graph():
     torch.cuda.synchronize()
     assert rel_rmse(o, o_ref[:, 0]) < 5e-3
     assert rel_rmse(state, s_ref) < 1e-5
+
+
+def test_auto_routes_value_gates_to_the_fused_recurrent_kernel(monkeypatch):
+    """The chunk kernel refuses gv; on a GPU (here: the interpreter standing in) the call must stay in Triton."""
+    import surgery.kernels.gla as gla
+
+    calls = []
+    real = gla.load_triton
+
+    def spy(module, name):
+        fn, why = real(module, name)
+        return ((lambda *a: calls.append(module) or fn(*a)) if fn else None), why
+
+    monkeypatch.setattr(gla, "auto_uses_triton", lambda q: True)
+    monkeypatch.setattr(gla, "load_triton", spy)
+    x = make(1, 20, 2, 1, 16, 16, gv=True, init=True, dtype=torch.float32, seed=3)
+    o, ht = gla.chunk_gla(x["q"], x["k"], x["v"], x["gk"], x["gv"], 1.0, x["h0"], True)
+    ref_o, ref_ht = naive_recurrent_gla(x["q"], x["k"], x["v"], x["gk"], x["gv"], 1.0, x["h0"], True)
+    assert calls == ["chunk", "fused_recurrent"]
+    torch.testing.assert_close(o, ref_o, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ht, ref_ht, rtol=1e-4, atol=1e-5)

@@ -7,8 +7,9 @@ optional initial/final states and ``cu_seqlens`` packing.
 Backends (``backend=``):
 
 - ``"auto"`` (default): the Triton kernels for CUDA tensors when they load and support the call; otherwise, and
-  always on CPU, the PyTorch forms (``torch_ops.py``). A Triton kernel that raises ``NotImplementedError`` (an
-  unsupported combination, e.g. ``gv``) falls back to PyTorch.
+  always on CPU, the PyTorch forms (``torch_ops.py``). When the Triton chunk kernel raises ``NotImplementedError``
+  (value-side gates ``gv``, or K/V > 256) the call goes to the Triton fused-recurrent kernel, which takes both;
+  only what neither Triton kernel supports falls back to PyTorch.
 - ``"torch"``: the PyTorch forms (the CPU training path; autograd gives the gradients).
 - ``"triton"``: the Triton kernels only. Needs CUDA tensors, or ``TRITON_INTERPRET=1`` (Triton's interpreter, slow,
   for tests). Any failure is raised, never hidden by a fallback.
@@ -100,6 +101,15 @@ def _dispatch(
     try:
         return fn(*args)
     except NotImplementedError as exc:
+        if which == "chunk":
+            # The token-loop Triton kernel takes what the chunk kernel does not (value-side gates, which GSA's first
+            # pass needs, and K or V > 256): it keeps the call on the GPU, with its own backward.
+            step_fn, _ = load_triton("fused_recurrent", "fused_recurrent_gla_triton")
+            if step_fn is not None:
+                try:
+                    return step_fn(*args)
+                except NotImplementedError:
+                    pass
         logger.debug("Triton %s_gla does not support this call (%s); using the PyTorch form", which, exc)
         return torch_fn(*args)
 
