@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from surgery.artifacts import load, save, versions
-from surgery.convert import convert, load_model
+from surgery.convert import convert
 from surgery.plan import Plan
 
 
@@ -154,4 +154,4 @@ def eval_command(plan_path: str, limit: float | None = None) -> int:
     return 0
 
 
-__all__ = ["run", "model_card", "generate_sample", "load_model"]
+__all__ = ["eval_command", "generate_sample", "model_card", "recover_command", "run"]
