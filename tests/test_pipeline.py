@@ -52,3 +52,24 @@ def test_run_writes_model_card_and_a_model_that_loads(tiny_with_tokenizer, tmp_p
     with torch.no_grad():
         gen = loaded.generate(ids, max_new_tokens=3, do_sample=False)
     assert gen.shape == (1, 7)
+
+
+def test_stage_commands_recover_then_eval(tiny_with_tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model_dir, data = tiny_with_tokenizer
+    plan_path = tmp_path / "plan.yaml"
+    plan_path.write_text(yaml.safe_dump({
+        "version": 1, "model": str(model_dir), "output": str(tmp_path / "run"),
+        "convert": [{"layers": "all", "mixer": "gla"}],
+        "recover": {"data": {"source": str(data.train), "seq_len": 64, "max_records": 4},
+                    "train": {"max_steps": 2, "save_steps": 2}},
+        "eval": {"tasks": ["wiki_ppl"], "limit": 2, "data_dir": str(data.root), "max_length": 256},
+    }))  # fmt: skip
+    assert main(["convert", str(plan_path)]) == 0
+    assert main(["recover", str(plan_path)]) == 0
+    recovered = tmp_path / "run" / "recover" / "model"
+    assert (recovered / "model.safetensors").exists()
+    assert main(["eval", str(plan_path)]) == 0
+    assert "wiki_ppl" in capsys.readouterr().out
+    # eval picked the recovered model, not the converted one: their weights differ.
+    a, b = surgery.load(recovered), surgery.load(tmp_path / "run" / "convert")
+    assert not torch.equal(a.model.layers[0].self_attn.q_proj.weight, b.model.layers[0].self_attn.q_proj.weight)
