@@ -38,6 +38,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from surgery.kernels.gla.torch_ops import check_gla_inputs
+
 CHUNK = 64
 LOG2E = 1.4426950408889634
 # Largest decay (log2 units) across a whole chunk for which it is computed with one reference (exponents within
@@ -852,30 +854,11 @@ class ChunkGLAFunction(torch.autograd.Function):
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None, gv: Tensor | None, initial_state: Tensor | None,
                  cu_seqlens: Tensor | None, where: str) -> None:
-    """Raise ValueError naming the first shape problem of a GLA call (shapes follow naive_recurrent_gla)."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"{where}: q, k, v must be [B, T, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    B, T, Hq, K = q.shape
-    Hkv = k.shape[2]
-    if k.shape != (B, T, Hkv, K) or v.shape[:3] != (B, T, Hkv):
-        raise ValueError(f"{where}: k must be [B, T, Hkv, K] and v [B, T, Hkv, V] matching q {tuple(q.shape)}, "
-                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"{where}: query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
-    for name, g, like in (("gk", gk, k), ("gv", gv, v)):
-        if g is not None and g.shape != like.shape:
-            raise ValueError(f"{where}: {name} must have shape {tuple(like.shape)}, got {tuple(g.shape)}")
-    N = B
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"{where}: cu_seqlens needs batch size 1, got {B}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"{where}: cu_seqlens must be 1-D [N + 1] with N >= 1, got {tuple(cu_seqlens.shape)}")
-        N = cu_seqlens.numel() - 1
-    if initial_state is not None and initial_state.shape != (N, Hkv, K, v.shape[3]):
-        raise ValueError(f"{where}: initial_state must be [N, Hkv, K, V] = {(N, Hkv, K, v.shape[3])}, "
-                         f"got {tuple(initial_state.shape)}")
+    """The shape checks of the torch forms (``check_gla_inputs``), with the Triton entry point named in the error."""
+    try:
+        check_gla_inputs(q, k, v, gk, gv, initial_state, cu_seqlens)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def chunk_gla_triton(
