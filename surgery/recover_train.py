@@ -269,6 +269,35 @@ class TransferTrainer(StageTrainer):
         return (loss, None) if return_outputs else loss
 
 
+class DistillTrainer(StageTrainer):
+    """``train.loss: distill``: KL(teacher || student) of the next-token distributions, mean over scored positions.
+
+    The teacher is the unconverted model (frozen, no grad), run on the same batch. Positions whose label is -100
+    (prompt tokens of instruction data) are not scored, as with cross-entropy.
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, teacher: nn.Module, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval().requires_grad_(False)
+
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Tensor | tuple[Tensor, Any]:
+        ids = inputs["input_ids"]
+        ref = next(self.teacher.parameters())
+        if ref.device != ids.device:
+            self.teacher.to(ids.device)  # the Trainer moves the student, not the teacher
+        out = model(input_ids=ids, use_cache=False)
+        with torch.no_grad():
+            target = self.teacher(input_ids=ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+        mask = inputs["labels"][:, 1:] != -100  # [B, T-1]: logits at t predict the token at t+1
+        student = out.logits[:, :-1].float().log_softmax(-1)
+        kl = F.kl_div(student[mask], target[mask], log_target=True, reduction="batchmean")
+        return (kl, out) if return_outputs else kl
+
+
 def write_loss_curve(history: Sequence[dict[str, Any]], step_tokens: int, directory: Path, title: str) -> None:
     """``loss.csv`` (step, tokens, loss, lr) and ``loss.png`` from the Trainer's log history."""
     rows = [

@@ -52,6 +52,7 @@ from surgery.recover_lora import (
 )
 from surgery.recover_train import (
     AttentionTransfer,
+    DistillTrainer,
     StageTrainer,
     TransferTrainer,
     last_checkpoint,
@@ -123,13 +124,18 @@ def recover(
     report: dict[str, Any] = {"out_dir": str(out), "trainable_params": n_train, "stages": {}}
     try:
         for stage in spec.stages:
+            finished = resume and (out / stage / "done.json").exists()  # then no teacher is needed
+            teacher = None
             if stage == "attention_transfer":
-                finished = resume and (out / stage / "done.json").exists()  # then no teacher is needed
-                pairs = [] if finished else _teacher_pairs(model, plan, teacher_model)
+                if not finished:
+                    teacher_model = _teacher_model(model, plan, teacher_model)
+                pairs = [] if finished else _teacher_pairs(model, teacher_model)
                 args = (peft_model, extra, chunks, spec.transfer, out / stage, resume, callbacks, pairs)
             else:
+                if spec.train.loss == "distill" and not finished:
+                    teacher = teacher_model = _teacher_model(model, plan, teacher_model)
                 args = (peft_model, extra, chunks, spec.train, out / stage, resume, callbacks, None)
-            report["stages"][stage] = _run_stage(stage, *args)
+            report["stages"][stage] = _run_stage(stage, *args, teacher=teacher)
     finally:
         if use_cache is not None:
             model.config.use_cache = use_cache
@@ -238,15 +244,22 @@ def _load_tokenizer(plan: Any, model: nn.Module) -> Any:
     return AutoTokenizer.from_pretrained(source)
 
 
-def _teacher_pairs(model: nn.Module, plan: Any, teacher_model: nn.Module | None) -> list[tuple[str, Any, nn.Module]]:
-    """(path, mixer, original attention) for every converted layer, the originals taken from the base model."""
-    if teacher_model is None:
-        source = getattr(plan, "model", None) if plan is not None else None
-        if not source:
-            raise ValueError("recover.stages has attention_transfer: pass teacher_model=, or a plan naming the model")
-        from transformers import AutoModelForCausalLM
+def _teacher_model(model: nn.Module, plan: Any, teacher_model: nn.Module | None) -> nn.Module:
+    """The unconverted model: ``teacher_model`` when given, else loaded from ``plan.model`` in the student's dtype."""
+    if teacher_model is not None:
+        return teacher_model
+    source = getattr(plan, "model", None) if plan is not None else None
+    if not source:
+        raise ValueError("recover: attention_transfer and train.loss=distill need the original model as teacher: "
+                         "pass teacher_model=, or a plan naming the model")
+    from transformers import AutoModelForCausalLM
 
-        teacher_model = AutoModelForCausalLM.from_pretrained(source)
+    dtype = model.get_input_embeddings().weight.dtype  # the hidden states' dtype, which the teacher will see
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+
+
+def _teacher_pairs(model: nn.Module, teacher_model: nn.Module) -> list[tuple[str, Any, nn.Module]]:
+    """(path, mixer, original attention) for every converted layer, the originals taken from the base model."""
     dtype = model.get_input_embeddings().weight.dtype  # the hidden states' dtype, which the teacher will see
     pairs = []
     for path, mixer in find_mixers(model):
@@ -270,6 +283,7 @@ def _run_stage(
     resume: bool,
     callbacks: Sequence[TrainerCallback],
     pairs: list[tuple[str, Any, nn.Module]] | None,
+    teacher: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Run one stage to its end, resuming from its last checkpoint; a finished stage only reloads its result.
 
@@ -303,7 +317,7 @@ def _run_stage(
                 trainer = TransferTrainer(**common, transfer=transfer)
                 trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
         else:
-            trainer = StageTrainer(**common)
+            trainer = StageTrainer(**common) if teacher is None else DistillTrainer(**common, teacher=teacher)
             trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     finally:
         for p in adapters:

@@ -436,6 +436,33 @@ def test_attention_transfer_lowers_each_layers_mse(data: Path, probe: Tensor, tm
     assert len(rows) == 20 and json.loads((tmp_path / "attention_transfer" / "done.json").read_text())["steps"] == 20
 
 
+def next_token_kl(model: nn.Module, teacher: nn.Module, ids: Tensor) -> float:
+    """Mean KL(teacher || model) of the next-token distributions on ``ids``."""
+    with torch.no_grad():
+        t = teacher(input_ids=ids).logits.log_softmax(-1)
+        s = model(input_ids=ids).logits.log_softmax(-1)
+    return float((t.exp() * (t - s)).sum(-1).mean())
+
+
+def test_distill_loss_pulls_the_model_towards_its_teacher(data: Path, probe: Tensor, tmp_path: Path) -> None:
+    model, teacher = converted()
+    before = next_token_kl(model, teacher, probe)
+    spec = make_spec(data, max_steps=12, loss="distill")
+    out = recover(model, spec=spec, tokenizer=char_tokenizer(), out_dir=tmp_path, teacher_model=teacher)
+    after = next_token_kl(out, teacher, probe)
+    assert after < 0.9 * before, (before, after)
+    losses = [float(r["loss"]) for r in csv.DictReader((tmp_path / "lora" / "loss.csv").open())]
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    assert all(not p.requires_grad for p in teacher.parameters())  # the teacher is never trained
+
+
+def test_distill_without_a_teacher_is_refused(data: Path, tmp_path: Path) -> None:
+    model, _ = converted(layers=1)
+    with pytest.raises(ValueError, match="teacher"):
+        recover(model, spec=make_spec(data, max_steps=2, loss="distill"), tokenizer=char_tokenizer(),
+                out_dir=tmp_path)
+
+
 def test_instruction_records_learn_the_response_only() -> None:
     tok = char_tokenizer()
     ids, labels = tokenize_records([("mem", {"instruction": "say cat", "input": "", "output": "cat"})], tok)
