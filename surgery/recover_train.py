@@ -12,6 +12,7 @@ Trainer would ``torch.save`` them, and reads them back on resume without ``torch
 from __future__ import annotations
 
 import csv
+import functools
 import inspect
 import json
 import logging
@@ -41,8 +42,22 @@ TRAINING_ARGS_FILE = "training_args.json"
 
 
 def use_bf16(train: RecoverSpec.Train) -> bool:
-    """bf16 autocast on CUDA under ``precision: auto``; fp32 on CPU (bf16 matmuls are slow and lossy there)."""
-    return train.precision == "bf16" or (train.precision == "auto" and torch.cuda.is_available())
+    """bf16 autocast on CUDA under ``precision: auto``, fp32 on CPU; ``bf16`` / ``fp32`` force one."""
+    bf16 = train.precision == "bf16" or (train.precision == "auto" and torch.cuda.is_available())
+    if bf16 and not torch.cuda.is_available() and not cpu_has_bf16():
+        log.warning("precision: bf16 on a CPU without AVX512-BF16 or AMX-BF16: its bf16 matmuls are emulated and "
+                    "may be slower than fp32 (set precision: fp32)")
+    return bf16
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16), from ``/proc/cpuinfo`` (Linux)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: cannot tell cheaply
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
 
 
 def tokens_per_step(train: RecoverSpec.Train, seq_len: int) -> int:

@@ -491,3 +491,17 @@ def test_plan_recover_section_with_a_registered_mixer(data: Path, probe: Tensor,
     reloaded = surgery.load(tmp_path / "recover" / "merged")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=probe).logits, out(input_ids=probe).logits)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from surgery import recover_train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(recover_train, "cpu_has_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="surgery.recover"):
+        assert recover_train.use_bf16(RecoverSpec.Train(precision="bf16"))
+        assert not recover_train.use_bf16(RecoverSpec.Train())  # auto: fp32 on CPU, no warning
+    assert [r.message for r in caplog.records if "emulated" in r.message] and len(caplog.records) == 1
+    monkeypatch.setattr(recover_train, "cpu_has_bf16", lambda: True)
+    caplog.clear()
+    assert recover_train.use_bf16(RecoverSpec.Train(precision="bf16")) and not caplog.records
