@@ -6,11 +6,14 @@ with ``transfer.tokens`` and ``train.tokens`` scaled by m (m = 0: no recovery at
 512-token windows (the measure of the quality anchor, research/quality_anchor.md, and of benchmarks/recipes.py).
 
     python benchmarks/recovery.py [--plan examples/demo.yaml] [--budgets 0,1,4] [--out runs/bench-recovery]
+                                  [--extra wiki_nextsent=100]
 
 Not part of CI. Each budget writes ``<out>/<m>x/{recover,eval}/`` and ``<out>/<m>x/row.json``; the recover stage
 resumes (a finished one is reloaded, not retrained), so a budget whose ``recover/`` is copied from a ``surgery
-run`` of the same plan only re-evaluates. Prints a Markdown table and writes ``results.json`` / ``results.md``.
-On 2 CPU cores one training step (2 x 512 tokens) takes about 6.5 s: 1x is about 8 min of training, 4x about 32.
+run`` of the same plan only re-evaluates. ``--extra TASK=N`` also evaluates TASK on N documents at every budget (a
+budget already in ``row.json`` is reloaded and only that task runs). Prints a Markdown table and writes
+``results.json`` / ``results.md``. On 2 CPU cores (bf16 autocast) an attention-transfer step takes about 3.6 s and
+a LoRA step about 5.2 s: 1x is about 7 min of training, 4x about 28; an evaluation of both models about 3.5 min.
 """
 
 from __future__ import annotations
@@ -95,14 +98,29 @@ def run_budget(raw: dict[str, Any], multiple: float, base: torch.nn.Module, toke
     return row
 
 
+def extra_eval(raw: dict[str, Any], multiple: float, base: torch.nn.Module, tokenizer: Any, out: Path, task: str,
+               limit: int) -> dict[str, Any]:  # fmt: skip
+    """One more task at another limit for a budget whose recovery is done (``recover`` reloads it, no training)."""
+    plan = scaled_plan(raw, multiple, out)
+    model = convert(plan)
+    if plan.recover is not None:
+        model = recover(model, plan, tokenizer=tokenizer, out_dir=out / "recover", teacher_model=base)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    r = evaluate(model.eval(), plan, base_model=base, tokenizer=tokenizer, tasks=[task], limit=limit)["tasks"][task]
+    return {k: r[k] for k in ("metric", "base", "converted", "ratio", "samples")}
+
+
 def table(rows: list[dict[str, Any]], base_ppl: float) -> str:
     names = list(rows[0]["tasks"]) if rows else []
     head = ["budget", "tokens", "steps", "token ppl", "÷ base"] + [
         f"{n} {rows[0]['tasks'][n]['metric']} ÷ base" for n in names
     ]
+    extras = list(rows[0].get("extra", {})) if rows else []
+    head += [f"{e} {rows[0]['extra'][e]['metric']} ÷ base" for e in extras]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        ratios = [r["tasks"][n]["ratio"] for n in names]
+        ratios = [r["tasks"][n]["ratio"] for n in names] + [r.get("extra", {}).get(e, {}).get("ratio") for e in extras]
         ppl = r["token_ppl"]["ppl"]
         cells = [f"{r['multiple']:g}x", str(r["tokens"]), str(r["steps"]), f"{ppl:.4g}", f"{ppl / base_ppl:.3f}"]
         cells += [f"{x:.3g}" if x is not None else "–" for x in ratios]
@@ -115,7 +133,10 @@ def main() -> int:
     ap.add_argument("--plan", default="examples/demo.yaml", help="the plan whose recovery budget is scaled")
     ap.add_argument("--budgets", default="0,1,4", help="multiples of the plan's token budget, comma-separated")
     ap.add_argument("--out", default="runs/bench-recovery", help="output directory")
+    ap.add_argument("--extra", action="append", default=[], metavar="TASK=N",
+                    help="also evaluate TASK on N documents (e.g. wiki_nextsent=100); repeatable")
     args = ap.parse_args()
+    extras = [(t, int(n)) for t, n in (e.split("=") for e in args.extra)]
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -136,13 +157,19 @@ def main() -> int:
         saved = out / label / "row.json"
         if saved.exists():
             print(f"[recovery] budget {label}: reusing {saved}", flush=True)
-            rows.append(json.loads(saved.read_text()))
-            continue
-        print(f"[recovery] budget {label}", flush=True)
-        row = run_budget(raw, multiple, base, tokenizer, windows, out / label)
-        saved.write_text(json.dumps(row, indent=1, default=str))
+            row = json.loads(saved.read_text())
+        else:
+            print(f"[recovery] budget {label}", flush=True)
+            row = run_budget(raw, multiple, base, tokenizer, windows, out / label)
+            saved.write_text(json.dumps(row, indent=1, default=str))
+            print(json.dumps({k: row[k] for k in ("multiple", "tokens", "token_ppl")}), flush=True)
+        for task, limit in extras:
+            key = f"{task}={limit}"
+            if key not in row.setdefault("extra", {}):
+                print(f"[recovery] budget {label}: {key}", flush=True)
+                row["extra"][key] = extra_eval(raw, multiple, base, tokenizer, out / label, task, limit)
+                saved.write_text(json.dumps(row, indent=1, default=str))
         rows.append(row)
-        print(json.dumps({k: row[k] for k in ("multiple", "tokens", "token_ppl")}), flush=True)
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}",
