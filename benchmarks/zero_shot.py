@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.recipes import heldout_ppl  # noqa: E402
+from benchmarks.recovery import heldout_windows, token_ppl  # noqa: E402
 from surgery import demo  # noqa: E402
 from surgery.convert import convert  # noqa: E402
 from surgery.plan import load_plan  # noqa: E402
@@ -32,20 +32,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    import json
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir, data = demo.prepare_demo()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    rows = [json.loads(line) for line in data.heldout_ppl.read_text().splitlines()][: args.windows]
-    windows = [torch.tensor(tok(r["text"])["input_ids"][:512]) for r in rows]
+    windows = heldout_windows(data, tok, args.windows)
     print("| model | ppl wiki | x base | ppl pos>=256 | x base |\n|---|---|---|---|---|")
-    base = heldout_ppl(AutoModelForCausalLM.from_pretrained(model_dir).eval(), windows)
+    base = token_ppl(AutoModelForCausalLM.from_pretrained(model_dir).eval(), windows)
     print(f"| base | {base['ppl']:.2f} | 1.00 | {base['ppl_pos256']:.2f} | 1.00 |", flush=True)
     for path in args.plans:
         t0 = time.perf_counter()
-        r = heldout_ppl(convert(load_plan(path)).eval(), windows)
+        r = token_ppl(convert(load_plan(path)).eval(), windows)
         print(f"| {Path(path).stem} | {r['ppl']:.4g} | {r['ppl'] / base['ppl']:.3g} | {r['ppl_pos256']:.4g} | "
               f"{r['ppl_pos256'] / base['ppl_pos256']:.3g} |", flush=True)
         print(f"<!-- {Path(path).stem}: {time.perf_counter() - t0:.0f}s -->", file=sys.stderr)
