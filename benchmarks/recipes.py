@@ -74,7 +74,7 @@ def main() -> int:
         t0 = time.perf_counter()
         plan = load_plan(raw)
         model = recover(convert(plan), plan, tokenizer=tok, out_dir=out / name / "recover", resume=False,
-                        teacher_model=copy.deepcopy(teacher))  # fmt: skip
+                        teacher_model=teacher)  # fmt: skip
         report = getattr(model, "surgery_recover_report", {})
         ppl = token_ppl(model.eval(), windows)
         row = {"variant": name, "ppl": round(ppl["ppl"], 3), "x": round(ppl["ppl"] / base_ppl, 3),

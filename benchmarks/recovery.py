@@ -76,20 +76,26 @@ def scaled_plan(raw: dict[str, Any], multiple: float, out: Path) -> Any:
     return load_plan(raw)
 
 
-def run_budget(raw: dict[str, Any], multiple: float, base: torch.nn.Module, tokenizer: Any,
-               windows: list[torch.Tensor], out: Path) -> dict[str, Any]:  # fmt: skip
+def recovered(raw: dict[str, Any], multiple: float, base: torch.nn.Module, tokenizer: Any,
+              out: Path) -> tuple[Any, torch.nn.Module, dict[str, Any]]:  # fmt: skip
+    """(plan, model, recover report) of one budget: converted, then recovered (a finished run is only reloaded)."""
     plan = scaled_plan(raw, multiple, out)
-    model = convert(plan)
-    row: dict[str, Any] = {"multiple": multiple, "tokens": 0, "steps": 0}
+    model, report = convert(plan), {}
     if plan.recover is not None:
-        t0 = time.perf_counter()
         model = recover(model, plan, tokenizer=tokenizer, out_dir=out / "recover", teacher_model=base)
         report = getattr(model, "surgery_recover_report", {})
-        row.update(tokens=report.get("tokens"), steps=report.get("steps"), train_s=round(time.perf_counter() - t0, 1),
-                   stages=report.get("stages"))  # fmt: skip
     if torch.cuda.is_available():
         model = model.cuda()
-    model.eval()
+    return plan, model.eval(), report
+
+
+def run_budget(raw: dict[str, Any], multiple: float, base: torch.nn.Module, tokenizer: Any,
+               windows: list[torch.Tensor], out: Path) -> dict[str, Any]:  # fmt: skip
+    t0 = time.perf_counter()
+    plan, model, report = recovered(raw, multiple, base, tokenizer, out)
+    row: dict[str, Any] = {"multiple": multiple, "tokens": report.get("tokens", 0), "steps": report.get("steps", 0)}
+    if report:
+        row.update(train_s=round(time.perf_counter() - t0, 1), stages=report.get("stages"))
     row["token_ppl"] = token_ppl(model, windows)
     results = evaluate(model, plan, base_model=base, tokenizer=tokenizer, out_dir=out / "eval")
     row["tasks"] = {name: {k: r[k] for k in ("metric", "base", "converted", "ratio", "samples")}
@@ -101,13 +107,8 @@ def run_budget(raw: dict[str, Any], multiple: float, base: torch.nn.Module, toke
 def extra_eval(raw: dict[str, Any], multiple: float, base: torch.nn.Module, tokenizer: Any, out: Path, task: str,
                limit: int) -> dict[str, Any]:  # fmt: skip
     """One more task at another limit for a budget whose recovery is done (``recover`` reloads it, no training)."""
-    plan = scaled_plan(raw, multiple, out)
-    model = convert(plan)
-    if plan.recover is not None:
-        model = recover(model, plan, tokenizer=tokenizer, out_dir=out / "recover", teacher_model=base)
-    if torch.cuda.is_available():
-        model = model.cuda()
-    r = evaluate(model.eval(), plan, base_model=base, tokenizer=tokenizer, tasks=[task], limit=limit)["tasks"][task]
+    plan, model, _ = recovered(raw, multiple, base, tokenizer, out)
+    r = evaluate(model, plan, base_model=base, tokenizer=tokenizer, tasks=[task], limit=limit)["tasks"][task]
     return {k: r[k] for k in ("metric", "base", "converted", "ratio", "samples")}
 
 

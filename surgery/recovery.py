@@ -124,18 +124,17 @@ def recover(
     report: dict[str, Any] = {"out_dir": str(out), "trainable_params": n_train, "stages": {}}
     try:
         for stage in spec.stages:
-            finished = resume and (out / stage / "done.json").exists()  # then no teacher is needed
+            finished = resume and (out / stage / "done.json").exists()  # reloaded, not retrained: no teacher needed
             teacher = None
+            if not finished and (stage == "attention_transfer" or spec.train.loss == "distill"):
+                teacher = teacher_model = _teacher_model(model, plan, teacher_model)  # loaded once for both stages
+            common = (peft_model, extra, chunks)
             if stage == "attention_transfer":
-                if not finished:
-                    teacher_model = _teacher_model(model, plan, teacher_model)
-                pairs = [] if finished else _teacher_pairs(model, teacher_model)
-                args = (peft_model, extra, chunks, spec.transfer, out / stage, resume, callbacks, pairs)
+                pairs = _teacher_pairs(model, teacher) if teacher is not None else []
+                result = _run_stage(stage, *common, spec.transfer, out / stage, resume, callbacks, pairs)
             else:
-                if spec.train.loss == "distill" and not finished:
-                    teacher = teacher_model = _teacher_model(model, plan, teacher_model)
-                args = (peft_model, extra, chunks, spec.train, out / stage, resume, callbacks, None)
-            report["stages"][stage] = _run_stage(stage, *args, teacher=teacher)
+                result = _run_stage(stage, *common, spec.train, out / stage, resume, callbacks, None, teacher=teacher)
+            report["stages"][stage] = result
     finally:
         if use_cache is not None:
             model.config.use_cache = use_cache
@@ -245,22 +244,21 @@ def _load_tokenizer(plan: Any, model: nn.Module) -> Any:
 
 
 def _teacher_model(model: nn.Module, plan: Any, teacher_model: nn.Module | None) -> nn.Module:
-    """The unconverted model: ``teacher_model`` when given, else loaded from ``plan.model`` in the student's dtype."""
+    """The unconverted model in the student's dtype: ``teacher_model`` when given, else loaded from ``plan.model``."""
+    dtype = model.get_input_embeddings().weight.dtype  # the hidden states' dtype, which the teacher will see
     if teacher_model is not None:
-        return teacher_model
+        return teacher_model.to(dtype=dtype)
     source = getattr(plan, "model", None) if plan is not None else None
     if not source:
         raise ValueError("recover: attention_transfer and train.loss=distill need the original model as teacher: "
                          "pass teacher_model=, or a plan naming the model")
     from transformers import AutoModelForCausalLM
 
-    dtype = model.get_input_embeddings().weight.dtype  # the hidden states' dtype, which the teacher will see
     return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
 
 
 def _teacher_pairs(model: nn.Module, teacher_model: nn.Module) -> list[tuple[str, Any, nn.Module]]:
     """(path, mixer, original attention) for every converted layer, the originals taken from the base model."""
-    dtype = model.get_input_embeddings().weight.dtype  # the hidden states' dtype, which the teacher will see
     pairs = []
     for path, mixer in find_mixers(model):
         try:
@@ -269,7 +267,7 @@ def _teacher_pairs(model: nn.Module, teacher_model: nn.Module) -> list[tuple[str
             raise ValueError(f"attention_transfer: the teacher model has no module '{path}'") from None
         if find_mixers(teacher):  # a Mixer itself, or a module holding one
             raise ValueError(f"attention_transfer: the teacher's '{path}' is converted too; pass the original model")
-        pairs.append((path, mixer, teacher.to(dtype=dtype)))
+        pairs.append((path, mixer, teacher))
     return pairs
 
 
