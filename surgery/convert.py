@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from surgery.attention import AttentionSite, find_attention, read_weights
-from surgery.mixer import Mixer, MixerDimsError, SharedState, install_padding_hook
-from surgery.plan import Plan, PlanError, Rule, select_layers
+from surgery.mixer import MixContext, Mixer, MixerDimsError, Options, SharedState, install_padding_hook
+from surgery.plan import Plan, PlanError, Rule, load_plan, select_layers
 from surgery.registry import Registry, load_registry
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,17 +29,19 @@ class Match:
     module_class: str
     mixer: str
     weights: str
+    options: Options = field(compare=False, repr=False, default_factory=Options)  # resolved for this layer
 
 
 @dataclass
 class LayerRecord:
-    """What the weight map did to one layer (the mapping manifest entry)."""
+    """What the weight map did to one layer (the mapping manifest entry), with the mixer's resolved options."""
 
     layer: int
     path: str
     module_class: str
     mixer: str
     weights: str
+    options: dict[str, Any] = field(default_factory=dict)  # after dims-dependent defaults (e.g. gsa's num_slots)
     copied: list[str] = field(default_factory=list)  # tensors taken unchanged from the pretrained attention
     reshaped: list[str] = field(default_factory=list)  # tensors derived from pretrained ones (split, pooled, ...)
     created: list[str] = field(default_factory=list)  # mixer parameters the map left at their initialisation
@@ -64,8 +66,17 @@ def num_layers(model: nn.Module) -> int:
     return int(getattr(text, "num_hidden_layers"))
 
 
+def typed(plan: Plan, registry: Registry) -> Plan:
+    """``plan`` with every rule's options validated into its mixer's ``Options`` (a no-op for ``load_plan``'s)."""
+    return plan if plan.typed else load_plan(plan.to_dict(), registry)
+
+
 def match(plan: Plan, sites: list[AttentionSite], n_layers: int, registry: Registry) -> list[tuple[Match, Rule]]:
-    """Resolve every rule against the model's attention sites; raise ``PlanError`` with every problem found."""
+    """Resolve every rule against the model's attention sites; raise ``PlanError`` with every problem found.
+
+    Each match carries the rule's options resolved for its layer (``Mixer.resolve_options``).
+    """
+    plan = typed(plan, registry)
     by_layer = {s.layer_idx: s for s in sites}
     problems: list[tuple[str, str]] = []
     owner: dict[int, int] = {}
@@ -80,7 +91,6 @@ def match(plan: Plan, sites: list[AttentionSite], n_layers: int, registry: Regis
         if not layers and not bad:
             problems.append((loc, "this rule selects no layer"))
         mixer_cls = registry.mixer(rule.mixer)
-        options = mixer_cls.Options.model_validate(rule.options)
         for layer in layers:
             if layer in owner:
                 problems.append((loc, f"layer {layer} is also selected by convert.{owner[layer]}: rules must not overlap"))
@@ -91,12 +101,13 @@ def match(plan: Plan, sites: list[AttentionSite], n_layers: int, registry: Regis
                 problems.append((loc, f"layer {layer} has no self-attention module that surgery can read"))
                 continue
             try:
+                options = mixer_cls.resolve_options(site, rule.options)
                 mixer_cls.check_site(site, options)
             except MixerDimsError as exc:
                 problems.append((loc, f"layer {layer} ({site.path}, {site.module_class}): mixer '{rule.mixer}': {exc}"))
                 continue
-            m = Match(i, layer, site.path, site.module_class, rule.mixer, rule.weights or mixer_cls.default_weights)
-            out.append((m, rule))
+            weights = rule.weights or mixer_cls.default_weights
+            out.append((Match(i, layer, site.path, site.module_class, rule.mixer, weights, options), rule))
     if problems:
         raise PlanError(problems)
     return sorted(out, key=lambda mr: mr[0].layer)
@@ -115,10 +126,36 @@ def meta_model(plan: Plan) -> nn.Module:
 
 
 def check(plan: Plan, model: nn.Module | None = None, registry: Registry | None = None) -> list[Match]:
-    """Resolve ``plan`` against the model (meta device when none is given): which layer gets what."""
+    """Resolve ``plan`` against the model (meta device when none is given): which layer gets what.
+
+    Every mixer is built on the meta device, so what its weight map needs of it is checked without weights.
+    """
     registry = registry if registry is not None else load_registry()
     model = model if model is not None else meta_model(plan)
-    return [m for m, _ in match(plan, find_attention(model), num_layers(model), registry)]
+    sites = {s.layer_idx: s for s in find_attention(model)}
+    matches = match(plan, list(sites.values()), num_layers(model), registry)
+    problems, seen_rules = [], set()
+    for m, _ in matches:
+        if m.rule in seen_rules:
+            continue  # one problem per rule: every layer of a rule would say the same
+        with torch.device("meta"):
+            mixer = registry.mixer(m.mixer)(sites[m.layer], m.options, model.config)
+        misfit = _misfit(m, mixer, registry)
+        if misfit:
+            seen_rules.add(m.rule)
+            problems += misfit
+    if problems:
+        raise PlanError(problems)
+    return [m for m, _ in matches]
+
+
+def _misfit(m: Match, mixer: Mixer, registry: Registry) -> list[tuple[str, str]]:
+    """A located problem when the weight map needs something of the mixer that it lacks."""
+    missing = registry.weight_map(m.weights).missing(mixer)
+    if not missing:
+        return []
+    return [(f"convert.{m.rule}.weights", f"layer {m.layer}: weight map '{m.weights}' needs a module "
+             f"{', '.join(missing)} that mixer '{m.mixer}' with these options does not have")]  # fmt: skip
 
 
 def load_model(plan: Plan) -> nn.Module:
@@ -133,7 +170,7 @@ def load_model(plan: Plan) -> nn.Module:
 
 
 def _record(m: Match, site: AttentionSite, src: dict[str, Tensor], mapped: dict[str, Tensor], mixer: Mixer) -> LayerRecord:
-    rec = LayerRecord(m.layer, m.path, m.module_class, m.mixer, m.weights)
+    rec = LayerRecord(m.layer, m.path, m.module_class, m.mixer, m.weights, m.options.model_dump(mode="json"))
     # A fused qkv projection reaches the mixer split into q/k/v: those tensors are reshaped, not copied.
     split = {"q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"}
     split = split if site.layout != "separate" else set()
@@ -162,6 +199,29 @@ def _load_mapped(mixer: Mixer, mapped: dict[str, Tensor], m: Match) -> None:
             raise RuntimeError(f"{where}: '{k}' differs from the mapped tensor after loading")
 
 
+def _probe(mixer: Mixer, m: Match, registry: Registry, ref: Tensor) -> None:
+    """Run a 3-token forward through a new mixer: a plugin returning the wrong shape is named here, not later
+    inside the model's code."""
+    hidden = mixer.site.dims.hidden_size
+    x = torch.zeros(1, 3, hidden, device=ref.device, dtype=ref.dtype)
+    was = mixer.training
+    mixer.eval()
+    try:
+        with torch.no_grad():
+            out = mixer.mix(x, MixContext(None, None, None, None, {}))
+    except Exception as exc:  # noqa: BLE001 - any failure of a plugin's code is reported with its origin
+        raise PlanError([(f"convert.{m.rule}.mixer", f"layer {m.layer}: mixer '{m.mixer}' "
+                          f"({registry.origin('mixer', m.mixer)}) failed on a probe input [1, 3, {hidden}]: "
+                          f"{type(exc).__name__}: {exc}")]) from None  # fmt: skip
+    finally:
+        mixer.train(was)
+    if not isinstance(out, Tensor) or tuple(out.shape) != (1, 3, hidden):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise PlanError([(f"convert.{m.rule}.mixer", f"layer {m.layer}: mixer '{m.mixer}' "
+                          f"({registry.origin('mixer', m.mixer)}) returned {got} for an input [1, 3, {hidden}]; "
+                          f"a mixer must return [B, T, {hidden}]")])  # fmt: skip
+
+
 def apply_plan(
     model: nn.Module, plan: Plan, registry: Registry | None = None, map_weights: bool = True
 ) -> nn.Module:
@@ -171,6 +231,7 @@ def apply_plan(
     weights). The model gets ``model.surgery`` (a ``SurgeryInfo``) and a hook that records the padding mask.
     """
     registry = registry if registry is not None else load_registry()
+    plan = typed(plan, registry)
     sites = {s.layer_idx: s for s in find_attention(model)}
     shared = SharedState()
     manifest = []
@@ -180,16 +241,20 @@ def apply_plan(
         ref = next(old.parameters())
         mixer_cls = registry.mixer(m.mixer)
         with torch.device(ref.device):
-            mixer = mixer_cls(site, mixer_cls.Options.model_validate(rule.options), model.config)
+            mixer = mixer_cls(site, m.options, model.config)
         mixer.to(dtype=ref.dtype)
         if map_weights:
-            wm_cls = registry.weight_map(m.weights)
+            misfit = _misfit(m, mixer, registry)
+            if misfit:
+                raise PlanError(misfit)
             src = read_weights(old, site)
-            mapped = wm_cls(wm_cls.Options.model_validate(rule.weight_options))(src, mixer)
+            mapped = registry.weight_map(m.weights)(rule.weight_options)(src, mixer)
             _load_mapped(mixer, mapped, m)
+            _probe(mixer, m, registry, ref)
             manifest.append(_record(m, site, src, mapped, mixer))
         else:
-            manifest.append(LayerRecord(m.layer, m.path, m.module_class, m.mixer, m.weights))
+            manifest.append(LayerRecord(m.layer, m.path, m.module_class, m.mixer, m.weights,
+                                        m.options.model_dump(mode="json")))  # fmt: skip
         mixer.shared = shared
         mixer.train(old.training)
         parent_path, _, child = site.path.rpartition(".")

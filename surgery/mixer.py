@@ -103,17 +103,30 @@ class Mixer(nn.Module):
     """Base of every token mixer. ``x`` ``[B, T, C]`` -> ``[B, T, C]``.
 
     Class attributes a plugin sets: ``name`` (``^[a-z][a-z0-9_]*$``), ``description`` (one line),
-    ``default_weights`` (the weight map a plan gets when it names none), and a nested ``Options`` model.
+    ``default_weights`` (the weight map a plan gets when it names none: every mixer names its own, the core names
+    none), a nested ``Options`` model, and ``test_options``: option sets the generated conformance suite
+    (``tests/test_conformance.py``) runs this mixer with, on tiny models (head dim 8 to 16, 2 to 4 heads).
+
+    Args:
+        site: the attention module this mixer replaces, read into one canonical description.
+        options: this mixer's validated ``Options``.
+        config: the model's config (transformers' attention functions read ``_attn_implementation``).
+        projections: build the HF-named q/k/v/o projections (and the model's q/k norms). A mixer used as a branch
+            of another (Liger Attention's recurrent branch) shares its parent's and builds none.
     """
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
-    default_weights: ClassVar[str] = "copy_qkvo"
+    default_weights: ClassVar[str]
+    test_options: ClassVar[tuple[dict[str, Any], ...]] = ({},)
+    #: A scalar a mixer may set during a training forward (e.g. a load-balancing loss); recovery adds it to the
+    #: stage's loss and clears it.
+    aux_loss: Tensor | None = None
 
     class Options(Options):
         pass
 
-    def __init__(self, site: AttentionSite, options: Options, config: Any) -> None:
+    def __init__(self, site: AttentionSite, options: Options, config: Any, *, projections: bool = True) -> None:
         super().__init__()
         d = site.dims
         self.site = site
@@ -128,6 +141,8 @@ class Mixer(nn.Module):
         self.is_causal = True
         self.attention_dropout = 0.0
         self.shared: SharedState | None = None  # set by the converter
+        if not projections:
+            return
         self.q_proj = nn.Linear(d.hidden_size, d.num_heads * d.head_dim, bias=d.qkv_bias)
         self.k_proj = nn.Linear(d.hidden_size, d.num_kv_heads * d.head_dim, bias=d.qkv_bias)
         self.v_proj = nn.Linear(d.hidden_size, d.num_kv_heads * d.head_dim, bias=d.qkv_bias)
@@ -136,8 +151,17 @@ class Mixer(nn.Module):
         self.k_norm = copy.deepcopy(site.k_norm) if site.k_norm is not None else None
 
     @classmethod
+    def resolve_options(cls, site: AttentionSite, options: Options) -> Options:
+        """The options for this site, with defaults that depend on its dimensions filled in.
+
+        The converter records the result in the manifest, so a default chosen for a model is visible and saved.
+        Default: ``options`` unchanged.
+        """
+        return options
+
+    @classmethod
     def check_site(cls, site: AttentionSite, options: Options) -> None:
-        """Raise ``MixerDimsError`` when this mixer cannot replace ``site`` with ``options``. Default: accept."""
+        """Raise ``MixerDimsError`` when this mixer cannot replace ``site`` with (resolved) ``options``."""
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, options={self.options.model_dump()}"
@@ -191,20 +215,28 @@ class Mixer(nn.Module):
 class WeightMap:
     """Base of every weight-mapping strategy: canonical pretrained tensors in, a partial state dict out.
 
-    ``mixers`` lists the mixer names this map suits (empty: any mixer). The converter loads the returned
-    tensors into the mixer; keys the mixer lacks are an error, mixer parameters left unset are reported as
-    created new, canonical tensors not returned are reported as dropped.
+    A map says what it needs of a mixer, never which mixers: ``needs`` maps the name of a submodule the mixer must
+    own (anywhere in it, e.g. ``g_proj`` or ``recurrent.g_proj``) to a hint shown when it does not. The converter
+    checks ``needs`` on the built mixer (``surgery check`` too, on the meta device), loads the returned tensors;
+    keys the mixer lacks are an error, mixer parameters left unset are reported as created new, canonical tensors
+    not returned are reported as dropped.
     """
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
-    mixers: ClassVar[tuple[str, ...]] = ()
+    needs: ClassVar[dict[str, str]] = {}
 
     class Options(Options):
         pass
 
     def __init__(self, options: Options | None = None) -> None:
         self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def missing(cls, mixer: Mixer) -> list[str]:
+        """The ``needs`` entries ``mixer`` lacks, each as ``"'name' (hint)"``; empty when the map fits."""
+        have = {name.rsplit(".", 1)[-1] for name, _ in mixer.named_modules() if name}
+        return [f"'{n}' ({hint})" if hint else f"'{n}'" for n, hint in cls.needs.items() if n not in have]
 
     def __call__(self, src: Mapping[str, Tensor], dst: Mixer) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -11,13 +11,16 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import Field, NonNegativeInt, PositiveInt, ValidationError, field_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, SerializeAsAny, ValidationError, field_validator
 
+from surgery.evaluate import EvalSpec
 from surgery.mixer import Options
-from surgery.recipes import EvalSpec, RecoverSpec
+from surgery.recovery.spec import RecoverSpec
 from surgery.registry import Registry, did_you_mean, load_registry
 
 PLAN_VERSION = 1
+MAX_PLAN_BYTES = 1 << 20  # a plan is a few hundred bytes; anything this large is a mistake (or an attack)
+MAX_LAYER_INDEX = 100_000  # beyond any model: a range past it is a typo, and must not allocate its list
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 
@@ -44,9 +47,13 @@ LayerSelector = Union[Literal["all"], str, int, list[Union[int, str]], Every]
 
 def parse_range(item: int | str) -> list[int]:
     """``5`` -> [5]; ``"2-4"`` -> [2, 3, 4]. Raises ValueError for anything else."""
+    if isinstance(item, bool):  # YAML's true/false are ints to Python: `layers: true` must not mean layer 1
+        raise ValueError(f"layers: {str(item).lower()} is not a layer selector; write 'all', 'A-B', an index or a list")
     if isinstance(item, int):
         if item < 0:
             raise ValueError(f"layer index {item} is negative")
+        if item > MAX_LAYER_INDEX:
+            raise ValueError(f"layer index {item} is beyond any model (at most {MAX_LAYER_INDEX})")
         return [item]
     m = _RANGE.match(item)
     if not m:
@@ -55,6 +62,8 @@ def parse_range(item: int | str) -> list[int]:
     hi = int(m.group(2)) if m.group(2) is not None else lo
     if hi < lo:
         raise ValueError(f"bad layer range '{item}': end {hi} is before start {lo}")
+    if hi > MAX_LAYER_INDEX:
+        raise ValueError(f"bad layer range '{item}': {hi} is beyond any model (at most {MAX_LAYER_INDEX})")
     return list(range(lo, hi + 1))
 
 
@@ -72,13 +81,24 @@ def select_layers(selector: LayerSelector, n_layers: int) -> list[int]:
 
 
 class Rule(Options):
-    """One line of ``convert:``: which layers get which mixer and which weight mapping."""
+    """One line of ``convert:``: which layers get which mixer and which weight mapping.
+
+    After ``load_plan``, ``options`` is an instance of the mixer's own ``Options`` class and ``weight_options`` of
+    the weight map's (validated once, every default filled in); before, they are the plan's dicts.
+    """
 
     layers: LayerSelector = "all"
     mixer: str
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: SerializeAsAny[Options] | dict[str, Any] = Field(default_factory=dict)
     weights: str | None = None  # None: the mixer's default weight map
-    weight_options: dict[str, Any] = Field(default_factory=dict)
+    weight_options: SerializeAsAny[Options] | dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _no_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool) or (isinstance(v, list) and any(isinstance(x, bool) for x in v)):
+            raise ValueError("true/false is not a layer selector; write 'all', 'A-B', an index or a list of those")
+        return v
 
     @field_validator("layers")
     @classmethod
@@ -112,6 +132,11 @@ class Plan(Options):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
 
+    @property
+    def typed(self) -> bool:
+        """Whether every rule's options are validated ``Options`` objects (a plan from ``load_plan``)."""
+        return all(isinstance(r.options, Options) and isinstance(r.weight_options, Options) for r in self.convert)
+
 
 def _pydantic_problems(err: ValidationError, prefix: tuple = (), allowed: dict[str, list[str]] | None = None) -> list:
     problems = []
@@ -134,14 +159,38 @@ def _pydantic_problems(err: ValidationError, prefix: tuple = (), allowed: dict[s
     return unique
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML itself keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice (first on line {seen[key] + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read(source: str | Path | dict) -> tuple[dict, str | None]:
     if isinstance(source, dict):
         return source, None
     path = Path(source)
     if not path.is_file():
         raise PlanError([("", f"plan file '{path}' does not exist")])
+    size = path.stat().st_size
+    if size > MAX_PLAN_BYTES:
+        raise PlanError([("", f"the file is {size / 2**20:.1f} MiB; a plan is a small YAML file (at most "
+                              f"{MAX_PLAN_BYTES // 2**20} MiB)")], str(path))  # fmt: skip
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise PlanError([("", f"not UTF-8 text: byte 0x{exc.object[exc.start]:02x} on line {line}")], str(path)) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -163,11 +212,12 @@ def load_plan(source: str | Path | dict, registry: Registry | None = None) -> Pl
     """
     data, where = _read(source)
     registry = registry if registry is not None else load_registry()
-    allowed = {"": list(Plan.model_fields)}
+    allowed = {"": list(Plan.model_fields), "recover": list(RecoverSpec.model_fields),
+               "eval": list(EvalSpec.model_fields)}  # fmt: skip
     for i in range(len(data.get("convert") or []) if isinstance(data.get("convert"), list) else 0):
         allowed[f"convert.{i}"] = list(Rule.model_fields)
     try:
-        plan = Plan.model_validate(data)
+        plan = Plan.model_validate(data, context={"registry": registry})
     except ValidationError as err:
         raise PlanError(_pydantic_problems(err, allowed=allowed), where) from None
 
@@ -182,26 +232,23 @@ def load_plan(source: str | Path | dict, registry: Registry | None = None) -> Pl
             rules.append(rule)
             continue
         mixer_cls = registry.mixers[rule.mixer]
+        options: Any = rule.options
         try:
-            options = mixer_cls.Options.model_validate(rule.options).model_dump(mode="json")
+            raw = options.model_dump() if isinstance(options, Options) else options
+            options = mixer_cls.Options.model_validate(raw, context={"registry": registry})
         except ValidationError as err:
             known = {"": list(mixer_cls.Options.model_fields)}
             problems += _pydantic_problems(err, (loc, "options"), allowed={f"{loc}.options": known[""]})
-            options = rule.options
         weights = rule.weights or mixer_cls.default_weights
-        weight_options = rule.weight_options
+        weight_options: Any = rule.weight_options
         if weights not in registry.weight_maps:
             hint = did_you_mean(weights, registry.weight_maps)
             problems.append((f"{loc}.weights", f"unknown weight map '{weights}'{hint}"))
         else:
             wm = registry.weight_maps[weights]
-            if wm.mixers and rule.mixer not in wm.mixers:
-                problems.append(
-                    (f"{loc}.weights", f"weight map '{weights}' does not fit mixer '{rule.mixer}' "
-                     f"(it fits: {', '.join(wm.mixers)})")
-                )  # fmt: skip
             try:
-                weight_options = wm.Options.model_validate(rule.weight_options).model_dump(mode="json")
+                raw = weight_options.model_dump() if isinstance(weight_options, Options) else weight_options
+                weight_options = wm.Options.model_validate(raw, context={"registry": registry})
             except ValidationError as err:
                 problems += _pydantic_problems(
                     err, (loc, "weight_options"), allowed={f"{loc}.weight_options": list(wm.Options.model_fields)}
@@ -212,9 +259,38 @@ def load_plan(source: str | Path | dict, registry: Registry | None = None) -> Pl
     return plan.model_copy(update={"convert": rules})
 
 
-def plan_json_schema() -> dict[str, Any]:
-    """JSON Schema of the plan file, for editors (mixer options are checked at load time, per mixer)."""
+def plan_json_schema(registry: Registry | None = None) -> dict[str, Any]:
+    """JSON Schema of the plan file, for editors: every registered mixer's, weight map's and stage's options.
+
+    A rule is one of the mixers (``if mixer == NAME then options: NAME's Options``); ``recover.stages`` maps each
+    registered stage to its options.
+    """
+    registry = registry if registry is not None else load_registry()
     schema = Plan.model_json_schema()
+    defs = schema.setdefault("$defs", {})
+
+    def ref(cls: type, name: str) -> dict[str, str]:
+        sub = cls.model_json_schema(ref_template="#/$defs/{model}")
+        defs.update(sub.pop("$defs", {}))
+        defs[name] = sub
+        return {"$ref": f"#/$defs/{name}"}
+
+    rule_options = [
+        {"if": {"properties": {"mixer": {"const": n}}, "required": ["mixer"]},
+         "then": {"properties": {"options": ref(c.Options, f"mixer.{n}")}}}
+        for n, c in sorted(registry.mixers.items())
+    ]  # fmt: skip
+    rule = defs["Rule"]
+    rule["properties"]["mixer"] = {"enum": sorted(registry.mixers), "description": "a registered mixer"}
+    rule["properties"]["weights"] = {"enum": sorted(registry.weight_maps), "description": "a registered weight map"}
+    rule["allOf"] = rule_options
+    stages = {n: ref(c.Options, f"stage.{n}") for n, c in sorted(registry.stages.items())}
+    recover = defs.get("RecoverSpec", {})
+    recover.setdefault("properties", {})["stages"] = {
+        "description": "stages in order: a list of names, or name -> options",
+        "anyOf": [{"type": "array", "items": {"enum": sorted(stages)}},
+                  {"type": "object", "properties": stages, "additionalProperties": False}],
+    }  # fmt: skip
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "surgery plan"
     return schema

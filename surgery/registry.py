@@ -19,6 +19,7 @@ import pluggy
 
 from surgery import hookspecs
 from surgery.mixer import NAME_RE, Mixer, WeightMap
+from surgery.recovery.stage import Stage
 
 #: Built-in plugin modules, registered exactly like third-party plugins.
 DEFAULT_PLUGINS = (
@@ -28,7 +29,10 @@ DEFAULT_PLUGINS = (
     "surgery.plugins.hgrn2",
     "surgery.plugins.gsa",
     "surgery.plugins.liger",
-    "surgery.plugins.weight_maps_liger",
+    "surgery.plugins.swa",
+    "surgery.plugins.pooled_key_gate",
+    "surgery.recovery.stages.attention_transfer",
+    "surgery.recovery.stages.lora",
 )
 ENTRY_POINT_GROUP = "surgery"
 AUTOLOAD_ENV = "SURGERY_DISABLE_PLUGIN_AUTOLOAD"
@@ -39,7 +43,7 @@ class PluginError(RuntimeError):
 
 
 class UnknownNameError(KeyError, ValueError):
-    """An unknown mixer or weight-map name; the message suggests the closest names."""
+    """An unknown mixer, weight-map or stage name; the message suggests the closest names."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
@@ -59,33 +63,58 @@ class PluginInfo:
     version: str
     mixers: tuple[str, ...]
     weight_maps: tuple[str, ...]
+    stages: tuple[str, ...] = ()
+    error: str | None = None  # set when the plugin failed to load (``load_registry(strict=False)``)
 
 
 class Registry:
-    """Read-only view of the mixers and weight maps provided by the registered plugins."""
+    """Read-only view of the mixers, weight maps and recovery stages provided by the registered plugins.
 
-    def __init__(self, pm: pluggy.PluginManager, sources: dict[str, tuple[str, str]]) -> None:
+    With ``strict=False`` a plugin that breaks the contract is left out and kept in ``broken`` (name -> error)
+    instead of failing the whole registry (``surgery plugins list`` shows it).
+    """
+
+    def __init__(
+        self, pm: pluggy.PluginManager, sources: dict[str, tuple[str, str]], broken: dict[str, str] | None = None,
+        strict: bool = True,
+    ) -> None:  # fmt: skip
         self._pm = pm
         self._sources = sources  # plugin name -> (distribution, version)
         self.mixers: dict[str, type[Mixer]] = {}
         self.weight_maps: dict[str, type[WeightMap]] = {}
+        self.stages: dict[str, type[Stage]] = {}
+        self.broken: dict[str, str] = dict(broken or {})
         self._owner: dict[tuple[str, str], str] = {}
         for plugin_name, plugin in pm.list_name_plugin():
             if plugin is hookspecs:
                 continue
-            for kind, hook, base, table in (
-                ("mixer", "surgery_mixers", Mixer, self.mixers),
-                ("weight map", "surgery_weight_maps", WeightMap, self.weight_maps),
-            ):
-                impl = getattr(plugin, hook, None)
-                if impl is None:
-                    continue
-                try:
-                    classes = list(impl() or [])
-                except Exception as exc:  # a broken plugin must be named, not crash with a bare traceback
-                    raise PluginError(f"plugin {self._describe(plugin_name)} raised in {hook}(): {exc!r}") from exc
-                for cls in classes:
-                    self._add(kind, plugin_name, cls, base, table)
+            try:
+                self._register(plugin_name, plugin)
+            except PluginError as exc:
+                if strict:
+                    raise
+                self.broken[plugin_name] = str(exc)
+                for key in [k for k, owner in self._owner.items() if owner == plugin_name]:
+                    del self._table(key[0])[key[1]], self._owner[key]
+
+    def _table(self, kind: str) -> dict[str, Any]:
+        return {"mixer": self.mixers, "weight map": self.weight_maps, "stage": self.stages}[kind]
+
+    def _register(self, plugin_name: str, plugin: object) -> None:
+        for kind, hook, base in (
+            ("mixer", "surgery_mixers", Mixer),
+            ("weight map", "surgery_weight_maps", WeightMap),
+            ("stage", "surgery_stages", Stage),
+        ):
+            impl = getattr(plugin, hook, None)
+            if impl is None:
+                continue
+            try:
+                classes = list(impl() or [])
+            except Exception as exc:  # a broken plugin must be named, not crash with a bare traceback
+                raise PluginError(f"plugin {self._describe(plugin_name)} raised in {hook}(): {exc!r}") from exc
+            for cls in classes:
+                self._add(kind, plugin_name, cls, base, self._table(kind))
 
     def _describe(self, plugin_name: str) -> str:
         dist, version = self._sources.get(plugin_name, ("surgery", ""))
@@ -98,6 +127,9 @@ class Registry:
         name = getattr(cls, "name", None)
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise PluginError(f"plugin {who}: {kind} {cls.__name__} has name {name!r}; names must match {NAME_RE.pattern}")
+        if kind == "mixer" and not isinstance(getattr(cls, "default_weights", None), str):
+            raise PluginError(f"plugin {who}: mixer {cls.__name__} sets no default_weights (the weight map plans get "
+                              "when they name none, e.g. 'copy_qkvo')")  # fmt: skip
         if name in table:
             other = self._describe(self._owner[(kind, name)])
             raise PluginError(f"duplicate {kind} name '{name}': provided by plugin {other} and by plugin {who}")
@@ -114,6 +146,15 @@ class Registry:
             raise UnknownNameError(f"unknown weight map '{name}'{did_you_mean(name, self.weight_maps)}")
         return self.weight_maps[name]
 
+    def origin(self, kind: str, name: str) -> str:
+        """``plugin 'x' (distribution d v)`` for a registered mixer, weight map or stage."""
+        return "plugin " + self._describe(self._owner[(kind, name)])
+
+    def stage(self, name: str) -> type[Stage]:
+        if name not in self.stages:
+            raise UnknownNameError(f"unknown stage '{name}'{did_you_mean(name, self.stages)}")
+        return self.stages[name]
+
     def plugins(self) -> list[PluginInfo]:
         rows = []
         for plugin_name, _plugin in self._pm.list_name_plugin():
@@ -127,8 +168,14 @@ class Registry:
                     version=version,
                     mixers=tuple(n for (k, n), p in self._owner.items() if k == "mixer" and p == plugin_name),
                     weight_maps=tuple(n for (k, n), p in self._owner.items() if k == "weight map" and p == plugin_name),
+                    stages=tuple(n for (k, n), p in self._owner.items() if k == "stage" and p == plugin_name),
+                    error=self.broken.get(plugin_name),
                 )
             )
+        for name, error in self.broken.items():
+            if name not in {r.plugin for r in rows}:
+                dist, version = self._sources.get(name, ("?", "?"))
+                rows.append(PluginInfo(name, dist, version, (), (), (), error))
         return rows
 
 
@@ -139,13 +186,17 @@ def _own_version() -> str:
         return "0+unknown"
 
 
-def load_registry(autoload: bool | None = None, extra: Iterable[ModuleType | object] = ()) -> Registry:
+def load_registry(
+    autoload: bool | None = None, extra: Iterable[ModuleType | object] = (), strict: bool = True
+) -> Registry:
     """A fresh registry: built-ins, then ``extra`` plugins, then entry points (unless disabled).
 
     Args:
         autoload: load ``surgery`` entry points; default: unless ``SURGERY_DISABLE_PLUGIN_AUTOLOAD`` is set.
         extra: plugin modules or objects to register (tests use this).
+        strict: raise ``PluginError`` for a broken plugin; False leaves it out and records it in ``broken``.
     """
+    broken: dict[str, str] = {}
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     sources: dict[str, tuple[str, str]] = {}
@@ -165,19 +216,30 @@ def load_registry(autoload: bool | None = None, extra: Iterable[ModuleType | obj
             try:
                 plugin = ep.load()
             except Exception as exc:
-                raise PluginError(
-                    f"plugin '{ep.name}' (distribution {dist} {version}) failed to load from '{ep.value}': {exc!r}"
-                ) from exc
+                message = f"plugin '{ep.name}' (distribution {dist} {version}) failed to load from '{ep.value}': {exc!r}"
+                if strict:
+                    raise PluginError(message) from exc
+                broken[ep.name] = message
+                sources[ep.name] = (dist, version)
+                continue
             if pm.is_registered(plugin):
                 continue
             pm.register(plugin, name=ep.name)
             sources[ep.name] = (dist, version)
     pm.check_pending()
-    return Registry(pm, sources)
+    return Registry(pm, sources, broken, strict)
+
+
+def _is_recurrent(cls: type) -> bool:
+    from surgery.recurrent import RecurrentMixer
+
+    return issubclass(cls, RecurrentMixer)
 
 
 def catalogue(registry: Registry) -> dict[str, Any]:
     """The catalogue of a registry's built-in plugins: name, kind, description, options with defaults.
+
+    Mixers show their default weight map, weight maps what they need of a mixer, stages which stages they precede.
 
     ``registry.yaml`` at the repository root is this, for the built-ins, so reviewers see what ships.
     """
@@ -186,6 +248,8 @@ def catalogue(registry: Registry) -> dict[str, Any]:
         out = {}
         for name, f in cls.Options.model_fields.items():
             default = None if f.is_required() else f.get_default(call_default_factory=True)
+            if hasattr(default, "model_dump"):
+                default = default.model_dump(mode="json")
             ann = f.annotation
             kind = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
             out[name] = {"default": default, "type": kind}
@@ -196,12 +260,15 @@ def catalogue(registry: Registry) -> dict[str, Any]:
     for (kind, name), owner in sorted(registry._owner.items()):
         if owner not in builtin:
             continue
-        cls = registry.mixers[name] if kind == "mixer" else registry.weight_maps[name]
+        cls = registry._table(kind)[name]
         entry: dict[str, Any] = {"name": name, "kind": kind.replace(" ", "_"), "plugin": owner,
                                  "description": cls.description, "options": options(cls)}  # fmt: skip
         if kind == "mixer":
             entry["default_weights"] = cls.default_weights
+            entry["recurrent"] = _is_recurrent(cls)
+        elif kind == "weight map":
+            entry["needs"] = dict(cls.needs)
         else:
-            entry["fits"] = list(cls.mixers) or "any"
+            entry["before"] = list(cls.before)
         entries.append(entry)
     return {"generated_by": "surgery plugins catalogue > registry.yaml", "plugins": entries}

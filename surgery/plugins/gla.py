@@ -1,19 +1,25 @@
 """The ``gla`` mixer: Liger-GLA, gated linear attention built from the pretrained q/k/v/o and nothing else.
 
-Per key/value head, with pre-RoPE q and k (after the model's q/k norms) and the query heads of a group sharing
-one state::
+Per key/value head, with pre-RoPE q and k (after the model's q/k norms, which we keep; the official Liger-Qwen3
+code drops them, liger.md section 7.4) and the query heads of a group sharing one state::
 
     S_t = diag(alpha_t) S_{t-1} + softmax(k_t)^T v_t,    o_t = softmax(q_t) S_t,    y = o_proj(o)
-    log alpha_t = logsigmoid(k_t) / gate_normalizer     (one gate per key dimension)
+    log alpha_t = logsigmoid(g_t) / gate_normalizer     (one gate per key dimension; g = k, or g_proj(x))
 
-Scale 1, no normaliser, no output norm, no new parameters (liger.md sections 2.1-2.2, 8).
+Scale 1, no normaliser, no output norm, no new parameters (liger.md sections 2.1-2.2, 8). Liger's "pooling" of
+the key into the gate is an identity at pool size = head dim; ``gate: projection`` with the ``pooled_key_gate``
+weight map gives the general pool as a separate ``g_proj``.
 """
 
 from __future__ import annotations
 
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+
 from surgery.hookspecs import hookimpl
 from surgery.mixer import Mixer
-from surgery.plugins._recurrent import GLAOptions, GLARecurrence, RecurrentMixer
+from surgery.recurrent import RecurrentMixer, State, identity_on_padding, run_gla
 
 
 class GLA(RecurrentMixer):
@@ -22,10 +28,27 @@ class GLA(RecurrentMixer):
     name = "gla"
     description = "Liger-GLA: gated linear attention from the pretrained q/k/v/o (softmax features, key gate)."
     default_weights = "copy_qkvo"
-    recurrence_cls = GLARecurrence
+    test_options = ({}, {"gate": "projection", "gate_normalizer": 4.0})
 
-    class Options(GLAOptions):
-        pass
+    class Options(RecurrentMixer.Options):
+        gate_normalizer: float = Field(16.0, gt=0, description="log alpha = logsigmoid(gate) / gate_normalizer")
+
+    def recur(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        gate: Tensor,
+        valid: Tensor | None,
+        state: State | None,
+        want_state: bool,
+        cu_seqlens: Tensor | None = None,
+    ) -> tuple[Tensor, State | None]:
+        fq, fk = q.float().softmax(-1), k.float().softmax(-1)
+        gk = F.logsigmoid(gate.float()) / self.options.gate_normalizer
+        fk, gk = identity_on_padding(valid, fk, gk)
+        o, s = run_gla(fq, fk, v.float(), gk, None, state[0] if state else None, want_state, cu_seqlens)
+        return o, ((s,) if want_state else None)
 
 
 @hookimpl

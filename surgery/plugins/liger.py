@@ -1,71 +1,146 @@
-"""The ``liger_attention`` mixer (Liger Attention: sliding-window softmax + gated recurrence) and ``swa``.
+"""The ``liger_attention`` mixer: Liger Attention, sliding-window softmax plus any registered recurrent mixer.
 
 Liger Attention mixes two branches that share the pretrained q, k, v (liger.md section 3)::
 
     y = o_proj( w_swa * SWA(q, k, v) + w_rec * REC(q, k, v) )
 
 SWA is the pretrained softmax attention (RoPE, the layer's scale, GQA) where each query sees itself and the
-``window`` previous tokens (Liger: 64, i.e. 65 keys); REC is one of the recurrences gla, hgrn2, gsa on the pre-RoPE
-q and k. Liger fixes ``w_swa = w_rec = 0.5`` and reports that the weights summing to 1 matters. The cache keeps the
-recurrent state and the last ``window`` post-RoPE keys/values, so decoding is exact (the official code kept no
-window and decoded with SWA(q_t) = v_t, liger.md section 6).
+``window`` previous tokens (Liger: 64, i.e. 65 keys). REC is any registered recurrent mixer (a subclass of
+``surgery.recurrent.RecurrentMixer``: gla, hgrn2, gsa, mom, or a plugin's), looked up by name and built with its own
+options but without projections of its own, on the pre-RoPE q and k. Liger fixes ``w_swa = w_rec = 0.5`` and
+reports that the weights summing to 1 matters. The cache keeps the recurrent state and the last ``window``
+post-RoPE keys/values, so decoding is exact (the official code kept no window and decoded with SWA(q_t) = v_t,
+liger.md section 6).
+
+Plans name the branch as ``recurrent: {mixer: hgrn2, options: {lower_bound: 0.1}}``, or in the short form
+``recurrent: hgrn2`` with the branch's options beside Liger's own (``{recurrent: gsa, num_slots: 8}``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, SerializeAsAny, ValidationError, ValidationInfo, model_validator
 from torch import Tensor
 
+from surgery.attention import AttentionSite
 from surgery.cache import mixer_cache
 from surgery.hookspecs import hookimpl
-from surgery.mixer import MixContext, Mixer
-from surgery.plugins._recurrent import RECURRENCES, GatedMixer, GateOptions, Recurrence
-from surgery.plugins._swa import swa_branch
-
-_RECURRENCE_KNOBS = ("gate_normalizer", "lower_bound", "num_slots")
+from surgery.mixer import MixContext, Mixer, Options
+from surgery.recurrent import RecurrentMixer
+from surgery.window import swa_branch
 
 
-class LigerAttention(GatedMixer):
-    """``w_swa * SWA + w_rec * REC`` on shared projections; cache: recurrent state(s) + a key/value window."""
+def _registry(info: ValidationInfo) -> Any:
+    """The registry the plan is validated against (``load_plan`` passes it), else a fresh one."""
+    registry = (info.context or {}).get("registry") if info is not None else None
+    if registry is None:
+        from surgery.registry import load_registry
+
+        registry = load_registry()
+    return registry
+
+
+def recurrent_mixer(name: str, registry: Any) -> type[RecurrentMixer]:
+    """The registered recurrent mixer ``name``; a ``ValueError`` listing the recurrent mixers otherwise."""
+    recurrent = sorted(n for n, c in registry.mixers.items() if issubclass(c, RecurrentMixer))
+    cls = registry.mixers.get(name)
+    if cls is None or not issubclass(cls, RecurrentMixer):
+        what = "is not a recurrent mixer" if cls is not None else "is not a registered mixer"
+        raise ValueError(f"recurrent: '{name}' {what}; recurrent mixers: {', '.join(recurrent)}")
+    return cls
+
+
+class RecurrentBranch(Options):
+    """``recurrent:`` of Liger Attention: a registered recurrent mixer and its own options."""
+
+    mixer: str = Field("gla", description="a registered recurrent mixer: gla, hgrn2, gsa, mom, or a plugin's")
+    options: SerializeAsAny[Options] | dict[str, Any] = Field(default_factory=dict, description="its options")
+    _mixer_cls: type[RecurrentMixer] | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _resolve(self, info: ValidationInfo) -> RecurrentBranch:
+        cls = recurrent_mixer(self.mixer, _registry(info))
+        options = self.options
+        if not isinstance(options, cls.Options):
+            raw = options.model_dump() if isinstance(options, Options) else options
+            try:
+                options = cls.Options.model_validate(raw, context=info.context)
+            except ValidationError as err:
+                where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+                raise ValueError(f"recurrent mixer '{self.mixer}' options: {where}") from None
+        # Mutate rather than copy: a model validator must return self (pydantic drops a copy made under __init__),
+        # and the branch is frozen to everyone else.
+        object.__setattr__(self, "options", options)
+        self._mixer_cls = cls
+        return self
+
+    @property
+    def mixer_cls(self) -> type[RecurrentMixer]:
+        assert self._mixer_cls is not None, "validated branches always carry their class"
+        return self._mixer_cls
+
+
+class LigerAttention(Mixer):
+    """``w_swa * SWA + w_rec * REC`` on shared projections; cache: the branch's state(s) + a key/value window."""
 
     name = "liger_attention"
-    description = "Liger Attention: 0.5 sliding-window softmax attention (64 tokens) + 0.5 gated recurrence (gla)."
+    description = "Liger Attention: 0.5 sliding-window softmax attention (64 tokens) + 0.5 of a recurrent mixer."
     default_weights = "copy_qkvo"
+    test_options = (
+        {"window": 4},
+        {"window": 4, "recurrent": "hgrn2"},
+        {"window": 4, "recurrent": "gsa", "num_slots": 4},  # the short form with the branch's own knob
+        {"window": 4, "recurrent": {"mixer": "gla", "options": {"gate": "projection"}}, "w_swa": 0.3, "w_rec": 0.9},
+    )
 
     class Options(Mixer.Options):
-        recurrent: Literal["gla", "hgrn2", "gsa"] = Field("gla", description="the recurrent branch")
+        recurrent: RecurrentBranch = Field(default_factory=RecurrentBranch, description="the recurrent branch")
         window: int = Field(64, ge=0, description="previous tokens each query sees in the softmax branch")
         w_swa: float = Field(0.5, description="weight of the sliding-window branch")
         w_rec: float = Field(0.5, description="weight of the recurrent branch")
-        gate: Literal["key", "projection"] = Field("key", description="gate source (see the gla mixer)")
-        gate_normalizer: float | None = Field(None, gt=0, description="gla/gsa; None: their default, 16")
-        lower_bound: float | None = Field(None, ge=0.0, lt=1.0, description="hgrn2; None: its default, 0")
-        num_slots: int | None = Field(None, ge=1, description="gsa; None: its default, 64")
 
-        @model_validator(mode="after")
-        def _knobs_fit_recurrence(self) -> LigerAttention.Options:
-            self.recurrence_options()
-            return self
+        @model_validator(mode="before")
+        @classmethod
+        def _short_form(cls, data: Any, info: ValidationInfo) -> Any:
+            """``recurrent: NAME`` becomes ``{mixer: NAME}``; keys the branch's options own move into them."""
+            if not isinstance(data, dict):
+                return data
+            data = dict(data)
+            branch = data.get("recurrent", {"mixer": "gla"})
+            if isinstance(branch, str):
+                branch = {"mixer": branch}
+            if isinstance(branch, dict):
+                own = set(cls.model_fields)
+                loose = {k: data.pop(k) for k in list(data) if k not in own}
+                if loose:
+                    branch_cls = recurrent_mixer(branch.get("mixer", "gla"), _registry(info))
+                    theirs = {k: v for k, v in loose.items() if k in branch_cls.Options.model_fields}
+                    data.update({k: v for k, v in loose.items() if k not in theirs})  # left to extra="forbid"
+                    opts = branch.get("options", {})
+                    opts = opts.model_dump() if isinstance(opts, Options) else dict(opts)
+                    branch = {**branch, "options": {**opts, **theirs}}
+            data["recurrent"] = branch
+            return data
 
-        def recurrence_options(self) -> GateOptions:
-            """The options of the chosen recurrence; knobs of another recurrence are an error, not ignored."""
-            rec_options = RECURRENCES[self.recurrent].Options
-            given = {n: getattr(self, n) for n in _RECURRENCE_KNOBS if getattr(self, n) is not None}
-            wrong = sorted(n for n in given if n not in rec_options.model_fields)
-            if wrong:
-                takes = sorted(n for n in rec_options.model_fields if n in _RECURRENCE_KNOBS)
-                verb = "does" if len(wrong) == 1 else "do"
-                raise ValueError(
-                    f"{', '.join(wrong)} {verb} not apply to recurrent: {self.recurrent} "
-                    f"(it takes {', '.join(takes) or 'none of gate_normalizer, lower_bound, num_slots'})"
-                )
-            return rec_options(gate=self.gate, **given)
+    def __init__(self, site: AttentionSite, options: Options, config: Any, *, projections: bool = True) -> None:
+        super().__init__(site, options, config, projections=projections)
+        branch = options.recurrent
+        self.recurrent = branch.mixer_cls(site, branch.options, config, projections=False)
 
     @classmethod
-    def recurrence_of(cls, options: Any) -> tuple[type[Recurrence], GateOptions]:
-        return RECURRENCES[options.recurrent], options.recurrence_options()
+    def resolve_options(cls, site: AttentionSite, options: Options) -> Options:
+        branch = options.recurrent
+        resolved = branch.mixer_cls.resolve_options(site, branch.options)
+        if resolved is branch.options:
+            return options
+        new_branch = branch.model_copy(update={"options": resolved})
+        new_branch._mixer_cls = branch.mixer_cls
+        return options.model_copy(update={"recurrent": new_branch})
+
+    @classmethod
+    def check_site(cls, site: AttentionSite, options: Options) -> None:
+        options.recurrent.mixer_cls.check_site(site, options.recurrent.options)
 
     def mix(self, x: Tensor, ctx: MixContext) -> Tensor:
         """``x`` ``[B, T, C]`` -> ``[B, T, C]``; continues the cached state and window."""
@@ -73,7 +148,8 @@ class LigerAttention(GatedMixer):
         opts = self.options
         q, k, v = self.project(x)
         layer = mixer_cache(ctx.cache, self.layer_idx, window=opts.window)
-        rec, state = self.recur(x, q, k, v, ctx, layer)
+        state = layer.states if layer is not None else None
+        rec, state = self.recurrent.recurrent_output(x, q, k, v, ctx.padding_mask, state, layer is not None)
         swa, (kw, vw, valid) = swa_branch(q, k, v, ctx, layer, opts.window, self.scaling, self.site.dims.softcap)
         if layer is not None:
             layer.commit(T, states=state, keys=kw, values=vw, valid=valid)
@@ -81,27 +157,6 @@ class LigerAttention(GatedMixer):
         return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
 
 
-class SlidingWindowAttention(Mixer):
-    """The pretrained softmax attention restricted to the last ``window`` tokens (plus itself); no recurrence."""
-
-    name = "swa"
-    description = "Sliding-window softmax attention with the pretrained q/k/v/o (Liger's SWA branch alone)."
-    default_weights = "copy_qkvo"
-
-    class Options(Mixer.Options):
-        window: int = Field(64, ge=0, description="previous tokens each query sees")
-
-    def mix(self, x: Tensor, ctx: MixContext) -> Tensor:
-        """``x`` ``[B, T, C]`` -> ``[B, T, C]``; the cache keeps only the last ``window`` keys and values."""
-        B, T, _ = x.shape
-        q, k, v = self.project(x)
-        layer = mixer_cache(ctx.cache, self.layer_idx, window=self.options.window)
-        o, (kw, vw, valid) = swa_branch(q, k, v, ctx, layer, self.options.window, self.scaling, self.site.dims.softcap)
-        if layer is not None:
-            layer.commit(T, keys=kw, values=vw, valid=valid)
-        return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
-
-
 @hookimpl
 def surgery_mixers() -> list[type[Mixer]]:
-    return [LigerAttention, SlidingWindowAttention]
+    return [LigerAttention]

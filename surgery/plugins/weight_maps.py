@@ -1,4 +1,4 @@
-"""Built-in weight maps: how a mixer's parameters are initialised from the pretrained attention tensors."""
+"""The ``copy_qkvo`` weight map: the pretrained q/k/v/o projections and q/k norms, copied as they are."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ class CopyQKVO(WeightMap):
 
     name = "copy_qkvo"
     description = "Copy the pretrained q/k/v/o projections and q/k norms into the mixer's same-named parameters."
-    mixers = ()
 
     def __call__(self, src: Mapping[str, Tensor], dst: Mixer) -> dict[str, Tensor]:
         own = dict(dst.named_parameters())

@@ -3,7 +3,7 @@
 Liger computes its gate as ``AdaptiveAvgPool1d(k_proj(x))`` (liger.md section 2.1). The pool is linear, so it is the
 projection ``g_proj = P k_proj`` with P averaging groups of adjacent key dimensions; with ``pool_size == head_dim``
 (what the released GLA/HGRN2 models use) P is the identity and ``g_proj`` starts as a copy of ``k_proj``. Mixers
-built with ``gate: projection`` own such a ``g_proj``; the default ``gate: key`` reads the key itself and needs no
+built with ``gate: projection`` own such a ``g_proj`` (the map says so in ``needs``, not by naming mixers); the default ``gate: key`` reads the key itself and needs no
 map beyond ``copy_qkvo``. The difference only shows once training starts: LoRA on ``k_proj`` moves a ``gate: key``
 gate, not a ``g_proj`` one.
 """
@@ -36,7 +36,7 @@ class PooledKeyGate(WeightMap):
 
     name = "pooled_key_gate"
     description = "copy_qkvo, plus g_proj = k_proj averaged over pool_size groups of adjacent key dims per head."
-    mixers = ("gla", "hgrn2", "gsa", "liger_attention")
+    needs = {"g_proj": "build the mixer with gate: projection"}
 
     class Options(WeightMap.Options):
         pool_size: int | None = Field(
@@ -45,7 +45,9 @@ class PooledKeyGate(WeightMap):
 
     def __call__(self, src: Mapping[str, Tensor], dst: Mixer) -> dict[str, Tensor]:
         where = f"pooled_key_gate (layer {dst.layer_idx}, mixer '{dst.name}')"
-        if getattr(dst, "g_proj", None) is None:
+        # g_proj may sit in the mixer itself or in a branch of it (liger_attention's recurrent.g_proj).
+        gates = [(n, m) for n, m in dst.named_modules() if n.rsplit(".", 1)[-1] == "g_proj"]
+        if not gates:
             raise ValueError(f"{where}: the mixer has no g_proj; set its option gate: projection, or use copy_qkvo")
         d, h = dst.head_dim, dst.num_kv_heads
         m = self.options.pool_size or d
@@ -54,11 +56,12 @@ class PooledKeyGate(WeightMap):
         if "k_proj.weight" not in src:
             raise ValueError(f"{where}: the pretrained attention has no k_proj.weight to pool")
         out = CopyQKVO()(src, dst)
-        out["g_proj.weight"] = pool_rows(src["k_proj.weight"], h, d, m)
-        if dst.g_proj.bias is not None:
-            if "k_proj.bias" not in src:
-                raise ValueError(f"{where}: g_proj has a bias but the pretrained k_proj has none")
-            out["g_proj.bias"] = pool_rows(src["k_proj.bias"], h, d, m)
+        for name, g_proj in gates:
+            out[f"{name}.weight"] = pool_rows(src["k_proj.weight"], h, d, m)
+            if g_proj.bias is not None:
+                if "k_proj.bias" not in src:
+                    raise ValueError(f"{where}: {name} has a bias but the pretrained k_proj has none")
+                out[f"{name}.bias"] = pool_rows(src["k_proj.bias"], h, d, m)
         return out
 
 

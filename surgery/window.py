@@ -1,4 +1,4 @@
-"""Sliding-window softmax attention, computed over a band (never a T x T score matrix).
+"""Sliding-window softmax attention over a band (never a T x T score matrix): the public helper of window mixers.
 
 A query at position p sees the keys at positions p - window ... p: ``window`` previous tokens and itself, i.e.
 ``window + 1`` keys (Liger's FlashAttention call with ``window_size=(64, 64)`` and causal masking, liger.md

@@ -1,0 +1,42 @@
+"""The ``swa`` mixer: the pretrained softmax attention restricted to a sliding window (Liger's SWA branch alone).
+
+Each query sees itself and the ``window`` previous tokens, with the layer's RoPE, scale, GQA and soft-cap
+(``surgery.window``). The cache keeps the last ``window`` post-RoPE keys and values: constant memory.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from torch import Tensor
+
+from surgery.cache import mixer_cache
+from surgery.hookspecs import hookimpl
+from surgery.mixer import MixContext, Mixer
+from surgery.window import swa_branch
+
+
+class SlidingWindowAttention(Mixer):
+    """The pretrained softmax attention restricted to the last ``window`` tokens (plus itself); no recurrence."""
+
+    name = "swa"
+    description = "Sliding-window softmax attention with the pretrained q/k/v/o (Liger's SWA branch alone)."
+    default_weights = "copy_qkvo"
+    test_options = ({"window": 4},)
+
+    class Options(Mixer.Options):
+        window: int = Field(64, ge=0, description="previous tokens each query sees")
+
+    def mix(self, x: Tensor, ctx: MixContext) -> Tensor:
+        """``x`` ``[B, T, C]`` -> ``[B, T, C]``; the cache keeps only the last ``window`` keys and values."""
+        B, T, _ = x.shape
+        q, k, v = self.project(x)
+        layer = mixer_cache(ctx.cache, self.layer_idx, window=self.options.window)
+        o, (kw, vw, valid) = swa_branch(q, k, v, ctx, layer, self.options.window, self.scaling, self.site.dims.softcap)
+        if layer is not None:
+            layer.commit(T, keys=kw, values=vw, valid=valid)
+        return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
+
+
+@hookimpl
+def surgery_mixers() -> list[type[Mixer]]:
+    return [SlidingWindowAttention]
