@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from surgery.mixer import Mixer
-from surgery.recipes import RecoverSpec
+from surgery.recovery.spec import LoraSpec
 
 #: Children of a mixer that hold pretrained tensors (``surgery.attention.CANONICAL``): adapted by LoRA or frozen.
 PRETRAINED_CHILDREN = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"})
@@ -45,7 +45,7 @@ def _layer_list(paths: Sequence[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(paths)} in all)" if len(paths) > limit else "")
 
 
-def target_modules(model: nn.Module, mixers: Sequence[tuple[str, Mixer]], lora: RecoverSpec.Lora) -> list[str] | str:
+def target_modules(model: nn.Module, mixers: Sequence[tuple[str, Mixer]], lora: LoraSpec) -> list[str] | str:
     """peft ``target_modules`` for ``lora``: full module paths ``<mixer path>.<target>`` (or ``lora.modules``).
 
     Raises:
@@ -97,7 +97,7 @@ def mixer_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def lora_config(model: nn.Module, lora: RecoverSpec.Lora) -> LoraConfig:
+def lora_config(model: nn.Module, lora: LoraSpec) -> LoraConfig:
     """The peft config for ``lora`` on ``model``, checked to adapt every converted layer (nothing is changed).
 
     Raises:
@@ -121,7 +121,7 @@ def lora_config(model: nn.Module, lora: RecoverSpec.Lora) -> LoraConfig:
     return config
 
 
-def inject_lora(model: nn.Module, lora: RecoverSpec.Lora, seed: int) -> tuple[PeftModel, dict[str, nn.Parameter]]:
+def inject_lora(model: nn.Module, lora: LoraSpec, seed: int) -> tuple[PeftModel, dict[str, nn.Parameter]]:
     """Wrap ``model`` with LoRA on its converted layers; make the mixers' own parameters trainable.
 
     Returns:
@@ -170,9 +170,48 @@ def load_mixer_params(model: nn.Module, directory: str | Path, expected: Sequenc
             own[name].copy_(tensor)
 
 
+def save_adapter(peft_model: PeftModel, params: dict[str, nn.Parameter], directory: str | Path) -> None:
+    """Write the adapter (peft's safetensors and config) and the mixers' own parameters to ``directory``."""
+    peft_model.save_pretrained(str(directory), safe_serialization=True)
+    save_mixer_params(params, directory)
+
+
+def refuse_pickles(directory: str | Path) -> None:
+    """Refuse a directory holding pickled weights (``*.bin``, ``*.pt``, ``*.pth``): they are never loaded.
+
+    Raises:
+        ValueError: naming the file.
+    """
+    for pattern in ("*.bin", "*.pt", "*.pth", "*.pkl"):
+        for f in sorted(Path(directory).glob(pattern)):
+            raise ValueError(f"{f}: pickled weights are not loaded (they can run code); surgery reads safetensors only")
+
+
+def wrap_for_adapter(model: nn.Module, directory: str | Path) -> PeftModel:
+    """Wrap ``model`` with the LoRA layout of a saved adapter (its ``adapter_config.json``), weights not loaded."""
+    import json
+
+    directory = Path(directory)
+    refuse_pickles(directory)
+    try:
+        config = LoraConfig(**{k: v for k, v in json.loads((directory / "adapter_config.json").read_text()).items()
+                               if k in LoraConfig.__dataclass_fields__})  # fmt: skip
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"{directory / 'adapter_config.json'}: not a readable LoRA adapter config ({exc})") from None
+    config.inference_mode = False
+    return get_peft_model(model, config)
+
+
 def load_adapter_weights(peft_model: PeftModel, directory: str | Path) -> None:
-    """Load a saved adapter (LoRA tensors and mixer parameters) into an already wrapped model, in place."""
-    state = load_file(str(Path(directory) / ADAPTER_FILE))
+    """Load a saved adapter (LoRA tensors and mixer parameters) into an already wrapped model, in place.
+
+    Only ``adapter_model.safetensors`` is read, by this code path: a directory with pickled weights is refused.
+    """
+    refuse_pickles(directory)
+    file = Path(directory) / ADAPTER_FILE
+    if not file.is_file():
+        raise ValueError(f"{directory} holds no {ADAPTER_FILE}")
+    state = load_file(str(file))
     result = set_peft_model_state_dict(peft_model, state)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:

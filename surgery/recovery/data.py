@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from surgery.recipes import RecoverSpec
+from surgery.recovery.spec import DataSpec
 
 log = logging.getLogger("surgery.recover")
 
@@ -87,7 +87,7 @@ def _read_file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise ValueError(f"recover.data.source: {path} is not a .txt, .jsonl or .json file")
 
 
-def read_records(data: RecoverSpec.Data) -> list[tuple[str, dict[str, Any]]]:
+def read_records(data: DataSpec) -> list[tuple[str, dict[str, Any]]]:
     """The records of ``data.source`` in source order (at most ``data.max_records``)."""
     source = data.source
     path = Path(source).expanduser()
@@ -110,7 +110,7 @@ def read_records(data: RecoverSpec.Data) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def _hub_rows(data: RecoverSpec.Data) -> Iterator[tuple[str, dict[str, Any]]]:
+def _hub_rows(data: DataSpec) -> Iterator[tuple[str, dict[str, Any]]]:
     import datasets
 
     try:
@@ -191,7 +191,7 @@ def pack(ids: list[int], labels: list[int], seq_len: int, where: str = "the data
     return PackedChunks(x[keep].contiguous(), y[keep].contiguous())
 
 
-def load_chunks(data: RecoverSpec.Data, tokenizer: Any) -> PackedChunks:
+def load_chunks(data: DataSpec, tokenizer: Any) -> PackedChunks:
     """Read, tokenize and pack ``data`` (deterministic: the same spec and tokenizer give the same chunks)."""
     records = read_records(data)
     ids, labels = tokenize_records(records, tokenizer)

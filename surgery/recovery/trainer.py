@@ -1,11 +1,11 @@
-"""The HF Trainer side of recovery: arguments from the spec, exact resume, attention transfer, the loss curve.
+"""The HF Trainer side of recovery: arguments from a stage's options, exact resume, the loss curve.
 
 Resume is exact because every source of variation is either fixed or checkpointed: the packed chunks come in source
 order, the Trainer's seedable sampler shuffles them with ``seed + epoch`` and skips the batches already seen, and a
 checkpoint holds the adapters, the mixers' own parameters, the optimizer, the scheduler and the RNG states.
 
 Nothing in a checkpoint is pickled: ``StageTrainer`` writes the optimizer, scheduler, grad-scaler and RNG states
-through ``surgery.recover_state`` (JSON plus safetensors) and the training arguments as JSON, where the stock
+through ``surgery.recovery.state`` (JSON plus safetensors) and the training arguments as JSON, where the stock
 Trainer would ``torch.save`` them, and reads them back on resume without ``torch.load``.
 """
 
@@ -31,9 +31,10 @@ from transformers.training_args import ParallelMode
 from transformers.utils import is_torch_xla_available
 
 from surgery.mixer import Mixer
-from surgery.recipes import RecoverSpec
-from surgery.recover_lora import save_mixer_params
-from surgery.recover_state import has_state, load_state, rng_states, save_state, set_rng_states
+from surgery.recovery.spec import TrainOptions
+from surgery.recovery.stage import TrainingDiverged
+from surgery.recovery.adapters import load_adapter_weights, save_mixer_params
+from surgery.recovery.state import has_state, load_state, rng_states, save_state, set_rng_states
 
 log = logging.getLogger("surgery.recover")
 
@@ -41,7 +42,7 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_ARGS_FILE = "training_args.json"
 
 
-def use_bf16(train: RecoverSpec.Train) -> bool:
+def use_bf16(train: TrainOptions) -> bool:
     """bf16 autocast on CUDA under ``precision: auto``, fp32 on CPU; ``bf16`` / ``fp32`` force one."""
     bf16 = train.precision == "bf16" or (train.precision == "auto" and torch.cuda.is_available())
     if bf16 and not torch.cuda.is_available() and not cpu_has_bf16():
@@ -60,13 +61,13 @@ def cpu_has_bf16() -> bool:
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
 
 
-def tokens_per_step(train: RecoverSpec.Train, seq_len: int) -> int:
+def tokens_per_step(train: TrainOptions, seq_len: int) -> int:
     """Tokens one optimizer step consumes, over all processes (``WORLD_SIZE`` under torchrun / accelerate)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return train.batch_size * train.grad_accum * seq_len * world
 
 
-def training_arguments(train: RecoverSpec.Train, output_dir: Path, seq_len: int) -> TrainingArguments:
+def training_arguments(train: TrainOptions, output_dir: Path, seq_len: int) -> TrainingArguments:
     """``TrainingArguments`` of a stage: budget from ``tokens``, ``max_steps`` or ``epochs``; seeded, checkpointed."""
     max_steps = train.max_steps
     if train.tokens is not None:
@@ -102,6 +103,20 @@ def training_arguments(train: RecoverSpec.Train, output_dir: Path, seq_len: int)
         label_names=["labels"],
         dataloader_num_workers=0,
     )
+
+
+def mixer_aux_loss(model: nn.Module) -> Tensor | None:
+    """Sum of the auxiliary losses mixers set during the last forward (``Mixer.aux_loss``), each cleared once read.
+
+    MoM's load-balancing loss travels this way: the mixer knows its routing, the stage loop only adds.
+    """
+    total = None
+    for module in model.modules():
+        aux = getattr(module, "aux_loss", None) if isinstance(module, Mixer) else None
+        if aux is not None:
+            total = aux if total is None else total + aux
+            module.aux_loss = None
+    return total
 
 
 def last_checkpoint(directory: Path) -> Path | None:
@@ -143,6 +158,35 @@ class StageTrainer(Trainer):
             raise ValueError(f"recover: training under {backend[0]} is not supported (its checkpoints are pickled); "
                              "run single-process or with DDP (torchrun / accelerate without FSDP or DeepSpeed)")
 
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Tensor | tuple[Tensor, Any]:
+        loss, outputs = self.main_loss(model, inputs, num_items_in_batch)
+        aux = mixer_aux_loss(model)
+        if aux is not None:
+            loss = loss + aux
+        return (loss, outputs) if return_outputs else loss
+
+    def main_loss(self, model: nn.Module, inputs: dict[str, Tensor], num_items_in_batch: Any) -> tuple[Tensor, Any]:
+        """The stage's own loss and the model outputs (next-token cross-entropy here; stages override it)."""
+        return super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Before the optimizer step: a non-finite loss or gradient stops the stage with the weights still finite.
+        bad = "loss" if not bool(torch.isfinite(loss).all()) else None
+        if bad is None:
+            grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+            if grads and not bool(torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all()):
+                bad = "gradient norm"
+        if bad is not None:
+            step = self.state.global_step + 1
+            raise TrainingDiverged(
+                f"training diverged at step {step}: the {bad} is not finite (lr {self.args.learning_rate:g}); "
+                "lower the stage's lr. The last checkpoint kept is from before this step"
+            )
+        return loss
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Inside save_model, so a checkpoint is only complete (trainer_state.json written) with these in it.
         super().save_model(output_dir, _internal_call)
@@ -174,6 +218,10 @@ class StageTrainer(Trainer):
 
     def _save_rng_state(self, output_dir: str) -> None:
         save_state(rng_states(self._distributed()), output_dir, self._rng_name())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        # The stock path hands adapters to peft, which would torch.load an adapter_model.bin: read safetensors only.
+        load_adapter_weights(model if model is not None else self.model, resume_from_checkpoint)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None:
@@ -207,110 +255,6 @@ class StageTrainer(Trainer):
 
     def _distributed(self) -> bool:
         return self.args.parallel_mode == ParallelMode.DISTRIBUTED
-
-
-class AttentionTransfer:
-    """Per-layer MSE between each converted layer and the attention it replaced, on the same inputs (LoLCATs).
-
-    While active, a forward hook on every mixer runs the original attention module (the teacher, frozen) on the
-    mixer's own call arguments, records ``mse(mixer(x), teacher(x))`` and hands the *teacher's* output on. Every
-    layer therefore sees exactly the hidden states of the original model (teacher forcing), the layers train
-    jointly in one forward pass yet independently, and gradients never cross layers.
-    """
-
-    def __init__(self, pairs: Sequence[tuple[str, Mixer, nn.Module]]) -> None:
-        self.pairs = list(pairs)
-        self.losses: list[Tensor] = []
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> AttentionTransfer:
-        for _, mixer, teacher in self.pairs:
-            teacher.requires_grad_(False)
-            teacher.eval()
-            self._handles.append(mixer.register_forward_hook(self._hook(teacher), with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self.losses.clear()
-
-    def _hook(self, teacher: nn.Module) -> Any:
-        def hook(_mixer: nn.Module, args: tuple, kwargs: dict, output: tuple) -> tuple:
-            x = args[0] if args else kwargs["hidden_states"]
-            ref = next(teacher.parameters(), None)
-            if ref is not None and ref.device != x.device:
-                teacher.to(x.device)  # the Trainer moves the student, not the teacher
-            with torch.no_grad():
-                target = teacher(*args, **kwargs)[0]
-            self.losses.append(F.mse_loss(output[0].float(), target.float()))
-            return (target, *output[1:])
-
-        return hook
-
-    def loss(self, model: nn.Module, input_ids: Tensor) -> Tensor:
-        """Sum over converted layers of the mean squared error on ``input_ids`` ``[B, T]``."""
-        self.losses.clear()
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
-        if _accepts(model, "logits_to_keep"):
-            kwargs["logits_to_keep"] = 1  # the logits are unused: skip most of the LM head
-        model(**kwargs)
-        if len(self.losses) != len(self.pairs):
-            raise RuntimeError(f"attention transfer: {len(self.losses)} of {len(self.pairs)} converted layers ran")
-        out = torch.stack(self.losses).sum()
-        self.losses.clear()
-        return out
-
-
-def _accepts(model: nn.Module, name: str) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return name in inspect.signature(inner.forward).parameters
-
-
-class TransferTrainer(StageTrainer):
-    """The attention-transfer stage: the loss is ``AttentionTransfer.loss``, a per-batch mean (scaled for GA here)."""
-
-    loss_is_scaled_for_ga = False
-
-    def __init__(self, *args: Any, transfer: AttentionTransfer, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.transfer = transfer
-
-    def compute_loss(
-        self, model: nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
-    ) -> Tensor | tuple[Tensor, Any]:
-        loss = self.transfer.loss(model, inputs["input_ids"])
-        return (loss, None) if return_outputs else loss
-
-
-class DistillTrainer(StageTrainer):
-    """``train.loss: distill``: KL(teacher || student) of the next-token distributions, mean over scored positions.
-
-    The teacher is the unconverted model (frozen, no grad), run on the same batch. Positions whose label is -100
-    (prompt tokens of instruction data) are not scored, as with cross-entropy.
-    """
-
-    loss_is_scaled_for_ga = False
-
-    def __init__(self, *args: Any, teacher: nn.Module, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.teacher = teacher.eval().requires_grad_(False)
-
-    def compute_loss(
-        self, model: nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
-    ) -> Tensor | tuple[Tensor, Any]:
-        ids = inputs["input_ids"]
-        ref = next(self.teacher.parameters())
-        if ref.device != ids.device:
-            self.teacher.to(ids.device)  # the Trainer moves the student, not the teacher
-        out = model(input_ids=ids, use_cache=False)
-        with torch.no_grad():
-            target = self.teacher(input_ids=ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)
-        mask = inputs["labels"][:, 1:] != -100  # [B, T-1]: logits at t predict the token at t+1
-        student = out.logits[:, :-1].float().log_softmax(-1)
-        kl = F.kl_div(student[mask], target[mask], log_target=True, reduction="batchmean")
-        return (kl, out) if return_outputs else kl
 
 
 def write_loss_curve(history: Sequence[dict[str, Any]], step_tokens: int, directory: Path, title: str) -> None:
