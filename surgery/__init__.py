@@ -23,19 +23,20 @@ __all__ = ["PlanError", "check", "convert", "evaluate", "load", "load_plan", "re
 register_auto_classes()
 
 
-def recover(model: Any, plan: Any, **kwargs: Any) -> Any:
-    """LoRA recovery of a converted model (see ``surgery.recovery.recover``; peft and the Trainer load on first use).
+def recover(model: Any, plan: Any = None, **kwargs: Any) -> Any:
+    """Recovery of a converted model, stage by stage; returns a ``RecoverResult`` (``.model`` is the trained model).
 
-    The implementation lives in ``surgery.recovery`` rather than ``surgery.recover`` because importing a submodule
-    named like this function would replace the function on the package.
+    See ``surgery.recovery.loop.recover``; peft and the Trainer load on first use. The package is named
+    ``surgery.recovery`` so that importing it never replaces this function on ``surgery``.
     """
-    from surgery.recovery import recover as _recover
+    from surgery.recovery.loop import recover as _recover
 
     return _recover(model, plan, **kwargs)
 
 
 def run(plan: Any, **kwargs: Any) -> Any:
-    """convert -> recover -> evaluate -> save, into the plan's output directory (see ``surgery.pipeline.run``)."""
+    """convert -> recover -> evaluate -> save into the plan's output directory; returns a ``RunReport``
+    (see ``surgery.pipeline.run``)."""
     from surgery.pipeline import run as _run
 
     return _run(plan, **kwargs)

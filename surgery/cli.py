@@ -15,10 +15,13 @@ from pathlib import Path
 
 from surgery.attention import AttentionReadError
 from surgery.mixer import MixerDimsError
+from surgery.outputs import OutputError
 from surgery.plan import PlanError
+from surgery.recovery.stage import TrainingDiverged
 from surgery.registry import PluginError, UnknownNameError
 
-USER_ERRORS = (PlanError, PluginError, UnknownNameError, AttentionReadError, MixerDimsError, FileNotFoundError)
+USER_ERRORS = (PlanError, PluginError, UnknownNameError, AttentionReadError, MixerDimsError, FileNotFoundError,
+               OutputError, TrainingDiverged)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -39,16 +42,16 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    import surgery
+    import json
 
-    plan = surgery.load_plan(args.plan)
-    out = Path(args.output or (Path(plan.output or "runs/converted") / "convert"))
-    model = surgery.convert(plan)
-    surgery.save(model, out)
-    rec = model.surgery.manifest
-    print(f"converted {len(rec)} layer(s): "
-          f"{sum(len(r.copied) for r in rec)} tensors copied, {sum(len(r.reshaped) for r in rec)} reshaped, "
-          f"{sum(len(r.created) for r in rec)} created new, {sum(len(r.dropped) for r in rec)} dropped")  # fmt: skip
+    import surgery
+    from surgery.pipeline import convert_command
+
+    out = convert_command(surgery.load_plan(args.plan), output=args.output, force=args.force)
+    rec = json.loads((out / "manifest.json").read_text())["layers"]
+    count = lambda key: sum(len(r[key]) for r in rec)  # noqa: E731
+    print(f"converted {len(rec)} layer(s): {count('copied')} tensors copied, {count('reshaped')} reshaped, "
+          f"{count('created')} created new, {count('dropped')} dropped")  # fmt: skip
     print(f"saved to {out}")
     return 0
 
@@ -56,12 +59,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_plugins_list(args: argparse.Namespace) -> int:
     from surgery.registry import load_registry
 
-    rows = load_registry().plugins()
+    rows = load_registry(strict=False).plugins()  # a broken plugin is listed with its error, not fatal
     if args.json:
         print(json.dumps([r.__dict__ for r in rows], indent=1))
         return 0
-    table = [[r.plugin, f"{r.distribution} {r.version}", ", ".join(r.mixers), ", ".join(r.weight_maps)] for r in rows]
-    print(_table(table, ["plugin", "distribution", "mixers", "weight maps"]))
+    table = [[r.plugin, f"{r.distribution} {r.version}", ", ".join(r.mixers), ", ".join(r.weight_maps),
+              ", ".join(r.stages)] for r in rows if r.error is None]  # fmt: skip
+    print(_table(table, ["plugin", "distribution", "mixers", "weight maps", "stages"]))
+    for r in rows:
+        if r.error is not None:
+            print(f"BROKEN {r.plugin} ({r.distribution} {r.version}): {r.error}")
     return 0
 
 
@@ -90,21 +97,27 @@ def cmd_fetch_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
+    import surgery
     from surgery.pipeline import recover_command
 
-    return recover_command(args.plan)
+    path = recover_command(surgery.load_plan(args.plan), restart=args.restart, force=args.force)
+    print(f"recovered model saved to {path}")
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import surgery
+    from surgery.evaluate import format_table
     from surgery.pipeline import eval_command
 
-    return eval_command(args.plan, limit=args.limit)
+    print(format_table(eval_command(surgery.load_plan(args.plan), limit=args.limit)))
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     import surgery
 
-    surgery.run(surgery.load_plan(args.plan))
+    surgery.run(surgery.load_plan(args.plan), force=args.force)
     return 0
 
 
@@ -120,11 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
+    force = "write into a non-empty directory that surgery did not create (nothing of yours is deleted)"
     add("check", cmd_check, "validate a plan against its model (meta device): layer -> module -> mixer -> mapping")
-    add("convert", cmd_convert, "convert the plan's model and save it").add_argument("-o", "--output")
-    add("recover", cmd_recover, "LoRA recovery of the converted model (plan section recover:)")
+    conv = add("convert", cmd_convert, "convert the plan's model and save it to <output>/convert")
+    conv.add_argument("-o", "--output", help="save here instead")
+    conv.add_argument("--force", action="store_true", help=force)
+    rec = add("recover", cmd_recover, "recover the converted model (plan section recover:); save it to <output>/model")
+    rec.add_argument("--restart", action="store_true", help="start over; an earlier run is moved aside, not deleted")
+    rec.add_argument("--force", action="store_true", help=force)
     add("eval", cmd_eval, "lm-eval: base and converted model side by side").add_argument("--limit", type=float)
-    add("run", cmd_run, "convert -> recover -> eval -> save into the plan's output directory")
+    add("run", cmd_run, "convert -> recover -> eval -> save into the plan's output directory").add_argument(
+        "--force", action="store_true", help=force)  # fmt: skip
     add("fetch-demo", cmd_fetch_demo, "build the offline demo model and data", plan=False).add_argument("--root")
     plugins = sub.add_parser("plugins", help="plugin commands").add_subparsers(dest="sub", required=True)
     pl = plugins.add_parser("list", help="every plugin with its distribution and version")

@@ -13,12 +13,12 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
+from pydantic import Field, NonNegativeInt, PositiveInt, field_validator
 from torch import nn
 
-from surgery.recipes import EvalSpec
-from surgery.tasks import LOCAL_TASKS
+from surgery.mixer import Options
 
 # Main metric of common lm-eval tasks: the one papers quote (acc_norm where length bias matters).
 MAIN_METRICS: dict[str, str] = {
@@ -30,9 +30,73 @@ _FALLBACK = ("acc_norm", "acc", "exact_match", "word_perplexity", "perplexity")
 _LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity"}
 
 
+class TaskResult(TypedDict):
+    """One task, base and converted side by side on its main metric (``ratio`` = converted / base)."""
+
+    metric: str
+    higher_is_better: bool
+    base: float | None
+    converted: float | None
+    ratio: float | None
+    base_stderr: float | None
+    converted_stderr: float | None
+    samples: int | None
+    limit: float | None
+    num_fewshot: int
+    base_metrics: dict[str, float]
+    converted_metrics: dict[str, float]
+
+
+class EvalResult(TypedDict):
+    """What ``evaluate`` returns (and writes as ``results.json``): per task, and the settings both models ran with."""
+
+    tasks: dict[str, TaskResult]
+    settings: dict[str, Any]
+
+
+class EvalSpec(Options):
+    """The plan's ``eval:`` section: which lm-eval tasks run, on how many documents, with which settings.
+
+    Base and converted models always run with the same settings. Task names are lm-eval's (``piqa``,
+    ``arc_easy``, ``mmlu``...; their data must be reachable) or those defined by task YAMLs in the ``include``
+    directories (the offline demo's ``wiki_ppl``, ``wiki_nextsent``, ``passkey_*`` come from there).
+    """
+
+    tasks: tuple[str, ...] = Field(description="task names, in report order")
+    include: tuple[Path, ...] = Field((), description="directories of lm-eval task YAMLs (local tasks)")
+    limit: float | None = Field(None, gt=0, description="documents per task (>= 1) or a fraction (< 1), every task")
+    limits: dict[str, float | None] = Field(
+        default_factory=dict, description="documents per task name; a task not named (or null) runs in full"
+    )
+    num_fewshot: dict[str, NonNegativeInt] = Field(default_factory=lambda: {"mmlu": 5}, description="shots per task")
+    batch_size: PositiveInt = Field(4, description="lm-eval batch size")
+    max_length: int = Field(2560, ge=64, description="longest input in tokens")
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_named(cls, tasks: tuple[str, ...]) -> tuple[str, ...]:
+        if not tasks:
+            raise ValueError("eval.tasks is empty: name at least one task (e.g. piqa)")
+        dup = sorted({t for t in tasks if tasks.count(t) > 1})
+        if dup:
+            raise ValueError(f"eval.tasks names {dup} more than once")
+        return tasks
+
+    @field_validator("limits")
+    @classmethod
+    def _positive(cls, limits: dict[str, float | None]) -> dict[str, float | None]:
+        bad = sorted(k for k, v in limits.items() if v is not None and v <= 0)
+        if bad:
+            raise ValueError(f"eval.limits must be > 0 (or null for the whole task): {bad}")
+        return limits
+
+
 def _spec(plan: Any, tasks: list[str] | None, limit: int | float | None) -> EvalSpec:
     spec = getattr(plan, "eval", None) if plan is not None else None
-    spec = spec if isinstance(spec, EvalSpec) else EvalSpec()
+    if not isinstance(spec, EvalSpec):
+        if tasks is None:
+            raise ValueError("evaluate: name the tasks (tasks=[...]) or pass a plan with an eval: section")
+        spec = EvalSpec(tasks=tuple(tasks))
     update: dict[str, Any] = {}
     if tasks is not None:
         update["tasks"] = tuple(tasks)
@@ -45,18 +109,17 @@ def _spec(plan: Any, tasks: list[str] | None, limit: int | float | None) -> Eval
 def _task_manager(spec: EvalSpec) -> Any:
     from lm_eval.tasks import TaskManager
 
-    include = None
-    if any(t in LOCAL_TASKS for t in spec.tasks):
-        from surgery import demo
-
-        data = demo.build_data_at(spec.data_dir) if spec.data_dir else demo.build_data()
-        include = str(data.tasks_dir)
-    # Indexing lm-eval's own ~15K task configs takes ~10 s: skip it when only the shipped tasks run.
-    manager = TaskManager(include_path=include, include_defaults=not set(spec.tasks) <= set(LOCAL_TASKS))
+    missing = [str(d) for d in spec.include if not Path(d).is_dir()]
+    if missing:
+        raise ValueError(f"eval.include: no such directory: {', '.join(missing)}")
+    local = {p.stem for d in spec.include for p in Path(d).glob("*.yaml")}
+    # Indexing lm-eval's own ~15K task configs takes ~10 s: skip it when every task is a local one.
+    manager = TaskManager(include_path=[str(d) for d in spec.include] or None,
+                          include_defaults=not set(spec.tasks) <= local)  # fmt: skip
     known = set(manager.all_tasks)
     for name in spec.tasks:
         if name not in known:
-            near = difflib.get_close_matches(name, known | set(LOCAL_TASKS), n=3)
+            near = difflib.get_close_matches(name, known, n=3)
             hint = f"; did you mean {', '.join(near)}?" if near else ""
             raise ValueError(f"eval.tasks: lm-eval knows no task {name!r}{hint}")
     return manager
@@ -121,8 +184,6 @@ def _metric_key(key: str) -> str:
 
 
 def _main_metric(name: str, metrics: dict[str, float]) -> str:
-    if name in LOCAL_TASKS:
-        return LOCAL_TASKS[name].metric
     if name in MAIN_METRICS and MAIN_METRICS[name] in metrics:
         return MAIN_METRICS[name]
     for m in _FALLBACK:
@@ -156,7 +217,7 @@ def _load_base(plan: Any) -> tuple[nn.Module, Any]:
 
 def evaluate(model: nn.Module, plan: Any = None, *, base_model: nn.Module | None = None, tokenizer: Any = None,
              tasks: list[str] | None = None, limit: int | float | None = None,
-             out_dir: str | Path | None = None) -> dict[str, Any]:
+             out_dir: str | Path | None = None) -> EvalResult:
     """Run lm-eval on the converted ``model`` and on the base model, with the same tasks and settings.
 
     Args:
@@ -177,8 +238,10 @@ def evaluate(model: nn.Module, plan: Any = None, *, base_model: nn.Module | None
     spec = _spec(plan, tasks, limit)
     if base_model is None:
         base_model, base_tok = _load_base(plan)
-        base_model.to(next(model.parameters()).device)  # same device as the converted model, same settings
         tokenizer = tokenizer if tokenizer is not None else base_tok
+    device = next(model.parameters()).device
+    if next(base_model.parameters()).device != device:
+        base_model.to(device)  # same device as the converted model, same settings (moved, never reloaded)
     if tokenizer is None:
         raise ValueError("evaluate: pass tokenizer= (or a plan whose `model` has a tokenizer)")
     manager = _task_manager(spec)
@@ -200,11 +263,13 @@ def evaluate(model: nn.Module, plan: Any = None, *, base_model: nn.Module | None
         }
     from importlib.metadata import version
 
-    results = {"tasks": table, "settings": {"batch_size": spec.batch_size, "max_length": spec.max_length,
+    results: EvalResult = {"tasks": table, "settings": {"batch_size": spec.batch_size, "max_length": spec.max_length,
                                             "lm_eval": version("lm_eval"),
                                             "seconds": {"base": round(base_s, 1), "converted": round(conv_s, 1)}}}
     if out_dir is None and getattr(plan, "output", None):
-        out_dir = Path(plan.output) / "eval"
+        from surgery.outputs import run_paths
+
+        out_dir = run_paths(plan).eval
     if out_dir is not None:
         write_results(results, Path(out_dir))
     return results

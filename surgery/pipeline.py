@@ -1,34 +1,129 @@
-"""``surgery run``: convert -> recover -> evaluate -> save, with a model card; and the stage commands.
+"""The run context and ``run``: convert -> recover -> evaluate -> save, in one direction.
 
-Stage directories under the plan's ``output``: ``convert/`` (the converted model), ``recover/`` (adapter, loss
-curve, checkpoints), ``eval/`` (tables, chart); the final model and its ``README.md`` card go to ``output`` itself.
+A ``Run`` owns the plan, the output paths (``surgery.outputs.run_paths``: one function for the CLI and the API), the
+tokenizer and the base model. The base weights are read from disk at most once per run: the model is converted
+from an in-memory copy, and the base itself serves as the recovery teacher and the evaluation baseline (moved
+between devices as needed, never reloaded). Stages return typed results; only the save step writes a model, once.
+
+The stage commands (``surgery convert``, ``recover``, ``eval``) are methods of the same context, so a plan with no
+``output:`` means ``runs/surgery`` for all of them, and ``recover`` always starts from the converted model (never
+from a recovered one, whose adapters are already merged).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from torch import nn
 
-from surgery.artifacts import load, save, versions
-from surgery.convert import convert
+from surgery.artifacts import load, save
+from surgery.convert import convert, load_model
+from surgery.outputs import OutputError, OutputLock, claim_dir, run_paths, write_owned
 from surgery.plan import Plan
 
-
-def _output(plan: Plan) -> Path:
-    return Path(plan.output or "runs/surgery")
+SAMPLE_PROMPT = "The capital of France is"
 
 
-def _tokenizer(plan: Plan) -> Any:
-    from transformers import AutoTokenizer
+@dataclass
+class RunReport:
+    """What ``run`` did: wall seconds per step, the recovery and evaluation results, a greedy sample."""
 
-    return AutoTokenizer.from_pretrained(plan.model)
+    wall_s: dict[str, float] = field(default_factory=dict)
+    recover: Any = None  # surgery.recovery.loop.RecoverResult
+    eval: Any = None  # surgery.evaluate.EvalResult
+    sample_prompt: str = SAMPLE_PROMPT
+    sample: str | None = None
+    model_dir: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"wall_s": self.wall_s, "recover": self.recover.to_dict() if self.recover is not None else None,
+                "eval": self.eval, "sample_prompt": self.sample_prompt, "sample": self.sample,
+                "model_dir": str(self.model_dir) if self.model_dir else None}  # fmt: skip
 
 
-def generate_sample(model: Any, tokenizer: Any, prompt: str = "The capital of France is", max_new_tokens: int = 24) -> str:
+class Run:
+    """One run of a plan: its paths, its tokenizer and its base model, each made at most once.
+
+    Args:
+        plan: a plan from ``surgery.load_plan``.
+        output: overrides the plan's ``output:`` (``runs/surgery`` when neither is set).
+        registry: the plugin registry (default: a fresh one).
+        base_model: the unconverted model, when the caller has it in memory (then nothing is read from disk).
+        force: write into a non-empty directory that surgery did not create.
+    """
+
+    def __init__(
+        self, plan: Plan, *, output: str | Path | None = None, registry: Any = None, base_model: nn.Module | None = None,
+        force: bool = False,
+    ) -> None:  # fmt: skip
+        if registry is None:
+            from surgery.registry import load_registry
+
+            registry = load_registry()
+        self.plan = plan
+        self.registry = registry
+        self.paths = run_paths(plan, output)
+        self.force = force
+        self._base = base_model
+        self._tokenizer: Any = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The plan's tokenizer, loaded on first use."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.plan.model)
+        return self._tokenizer
+
+    def base_model(self) -> nn.Module:
+        """The unconverted model, loaded from disk on first use and kept (teacher and evaluation baseline)."""
+        if self._base is None:
+            self._base = load_model(self.plan)
+        return self._base
+
+    def converted(self) -> nn.Module:
+        """A freshly converted copy of the base model (the base itself stays unconverted)."""
+        return convert(self.plan, copy.deepcopy(self.base_model()), registry=self.registry)
+
+    def saved_or_converted(self) -> nn.Module:
+        """The converted model of ``surgery convert`` (``<output>/convert``), else converted now."""
+        if (self.paths.convert / "config.json").exists():
+            return load(self.paths.convert)
+        print(f"[surgery] no converted model in {self.paths.convert}; converting now", flush=True)
+        return self.converted()
+
+    def final_or_converted(self) -> nn.Module:
+        """The newest finished model: ``<output>/model`` (recovered), else ``<output>/convert``."""
+        for path in (self.paths.model, self.paths.convert):
+            if (path / "config.json").exists():
+                return load(path)
+        raise OutputError(f"{self.paths.root} holds no model to evaluate: run surgery convert or surgery run first")
+
+    def recover(self, model: nn.Module, resume: bool = True) -> Any:
+        from surgery.recovery.loop import recover
+
+        return recover(model, self.plan, tokenizer=self.tokenizer, out_dir=self.paths.recover, resume=resume,
+                       teacher_model=self.base_model, registry=self.registry)  # fmt: skip
+
+    def evaluate(self, model: nn.Module, limit: float | None = None) -> Any:
+        from surgery.evaluate import evaluate
+
+        return evaluate(model, self.plan, base_model=self.base_model(), tokenizer=self.tokenizer,
+                        out_dir=self.paths.eval, limit=limit)  # fmt: skip
+
+    def save(self, model: nn.Module, path: Path, card: str | None = None) -> Path:
+        extra = {"README.md": card} if card is not None else None
+        # The tokenizer this run loaded; else save() looks for the plan's locally (a model may have none).
+        return save(model, path, tokenizer=self._tokenizer, extra_files=extra)
+
+
+def generate_sample(model: Any, tokenizer: Any, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 24) -> str:
     """Greedy continuation of ``prompt`` through the model's cache (a smoke test of decoding)."""
     import torch
 
@@ -38,120 +133,79 @@ def generate_sample(model: Any, tokenizer: Any, prompt: str = "The capital of Fr
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def _manifest_summary(model: Any) -> str:
-    rows = ["| layer | module | mixer | weights | copied | reshaped | new | dropped |", "|---|---|---|---|---|---|---|---|"]
-    for r in model.surgery.manifest:
-        rows.append(
-            f"| {r.layer} | `{r.path}` | {r.mixer} | {r.weights} | {len(r.copied)} | {len(r.reshaped)} | "
-            f"{len(r.created)} | {len(r.dropped)} |"
-        )
-    return "\n".join(rows)
+def run(
+    plan: Plan, *, output: str | Path | None = None, model: nn.Module | None = None, limit: float | None = None,
+    force: bool = False, registry: Any = None,
+) -> RunReport:  # fmt: skip
+    """Run every step the plan has; returns the ``RunReport`` (also written to ``<output>/report.json``).
 
+    Args:
+        model: the unconverted model in memory (else ``plan.model`` is loaded, once).
+        limit: documents per evaluation task (overrides the plan's).
+        force: write into a non-empty directory that surgery did not create.
+    """
+    from surgery.card import model_card
 
-def model_card(plan: Plan, model: Any, report: dict[str, Any]) -> str:
-    """The ``README.md`` of a run: plan, manifest summary, loss curve, evaluation table, tokens, times, versions."""
-    parts = [
-        f"# {Path(plan.output or 'surgery').name}",
-        f"Converted from `{plan.model}` by surgery (plan version {plan.version}, dtype {plan.dtype}). "
-        "Load it with `surgery.load(dir)`, or `AutoModelForCausalLM.from_pretrained(dir)` after `import surgery`.",
-        "## Plan", "```yaml\n" + yaml.safe_dump(plan.to_dict(), sort_keys=False).rstrip() + "\n```",
-        "## Mapping manifest", _manifest_summary(model),
-    ]  # fmt: skip
-    rec = report.get("recover")
-    if rec:
-        parts += ["## Recovery", f"Tokens: {rec.get('tokens', 'n/a')}, steps: {rec.get('steps', 'n/a')}.",
-                  "![loss curve](recover/loss.png)"]  # fmt: skip
-    if report.get("eval_table"):
-        parts += ["## Evaluation", report["eval_table"], "![evaluation](eval/results.png)"]
-    if report.get("sample"):
-        parts += ["## Sample", f"`{report['sample_prompt']}` -> `{report['sample']}`"]
-    times = "\n".join(f"| {k} | {v:.1f} |" for k, v in report["wall_s"].items())
-    parts += ["## Wall times", "| stage | seconds |\n|---|---|\n" + times]
-    parts += ["## Versions", "\n".join(f"- {k} {v}" for k, v in versions().items())]
-    return "\n\n".join(parts) + "\n"
-
-
-def run(plan: Plan, *, model: Any = None, limit: float | None = None) -> dict[str, Any]:
-    """Run every stage the plan has; returns the report (also written to ``<output>/report.json``)."""
-    out = _output(plan)
-    out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"wall_s": {}}
-    tokenizer = _tokenizer(plan)
-
-    t = time.perf_counter()
-    model = convert(plan, model)
-    report["wall_s"]["convert"] = time.perf_counter() - t
-    print(f"[surgery] converted {len(model.surgery.manifest)} layer(s) in {report['wall_s']['convert']:.1f}s", flush=True)
-
-    if plan.recover is not None:
-        from surgery.recovery import recover
-
+    ctx = Run(plan, output=output, registry=registry, base_model=model, force=force)
+    root = claim_dir(ctx.paths.root, force=force)
+    report = RunReport()
+    with OutputLock(root):
         t = time.perf_counter()
-        model = recover(model, plan, tokenizer=tokenizer, out_dir=out / "recover")
-        report["wall_s"]["recover"] = time.perf_counter() - t
-        report["recover"] = getattr(model, "surgery_recover_report", None) or {}
+        converted = ctx.converted()
+        report.wall_s["convert"] = time.perf_counter() - t
+        print(f"[surgery] converted {len(converted.surgery.manifest)} layer(s) in {report.wall_s['convert']:.1f}s",
+              flush=True)  # fmt: skip
+        if plan.recover is not None:
+            t = time.perf_counter()
+            report.recover = ctx.recover(converted)
+            converted = report.recover.model
+            report.wall_s["recover"] = time.perf_counter() - t
+        if plan.eval is not None:
+            from surgery.evaluate import format_table
 
-    if plan.eval is not None:
-        from surgery.evaluate import evaluate, format_table
-
+            t = time.perf_counter()
+            report.eval = ctx.evaluate(converted, limit=limit)
+            report.wall_s["eval"] = time.perf_counter() - t
+            print(format_table(report.eval), flush=True)
+        report.sample = generate_sample(converted, ctx.tokenizer, report.sample_prompt)
+        print(f"[surgery] sample: {report.sample_prompt!r} -> {report.sample!r}", flush=True)
         t = time.perf_counter()
-        results = evaluate(model, plan, tokenizer=tokenizer, out_dir=out / "eval", limit=limit)
-        report["wall_s"]["eval"] = time.perf_counter() - t
-        report["eval"] = results
-        report["eval_table"] = format_table(results)
-        print(report["eval_table"], flush=True)
-
-    report["sample_prompt"] = "The capital of France is"
-    report["sample"] = generate_sample(model, tokenizer, report["sample_prompt"])
-    print(f"[surgery] sample: {report['sample_prompt']!r} -> {report['sample']!r}", flush=True)
-
-    t = time.perf_counter()
-    report["wall_s"]["save"] = 0.0
-    card = model_card(plan, model, report)
-    save(model, out / "model", tokenizer=tokenizer, extra_files={"README.md": card})
-    report["wall_s"]["save"] = time.perf_counter() - t
-    (out / "README.md").write_text(model_card(plan, model, report))
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    print(f"[surgery] saved to {out / 'model'}; model card {out / 'README.md'}", flush=True)
+        report.model_dir = ctx.save(converted, ctx.paths.model, card=model_card(plan, converted, report))
+        report.wall_s["save"] = time.perf_counter() - t
+        write_owned(root, ctx.paths.card.name, model_card(plan, converted, report))
+        write_owned(root, ctx.paths.report.name, json.dumps(report.to_dict(), indent=1, default=str))
+    print(f"[surgery] saved to {ctx.paths.model}; model card {ctx.paths.card}", flush=True)
     return report
 
 
-def _stage_model(plan: Plan) -> Any:
-    """The newest model of a run: recovered, else converted, else converted now."""
-    for stage in ("model", "recover/model", "convert"):
-        path = _output(plan) / stage
-        if (path / "config.json").exists():
-            return load(path)
-    return convert(plan)
+def convert_command(plan: Plan, output: str | Path | None = None, force: bool = False) -> Path:
+    """``surgery convert``: convert and save to ``<output>/convert`` (or ``output`` itself when given)."""
+    ctx = Run(plan, force=force)
+    target = Path(output) if output is not None else ctx.paths.convert
+    if output is None:
+        claim_dir(ctx.paths.root, force=force)
+    model = ctx.converted()
+    ctx.save(model, target)
+    return target
 
 
-def recover_command(plan_path: str) -> int:
-    from surgery.plan import load_plan
-    from surgery.recovery import recover
-
-    plan = load_plan(plan_path)
+def recover_command(plan: Plan, restart: bool = False, force: bool = False) -> Path:
+    """``surgery recover``: recover the converted model and save it to ``<output>/model``."""
     if plan.recover is None:
-        raise ValueError(f"{plan_path} has no recover: section")
-    model = _stage_model(plan)
-    tokenizer = _tokenizer(plan)
-    out = _output(plan) / "recover"
-    model = recover(model, plan, tokenizer=tokenizer, out_dir=out)
-    if plan.recover.merge:
-        # Keep the recovered model itself (LoRA merged), so that a later `surgery eval` evaluates it.
-        save(model, out / "model", tokenizer=tokenizer)
-        print(f"recovered model saved to {out / 'model'}")
-    return 0
+        raise OutputError("the plan has no recover: section")
+    ctx = Run(plan, force=force)
+    root = claim_dir(ctx.paths.root, force=force)
+    with OutputLock(root):
+        result = ctx.recover(ctx.saved_or_converted(), resume=not restart)
+        return ctx.save(result.model, ctx.paths.model)
 
 
-def eval_command(plan_path: str, limit: float | None = None) -> int:
-    from surgery.evaluate import evaluate, format_table
-    from surgery.plan import load_plan
-
-    plan = load_plan(plan_path)
-    model = _stage_model(plan)
-    results = evaluate(model, plan, tokenizer=_tokenizer(plan), out_dir=_output(plan) / "eval", limit=limit)
-    print(format_table(results))
-    return 0
+def eval_command(plan: Plan, limit: float | None = None) -> Any:
+    """``surgery eval``: evaluate the run's newest model next to the base model."""
+    if plan.eval is None:
+        raise OutputError("the plan has no eval: section")
+    ctx = Run(plan)
+    return ctx.evaluate(ctx.final_or_converted(), limit=limit)
 
 
-__all__ = ["eval_command", "generate_sample", "model_card", "recover_command", "run"]
+__all__ = ["Run", "RunReport", "convert_command", "eval_command", "generate_sample", "recover_command", "run"]

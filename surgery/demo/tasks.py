@@ -27,7 +27,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-TEMPLATE_DIR = Path(__file__).resolve().parent
+TEMPLATE_DIR = Path(__file__).parent / "templates"
 
 
 @dataclass(frozen=True)
