@@ -35,8 +35,14 @@ from surgery.recovery import recover  # noqa: E402
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``over`` merged in, recursively for nested dicts (``over`` wins)."""
+    """``base`` with ``over`` merged in, recursively for nested dicts (``over`` wins).
+
+    A section with ``stages_replace: true`` replaces ``stages`` instead (a variant that drops a stage).
+    """
     out = copy.deepcopy(base)
+    over = dict(over)
+    if over.pop("stages_replace", False):
+        out["stages"] = copy.deepcopy(over.pop("stages"))
     for key, value in over.items():
         out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
@@ -73,9 +79,9 @@ def main() -> int:
         raw["output"] = str(out / name)
         t0 = time.perf_counter()
         plan = load_plan(raw)
-        model = recover(convert(plan), plan, tokenizer=tok, out_dir=out / name / "recover", resume=False,
-                        teacher_model=teacher)  # fmt: skip
-        report = getattr(model, "surgery_recover_report", {})
+        result = recover(convert(plan), plan, tokenizer=tok, out_dir=out / name / "recover", resume=False,
+                         teacher_model=teacher)  # fmt: skip
+        model, report = result.model, result.to_dict()
         ppl = token_ppl(model.eval(), windows)
         row = {"variant": name, "ppl": round(ppl["ppl"], 3), "x": round(ppl["ppl"] / base_ppl, 3),
                "ppl256": round(ppl["ppl_pos256"], 3), "s": round(time.perf_counter() - t0, 1),

@@ -1,7 +1,7 @@
 """Recovery quality benchmark: the main job's plan at 0, 1 and 4 times its recovery token budget.
 
 For each budget multiple m, the plan (default ``examples/demo.yaml``: SmolLM2-135M, every layer Liger-GLA) is run
-with ``transfer.tokens`` and ``train.tokens`` scaled by m (m = 0: no recovery at all): convert, recover, then
+with every stage's ``tokens`` scaled by m (m = 0: no recovery at all): convert, recover, then
 ``surgery.evaluate`` on the plan's local tasks next to the base model, plus token perplexity on the 20 held-out
 512-token windows (the measure of the quality anchor, research/quality_anchor.md, and of benchmarks/recipes.py).
 
@@ -68,8 +68,8 @@ def scaled_plan(raw: dict[str, Any], multiple: float, out: Path) -> Any:
     if multiple == 0 or rec is None:
         raw.pop("recover", None)
     else:
-        for stage in ("transfer", "train"):
-            section = rec.get(stage) or {}
+        for stage in (rec.get("stages") or {}).values():
+            section = stage or {}
             if "tokens" in section:
                 section["tokens"] = int(section["tokens"] * multiple)
                 section["save_steps"] = max(1, int(section.get("save_steps", 100) * multiple))
@@ -82,8 +82,8 @@ def recovered(raw: dict[str, Any], multiple: float, base: torch.nn.Module, token
     plan = scaled_plan(raw, multiple, out)
     model, report = convert(plan), {}
     if plan.recover is not None:
-        model = recover(model, plan, tokenizer=tokenizer, out_dir=out / "recover", teacher_model=base)
-        report = getattr(model, "surgery_recover_report", {})
+        result = recover(model, plan, tokenizer=tokenizer, out_dir=out / "recover", teacher_model=base)
+        model, report = result.model, result.to_dict()
     if torch.cuda.is_available():
         model = model.cuda()
     return plan, model.eval(), report

@@ -313,4 +313,4 @@ def test_plugins_register_through_pluggy() -> None:
     assert [c for group in pm.hook.surgery_mixers() for c in group] == [SoftmaxAttention]
     assert [c for group in pm.hook.surgery_weight_maps() for c in group] == [CopyQKVO]
     assert SoftmaxAttention.name == "softmax" and SoftmaxAttention.default_weights == CopyQKVO.name == "copy_qkvo"
-    assert CopyQKVO.mixers == () and SoftmaxAttention.Options.model_fields == {}
+    assert CopyQKVO.needs == {} and SoftmaxAttention.Options.model_fields == {}

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from surgery import demo, tasks
+from surgery import demo
+from surgery.demo import tasks
 
 MODEL_DIR = demo.default_root() / "smollm2-135m"
 needs_model = pytest.mark.skipif(not (MODEL_DIR / "config.json").is_file(),

@@ -14,7 +14,7 @@ import torch
 
 from surgery import demo
 from surgery.evaluate import evaluate, format_table
-from surgery.recipes import EvalSpec
+from surgery.evaluate import EvalSpec
 
 MODEL_DIR = demo.default_root() / "smollm2-135m"
 HAVE_MODEL = (MODEL_DIR / "config.json").is_file()
@@ -57,7 +57,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> demo.DataPaths:
 
 
 def _plan(data: demo.DataPaths, **kw: Any) -> SimpleNamespace:
-    spec = EvalSpec(data_dir=data.root, batch_size=2, max_length=2560, **kw)
+    kw.setdefault("tasks", tuple(LOCAL))
+    spec = EvalSpec(include=(data.tasks_dir,), batch_size=2, max_length=2560, **kw)
     return SimpleNamespace(eval=spec, model=None, output=None)
 
 
@@ -117,7 +118,7 @@ def test_base_loaded_from_plan_and_output_dir(tokenizer: Any, data: demo.DataPat
     base = _tiny_llama(len(tokenizer), seed=0)
     base.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
-    plan = SimpleNamespace(eval=EvalSpec(data_dir=data.root, tasks=("wiki_ppl",), limit=1, max_length=1024),
+    plan = SimpleNamespace(eval=EvalSpec(include=(data.tasks_dir,), tasks=("wiki_ppl",), limit=1, max_length=1024),
                            model=str(tmp_path / "base"), dtype="float32", output=str(tmp_path / "out"))
     res = evaluate(base, plan)  # base and tokenizer come from plan.model
     assert res["tasks"]["wiki_ppl"]["ratio"] == 1.0
@@ -127,28 +128,43 @@ def test_base_loaded_from_plan_and_output_dir(tokenizer: Any, data: demo.DataPat
 def test_errors_name_the_problem(tokenizer: Any, data: demo.DataPaths) -> None:
     model = _tiny_llama(len(tokenizer), seed=0)
     with pytest.raises(ValueError, match="base_model"):
-        evaluate(model, None, tokenizer=tokenizer)
+        evaluate(model, None, tokenizer=tokenizer, tasks=["wiki_ppl"])
+    with pytest.raises(ValueError, match="name the tasks"):
+        evaluate(model, None, base_model=model, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="eval.include: no such directory"):
+        evaluate(model, SimpleNamespace(eval=EvalSpec(tasks=("x",), include=(Path("/nonexistent"),)), output=None),
+                 base_model=model, tokenizer=tokenizer)
     with pytest.raises(ValueError, match=r"wiki_ppx.*did you mean wiki_ppl"):
         evaluate(model, _plan(data), base_model=model, tokenizer=tokenizer, tasks=["wiki_ppx"])
     with pytest.raises(ValueError, match="eval.tasks is empty"):
         EvalSpec(tasks=())
     with pytest.raises(ValueError, match="limit"):
-        EvalSpec(limit=0)
+        EvalSpec(tasks=("piqa",), limit=0)
+    with pytest.raises(ValueError, match="tasks"):
+        EvalSpec()  # no default tasks: a bare eval: section names its own
 
 
 def test_spec_defaults_and_limits() -> None:
     from surgery.evaluate import _groups
 
-    spec = EvalSpec()
-    assert spec.tasks == tuple(LOCAL)
-    assert spec.num_fewshot["mmlu"] == 5
-    assert set(spec.limits) == set(LOCAL)
-    # A plan's limits merge over the defaults; null means the whole task; mmlu gets its own call with 5 shots.
-    spec = EvalSpec(tasks=("wiki_ppl", "wiki_nextsent", "piqa", "mmlu"), limits={"wiki_ppl": None, "piqa": 50})
-    nextsent = int(EvalSpec.DEFAULT_LIMITS["wiki_nextsent"])
-    assert _groups(spec) == [(None, None, ["wiki_ppl"]), (nextsent, None, ["wiki_nextsent"]), (50, None, ["piqa"]),
+    spec = EvalSpec(tasks=("piqa",))
+    assert spec.num_fewshot["mmlu"] == 5 and spec.limits == {} and spec.include == ()
+    # null (or no entry) means the whole task; mmlu gets its own call with 5 shots.
+    spec = EvalSpec(tasks=("wiki_ppl", "wiki_nextsent", "piqa", "mmlu"),
+                    limits={"wiki_ppl": None, "wiki_nextsent": 10, "piqa": 50})  # fmt: skip
+    assert _groups(spec) == [(None, None, ["wiki_ppl"]), (10, None, ["wiki_nextsent"]), (50, None, ["piqa"]),
                              (None, 5, ["mmlu"])]
-    assert _groups(EvalSpec(limit=0.25))[0] == (0.25, None, LOCAL)  # a fraction stays a fraction
+    assert _groups(EvalSpec(tasks=tuple(LOCAL), limit=0.25))[0] == (0.25, None, LOCAL)  # a fraction stays one
+
+
+def test_evaluate_does_not_import_the_demo() -> None:
+    import ast
+    import sys
+
+    tree = ast.parse(Path(sys.modules["surgery.evaluate"].__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any("demo" in (m or "") for m in imported)
 
 
 def test_format_table() -> None:

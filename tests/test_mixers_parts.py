@@ -15,13 +15,21 @@ import surgery
 from surgery.attention import AttentionDims, AttentionSite
 from surgery.mixer import MixerDimsError
 from surgery.plan import PlanError
-from surgery.plugins._recurrent import GLARecurrence, GSARecurrence, HGRN2Recurrence
-from surgery.plugins._swa import band_mask, sliding_window_attention
+from surgery.plugins.gla import GLA
 from surgery.plugins.gsa import GSA
 from surgery.plugins.hgrn2 import HGRN2
 from surgery.plugins.liger import LigerAttention
-from surgery.plugins.weight_maps_liger import pool_rows
+from surgery.plugins.pooled_key_gate import pool_rows
+from surgery.window import band_mask, sliding_window_attention
 from tests.models import tiny_model
+
+GLARecurrence, HGRN2Recurrence, GSARecurrence = GLA, HGRN2, GSA
+
+
+def branch(cls: Any, options: Any, hq: int = 4, hkv: int = 2, d: int = 8) -> Any:
+    """A recurrent mixer built as a branch (no projections of its own): its ``recur`` is the formula alone."""
+    site = AttentionSite(0, "x", "X", AttentionDims(hq * d, hq, hkv, d, False, False, d**-0.5), "separate")
+    return cls(site, cls.resolve_options(site, options), None, projections=False)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -146,7 +154,7 @@ def test_recurrence_matches_the_formula(name: str, cls: Any, opt: dict) -> None:
     # T = 70 crosses a 64-token chunk; keys scaled so that gates spread over (0, 1)
     q, k, v = (torch.randn(2, 70, h, 8, generator=g) for h in (4, 2, 2))
     k = 3 * k
-    rec = cls(cls.Options(**opt))
+    rec = branch(cls, cls.Options(**opt)).recur
     out, state = rec(q, k, v, k, None, None, True)
     torch.testing.assert_close(out.double(), loop_reference(cls.name, q, k, v, **opt), rtol=1e-4, atol=1e-4)
     # continuing from the final state of a prefix gives the same as one pass (the decode path)
@@ -159,7 +167,7 @@ def test_recurrence_matches_the_formula(name: str, cls: Any, opt: dict) -> None:
 def test_left_padding_leaves_the_state_untouched(name: str, cls: Any, opt: dict) -> None:
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 12, h, 8, generator=g) for h in (4, 2, 2))
-    rec = cls(cls.Options(**opt))
+    rec = branch(cls, cls.Options(**opt)).recur
     junk = [torch.randn(1, 5, *x.shape[2:], generator=g) * 9 for x in (q, k, v)]
     qp, kp, vp = (torch.cat([j, x], 1) for j, x in zip(junk, (q, k, v)))
     valid = torch.ones(1, 17, dtype=torch.bool)
@@ -175,24 +183,31 @@ def test_llama3_8b_dims_keep_one_state_per_kv_head() -> None:
     """(e) Hq = 32, Hkv = 8, D = 128: the state is [B, 8, 128, 128], 4x smaller than one per query head."""
     q, k, v = torch.randn(1, 2, 32, 128), torch.randn(1, 2, 8, 128), torch.randn(1, 2, 8, 128)
     for cls, opt in ((GLARecurrence, {}), (HGRN2Recurrence, {})):
-        _, (state,) = cls(cls.Options(**opt))(q, k, v, k, None, None, True)
+        _, (state,) = branch(cls, cls.Options(**opt), 32, 8, 128).recur(q, k, v, k, None, None, True)
         assert tuple(state.shape) == (1, 8, 128, 128) and state.dtype == torch.float32
         assert state.numel() * 4 == 1 * 32 * 128 * 128
-    _, (hk, hv) = GSARecurrence(GSARecurrence.Options(num_slots=64))(q, k, v, k, None, None, True)
+    _, (hk, hv) = branch(GSA, GSA.Options(), 32, 8, 128).recur(q, k, v, k, None, None, True)  # default: 64 slots
     assert tuple(hk.shape) == (1, 8, 128, 64) and tuple(hv.shape) == (1, 8, 64, 128)
 
 
 # -- options and sites -------------------------------------------------------------------------------------
 
 
-def test_liger_rejects_knobs_of_another_recurrence() -> None:
-    with pytest.raises(ValueError, match="num_slots does not apply to recurrent: gla"):
-        LigerAttention.Options(num_slots=8)
-    with pytest.raises(ValueError, match="lower_bound does not apply to recurrent: gsa"):
+def test_liger_branch_takes_its_own_options_and_rejects_others() -> None:
+    with pytest.raises(ValueError, match="num_slots"):
+        LigerAttention.Options(num_slots=8)  # gla has no num_slots: not silently ignored
+    with pytest.raises(ValueError, match="lower_bound"):
         LigerAttention.Options(recurrent="gsa", lower_bound=0.5)
-    opts = LigerAttention.Options(recurrent="hgrn2", lower_bound=0.5)
-    assert opts.recurrence_options().lower_bound == 0.5
-    assert LigerAttention.Options().recurrence_options().gate_normalizer == 16.0  # Liger's default
+    with pytest.raises(ValueError, match="'swa' is not a recurrent mixer"):
+        LigerAttention.Options(recurrent="swa")
+    with pytest.raises(ValueError, match="not a registered mixer"):
+        LigerAttention.Options(recurrent={"mixer": "glaa"})
+    short = LigerAttention.Options(recurrent="hgrn2", lower_bound=0.5)
+    full = LigerAttention.Options(recurrent={"mixer": "hgrn2", "options": {"lower_bound": 0.5}})
+    assert short == full and short.recurrent.options.lower_bound == 0.5 and short.recurrent.mixer_cls is HGRN2
+    assert LigerAttention.Options().recurrent.options.gate_normalizer == 16.0  # Liger's default: gla
+    again = LigerAttention.Options.model_validate(short.model_dump())  # the saved (resolved) form reloads
+    assert again == short
 
 
 def test_option_ranges_are_checked() -> None:
@@ -212,10 +227,25 @@ def test_gsa_slots_must_divide_head_dim(registry: Any) -> None:
     dims = AttentionDims(64, 4, 2, 16, False, False, 0.25)
     site = AttentionSite(0, "model.layers.0.self_attn", "X", dims, "separate")
     with pytest.raises(MixerDimsError, match="num_slots=64 must divide head_dim=16"):
-        GSA.check_site(site, GSA.Options())  # the default 64 slots need head_dim >= 64
+        GSA.check_site(site, GSA.Options(num_slots=64))
     with pytest.raises(MixerDimsError, match="num_slots=3"):
         LigerAttention.check_site(site, LigerAttention.Options(recurrent="gsa", num_slots=3))
     GSA.check_site(site, GSA.Options(num_slots=16))
+
+
+@pytest.mark.parametrize("head_dim,slots", [(16, 16), (64, 64), (96, 48), (128, 64), (80, 40)])
+def test_gsa_default_slots_fit_the_head_dim_and_are_recorded(head_dim: int, slots: int, registry: Any) -> None:
+    dims = AttentionDims(4 * head_dim, 4, 2, head_dim, False, False, head_dim**-0.5)
+    site = AttentionSite(0, "model.layers.0.self_attn", "X", dims, "separate")
+    resolved = GSA.resolve_options(site, GSA.Options())
+    assert resolved.num_slots == slots
+    GSA.check_site(site, resolved)
+    nested = LigerAttention.resolve_options(site, LigerAttention.Options(recurrent="gsa"))
+    assert nested.recurrent.options.num_slots == slots
+    if head_dim == 16:  # the manifest of a converted tiny model records the choice
+        plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [{"mixer": "gsa"}]}, registry)
+        model = surgery.convert(plan, tiny_model("llama"), registry=registry)
+        assert {r.options["num_slots"] for r in model.surgery.manifest} == {16}
 
 
 # -- the pooled gate map -----------------------------------------------------------------------------------
@@ -237,8 +267,20 @@ def test_pooled_key_gate_needs_a_gate_projection(registry: Any) -> None:
     with pytest.raises(ValueError, match="gate: projection"):
         surgery.convert(plan, tiny_model("llama"), registry=registry)
     bad = {"layers": "all", "mixer": "swa", "weights": "pooled_key_gate"}
-    with pytest.raises(PlanError, match="does not fit mixer 'swa'"):
-        surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [bad]}, registry)
+    plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [bad]}, registry)
+    with pytest.raises(PlanError, match=r"convert.0.weights: layer 0: weight map 'pooled_key_gate' needs a module "
+                                        r"'g_proj' \(build the mixer with gate: projection\)"):  # fmt: skip
+        surgery.check(plan, tiny_model("llama"), registry=registry)  # on the meta-device check, before weights
+
+
+def test_pooled_key_gate_fills_liger_branch_gate(registry: Any) -> None:
+    rule = {"mixer": "liger_attention", "options": {"recurrent": {"mixer": "gla", "options": {"gate": "projection"}}},
+            "weights": "pooled_key_gate"}  # fmt: skip
+    model = tiny_model("llama")
+    k_w = model.model.layers[0].self_attn.k_proj.weight.detach().clone()
+    plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, registry)
+    mixer = surgery.convert(plan, model, registry=registry).model.layers[0].self_attn
+    assert torch.equal(mixer.recurrent.g_proj.weight, k_w)
 
 
 def test_pooled_key_gate_pools_weight_and_bias(registry: Any) -> None:

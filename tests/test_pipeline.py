@@ -34,8 +34,8 @@ def test_run_writes_model_card_and_a_model_that_loads(tiny_with_tokenizer, tmp_p
         "version": 1, "model": str(model_dir), "output": str(tmp_path / "run"),
         "convert": [{"layers": "all", "mixer": "liger_attention", "options": {"window": 4}}],
         "recover": {"data": {"source": str(data.train), "seq_len": 64, "max_records": 4},
-                    "train": {"max_steps": 3, "save_steps": 2, "batch_size": 2}},
-        "eval": {"tasks": ["wiki_ppl", "wiki_nextsent"], "limit": 2, "data_dir": str(data.root),
+                    "stages": {"lora": {"max_steps": 3, "save_steps": 2, "batch_size": 2}}},
+        "eval": {"tasks": ["wiki_ppl", "wiki_nextsent"], "limit": 2, "include": [str(data.tasks_dir)],
                  "max_length": 256},
     }))  # fmt: skip
     assert main(["run", str(plan_path)]) == 0
@@ -54,22 +54,85 @@ def test_run_writes_model_card_and_a_model_that_loads(tiny_with_tokenizer, tmp_p
     assert gen.shape == (1, 7)
 
 
-def test_stage_commands_recover_then_eval(tiny_with_tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    model_dir, data = tiny_with_tokenizer
-    plan_path = tmp_path / "plan.yaml"
-    plan_path.write_text(yaml.safe_dump({
-        "version": 1, "model": str(model_dir), "output": str(tmp_path / "run"),
+def _stage_plan(model_dir: Path, data: demo.DataPaths, path: Path, output: str | None) -> Path:
+    plan = {
+        "version": 1, "model": str(model_dir),
         "convert": [{"layers": "all", "mixer": "gla"}],
         "recover": {"data": {"source": str(data.train), "seq_len": 64, "max_records": 4},
-                    "train": {"max_steps": 2, "save_steps": 2}},
-        "eval": {"tasks": ["wiki_ppl"], "limit": 2, "data_dir": str(data.root), "max_length": 256},
-    }))  # fmt: skip
+                    "stages": {"lora": {"max_steps": 2, "save_steps": 2}}},
+        "eval": {"tasks": ["wiki_ppl"], "limit": 2, "include": [str(data.tasks_dir)], "max_length": 256},
+    }  # fmt: skip
+    if output is not None:
+        plan["output"] = output
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+def _count_loads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count reads of the base model and tokenizer from disk (transformers' from_pretrained)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    counts = {"model": 0, "tokenizer": 0}
+    for key, cls in (("model", AutoModelForCausalLM), ("tokenizer", AutoTokenizer)):
+        real = cls.from_pretrained.__func__
+
+        def counted(klass: type, *a: object, _real: object = real, _key: str = key, **k: object) -> object:
+            counts[_key] += 1
+            return _real(klass, *a, **k)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(counted))
+    return counts
+
+
+def test_stage_commands_with_no_output_share_one_directory(
+    tiny_with_tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """convert, recover, eval with no output: in the plan all use runs/surgery: recover does not convert again,
+    a second recover does not merge the adapters twice, eval evaluates the recovered model."""
+    model_dir, data = tiny_with_tokenizer
+    monkeypatch.chdir(tmp_path)
+    plan_path = _stage_plan(model_dir, data, tmp_path / "plan.yaml", output=None)
+    run = tmp_path / "runs" / "surgery"
     assert main(["convert", str(plan_path)]) == 0
+    assert (run / "convert" / "model.safetensors").exists()
+    import surgery.pipeline as pipeline
+
+    converts = []
+    monkeypatch.setattr(pipeline.Run, "converted", lambda self: converts.append(1))  # must not be called
     assert main(["recover", str(plan_path)]) == 0
-    recovered = tmp_path / "run" / "recover" / "model"
-    assert (recovered / "model.safetensors").exists()
+    assert converts == [] and "converting now" not in capsys.readouterr().out
+    first = surgery.load(run / "model").model.layers[0].self_attn.q_proj.weight.clone()
+    assert main(["recover", str(plan_path)]) == 0  # finished stages reload; the merge happens once
+    again = surgery.load(run / "model").model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(first, again)
+    converted = surgery.load(run / "convert").model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(first, converted)
     assert main(["eval", str(plan_path)]) == 0
     assert "wiki_ppl" in capsys.readouterr().out
-    # eval picked the recovered model, not the converted one: their weights differ.
-    a, b = surgery.load(recovered), surgery.load(tmp_path / "run" / "convert")
-    assert not torch.equal(a.model.layers[0].self_attn.q_proj.weight, b.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_run_reads_the_base_model_once(tiny_with_tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One surgery run: the base weights and the tokenizer are read once, although the base model is converted,
+    teaches the recovery and is the evaluation baseline."""
+    model_dir, data = tiny_with_tokenizer
+    plan_path = _stage_plan(model_dir, data, tmp_path / "plan.yaml", output=str(tmp_path / "run"))
+    plan = surgery.load_plan(plan_path)
+    plan = plan.model_copy(update={"recover": plan.recover.model_copy(update={"stages": surgery.load_plan(
+        {**yaml.safe_load(plan_path.read_text()), "recover": {**yaml.safe_load(plan_path.read_text())["recover"],
+         "stages": {"attention_transfer": {"max_steps": 1}, "lora": {"max_steps": 1}}}}).recover.stages})})
+    counts = _count_loads(monkeypatch)
+    report = surgery.run(plan)
+    assert counts == {"model": 1, "tokenizer": 1}
+    assert set(report.recover.stages) == {"attention_transfer", "lora"} and report.eval["tasks"]["wiki_ppl"]
+    assert (tmp_path / "run" / "report.json").is_file()
+
+
+def test_run_never_overwrites_a_users_file(tiny_with_tokenizer, tmp_path: Path) -> None:
+    model_dir, data = tiny_with_tokenizer
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    plan_path = _stage_plan(model_dir, data, tmp_path / "plan.yaml", output=str(out))
+    assert main(["run", str(plan_path)]) == 2  # a non-empty directory surgery did not create
+    assert main(["run", "--force", str(plan_path)]) == 2  # forced in, but README.md is still the user's
+    assert (out / "README.md").read_text() == "my notes"

@@ -49,7 +49,8 @@ def test_default_weight_map_and_options_are_filled(registry) -> None:
     plan = load_plan({"version": 1, "model": "some/hub-id", "convert": [{"mixer": "swa"}]}, registry)
     rule = plan.convert[0]
     assert rule.weights == registry.mixer("swa").default_weights
-    assert rule.options == registry.mixer("swa").Options().model_dump(mode="json")
+    assert rule.options == registry.mixer("swa").Options()  # validated once, into the mixer's own class
+    assert plan.to_dict()["convert"][0]["options"] == {"window": 64}
 
 
 def test_all_problems_are_reported_together(registry) -> None:
@@ -73,3 +74,35 @@ def test_schema_exports_plan_fields() -> None:
     schema = plan_json_schema()
     assert {"version", "model", "dtype", "output", "convert"} <= set(schema["properties"])
     assert schema["additionalProperties"] is False
+
+
+def test_schema_has_every_mixers_and_stages_options(registry) -> None:
+    schema = plan_json_schema(registry)
+    defs = schema["$defs"]
+    rule = defs["Rule"]
+    assert set(rule["properties"]["mixer"]["enum"]) == set(registry.mixers)
+    branches = {b["if"]["properties"]["mixer"]["const"]: b["then"]["properties"]["options"]["$ref"] for b in rule["allOf"]}
+    assert set(branches) == set(registry.mixers)
+    assert "window" in defs["mixer.liger_attention"]["properties"]
+    assert "gate_normalizer" in defs["mixer.gla"]["properties"]
+    stages = defs["RecoverSpec"]["properties"]["stages"]["anyOf"][1]["properties"]
+    assert set(stages) == set(registry.stages)
+    assert "loss" in defs["stage.lora"]["properties"] and "train" in defs["stage.attention_transfer"]["properties"]
+
+
+def test_recover_stages_are_checked_against_the_registry(registry) -> None:
+    base = {"version": 1, "model": "x/y", "convert": [{"mixer": "gla"}]}
+    with pytest.raises(PlanError, match=r"recover.stages: .*unknown stage 'lorra'; did you mean 'lora'"):
+        load_plan({**base, "recover": {"stages": ["lorra"]}}, registry)
+    with pytest.raises(PlanError, match=r"lora.lrr: unknown key 'lrr'; did you mean 'lr'"):
+        load_plan({**base, "recover": {"stages": {"lora": {"lrr": 1}}}}, registry)
+    with pytest.raises(PlanError, match="attention_transfer must come before lora"):
+        load_plan({**base, "recover": {"stages": ["lora", "attention_transfer"]}}, registry)
+    with pytest.raises(PlanError, match=r"recover.train is no longer a key; its settings now live under "
+                                        r"recover.stages.lora"):  # fmt: skip
+        load_plan({**base, "recover": {"train": {"lr": 1}}}, registry)
+    plan = load_plan({**base, "recover": {"stages": {"attention_transfer": {"lr": 5e-3}, "lora": None}}}, registry)
+    stages = plan.recover.stage_objects(registry)
+    assert [s.name for s in stages] == ["attention_transfer", "lora"]
+    assert stages[0].options.lr == 5e-3 and stages[0].needs_teacher() and not stages[1].needs_teacher()
+    assert load_plan(plan.to_dict(), registry) == plan

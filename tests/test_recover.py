@@ -30,10 +30,11 @@ from transformers import PreTrainedTokenizerFast, TrainerCallback
 
 from surgery.attention import AttentionDims, AttentionSite
 from surgery.mixer import Mixer, MixContext
-from surgery.recipes import RecoverSpec
-from surgery.recovery import load_adapter, recover
-from surgery.recover_data import ALPACA_NO_INPUT, IGNORE, tokenize_records
-from surgery.recover_state import load_state, rng_states, save_state, set_rng_states
+from surgery.recovery.spec import RecoverSpec, TrainOptions
+from surgery.recovery import load_adapter
+from surgery.recovery import recover as recover_result
+from surgery.recovery.data import ALPACA_NO_INPUT, IGNORE, tokenize_records
+from surgery.recovery.state import load_state, rng_states, save_state, set_rng_states
 from tests.models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,8 +100,13 @@ def write_data(path: Path, n: int = 40) -> Path:
 
 def make_spec(data: Path | str, **train: object) -> RecoverSpec:
     return RecoverSpec.model_validate(
-        {"data": {"source": str(data), "seq_len": 64}, "train": {"lr": 1e-2, "save_steps": 100, **train}}
+        {"data": {"source": str(data), "seq_len": 64}, "stages": {"lora": {"lr": 1e-2, "save_steps": 100, **train}}}
     )
+
+
+def recover(*args: Any, **kwargs: Any) -> nn.Module:
+    """The recovered model of ``surgery.recovery.recover`` (most tests inspect only the model)."""
+    return recover_result(*args, **kwargs).model
 
 
 def chunk_loss(model: nn.Module, ids: Tensor) -> float:
@@ -160,8 +166,8 @@ def trained(data: Path, probe: Tensor, tmp_path_factory: pytest.TempPathFactory)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss_before = chunk_loss(model, probe)
     out = tmp_path_factory.mktemp("recover-run")
-    merged = recover(model, spec=make_spec(data, max_steps=12), tokenizer=char_tokenizer(), out_dir=out)
-    return {"model": merged, "before": before, "loss_before": loss_before, "out": out}
+    result = recover_result(model, spec=make_spec(data, max_steps=12), tokenizer=char_tokenizer(), out_dir=out)
+    return {"model": result.model, "result": result, "before": before, "loss_before": loss_before, "out": out}
 
 
 def test_loss_falls_and_outputs_are_written(trained: dict, probe: Tensor) -> None:
@@ -174,8 +180,10 @@ def test_loss_falls_and_outputs_are_written(trained: dict, probe: Tensor) -> Non
     assert sum(losses[-3:]) < sum(losses[:3])
     assert (out / "lora" / "loss.png").stat().st_size > 1000
     assert (out / "loss.csv").read_text() == (out / "lora" / "loss.csv").read_text()
-    report = model.surgery_recover_report
-    assert (report["steps"], report["tokens"]) == (12, 12 * 2 * 64)
+    result = trained["result"]
+    assert (result.steps, result.tokens) == (12, 12 * 2 * 64)
+    assert result.stages["lora"].steps == 12 and result.adapter == out / "adapter"
+    assert not hasattr(model, "surgery_recover_report")  # results are returned, never attached to the model
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in (out / "adapter").iterdir()}
     # Returned merged: plain Linear layers again, mixers still in place, q/k/v changed, MLPs untouched.
     assert not any("lora_" in n for n, _ in model.named_parameters())
@@ -204,7 +212,7 @@ def test_mixer_params_are_trained_saved_and_reloaded(trained: dict, probe: Tenso
 
 def test_resume_with_another_spec_is_refused(trained: dict, data: Path) -> None:
     model, _ = converted()
-    with pytest.raises(ValueError, match="differs in: train.lr"):
+    with pytest.raises(ValueError, match="differs in: stages.lora.lr"):
         recover(model, spec=make_spec(data, max_steps=12, lr=5e-3), tokenizer=char_tokenizer(), out_dir=trained["out"])
 
 
@@ -403,7 +411,14 @@ def test_a_checkpoint_with_pickled_state_is_refused_not_unpickled(data: Path, tm
     (ckpt / "optimizer.json").unlink()
     with pytest.MonkeyPatch.context() as m:
         forbid_pickle(m)
+        with pytest.raises(ValueError, match=r"checkpoint-2/optimizer\.pt: pickled weights are not loaded"):
+            recover(converted()[0], spec=spec, tokenizer=char_tokenizer(), out_dir=tmp_path)
+        (ckpt / "optimizer.pt").unlink()
         with pytest.raises(ValueError, match=r"checkpoint-2 holds no optimizer\.json"):
+            recover(converted()[0], spec=spec, tokenizer=char_tokenizer(), out_dir=tmp_path)
+        # An adapter_model.bin (what peft would torch.load) is refused by our own loading path, never unpickled.
+        (ckpt / "adapter_model.bin").write_bytes(b"\x80\x04N.")  # a pickle; its content never matters
+        with pytest.raises(ValueError, match=r"adapter_model\.bin: pickled weights are not loaded"):
             recover(converted()[0], spec=spec, tokenizer=char_tokenizer(), out_dir=tmp_path)
 
 
@@ -426,8 +441,8 @@ def test_attention_transfer_lowers_each_layers_mse(data: Path, probe: Tensor, tm
     model, teacher = converted()
     before = layer_mse(model, teacher, probe)
     spec = RecoverSpec.model_validate(
-        {"stages": ["attention_transfer"], "data": {"source": str(data), "seq_len": 64},
-         "transfer": {"max_steps": 20, "lr": 3e-3, "save_steps": 100}}
+        {"stages": {"attention_transfer": {"max_steps": 20, "lr": 3e-3, "save_steps": 100}},
+         "data": {"source": str(data), "seq_len": 64}}
     )  # fmt: skip
     out = recover(model, spec=spec, tokenizer=char_tokenizer(), out_dir=tmp_path, teacher_model=teacher)
     after = layer_mse(out, teacher, probe)
@@ -480,28 +495,27 @@ def test_plan_recover_section_with_a_registered_mixer(data: Path, probe: Tensor,
 
     plan = surgery.load_plan(
         {"version": 1, "model": "unused/hub-id", "output": str(tmp_path), "convert": [{"mixer": "gla"}],
-         "recover": {"data": {"source": str(data), "seq_len": 64}, "train": {"max_steps": 6, "lr": 1e-2},
-                     "save_merged": True}},
+         "recover": {"data": {"source": str(data), "seq_len": 64}, "stages": {"lora": {"max_steps": 6, "lr": 1e-2}}}},
         registry,
     )  # fmt: skip
     model = surgery.convert(plan, tiny_model("llama", num_hidden_layers=2), registry=registry)
     loss_before = chunk_loss(model, probe)
-    out = recover(model, plan, tokenizer=char_tokenizer())
+    out = recover(model, plan, tokenizer=char_tokenizer(), registry=registry)
     assert chunk_loss(out, probe) < loss_before - 0.05
-    reloaded = surgery.load(tmp_path / "recover" / "merged")
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=probe).logits, out(input_ids=probe).logits)
+    assert (tmp_path / "recover" / "lora" / "done.json").is_file()  # <output>/recover, as run_paths says
 
 
 def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    from surgery import recover_train
+    import sys
+
+    recover_train = sys.modules["surgery.recovery.trainer"]
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(recover_train, "cpu_has_bf16", lambda: False)
     with caplog.at_level("WARNING", logger="surgery.recover"):
-        assert recover_train.use_bf16(RecoverSpec.Train(precision="bf16"))
-        assert not recover_train.use_bf16(RecoverSpec.Train())  # auto: fp32 on CPU, no warning
+        assert recover_train.use_bf16(TrainOptions(precision="bf16"))
+        assert not recover_train.use_bf16(TrainOptions())  # auto: fp32 on CPU, no warning
     assert [r.message for r in caplog.records if "emulated" in r.message] and len(caplog.records) == 1
     monkeypatch.setattr(recover_train, "cpu_has_bf16", lambda: True)
     caplog.clear()
-    assert recover_train.use_bf16(RecoverSpec.Train(precision="bf16")) and not caplog.records
+    assert recover_train.use_bf16(TrainOptions(precision="bf16")) and not caplog.records

@@ -1,12 +1,15 @@
-"""A third-party plugin: mixer ``causal_mean`` and weight map ``copy_vo``, registered through the entry point."""
+"""A third-party plugin: mixers ``causal_mean`` and ``retention`` (recurrent, its own module) and weight map
+``copy_vo``, registered through the entry point."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from surgery.cache import mixer_cache
 from surgery.hookspecs import hookimpl
 from surgery.mixer import MixContext, Mixer, Options, WeightMap
+from surgery_example.retention import Retention
 
 
 class CausalMean(Mixer):
@@ -20,9 +23,18 @@ class CausalMean(Mixer):
         damping: float = 1.0
 
     def mix(self, x: Tensor, ctx: MixContext) -> Tensor:
-        _, _, v = self.project(x)
-        steps = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=v.dtype).view(1, -1, 1, 1)
-        mean = v.cumsum(1) / steps * self.options.damping
+        _, _, v = self.project(x)  # [B, T, Hkv, D]
+        real = torch.ones(v.shape[:2], dtype=v.dtype, device=v.device)
+        if ctx.padding_mask is not None:  # left padding counts for nothing
+            real = ctx.padding_mask.to(v.dtype)
+        v = v * real[:, :, None, None]
+        layer = mixer_cache(ctx.cache, self.layer_idx)
+        total, count = layer.states if layer is not None and layer.states else (v.new_zeros(1), v.new_zeros(1))
+        sums = total[:, None] + v.cumsum(1)  # the state: the running sum [B, Hkv, D] and count [B] of real tokens
+        counts = (count[:, None] + real.cumsum(1))[:, :, None, None]
+        if layer is not None:
+            layer.commit(x.shape[1], states=(sums[:, -1], counts[:, -1, 0, 0]))
+        mean = sums / counts.clamp(min=1) * self.options.damping
         mean = mean.repeat_interleave(self.num_key_value_groups, dim=2)
         return self.o_proj(mean.flatten(2))
 
@@ -39,7 +51,7 @@ class CopyVO(WeightMap):
 
 @hookimpl
 def surgery_mixers() -> list[type[Mixer]]:
-    return [CausalMean]
+    return [CausalMean, Retention]
 
 
 @hookimpl
