@@ -82,4 +82,48 @@ def tiny_config(model_type: str) -> Any:
     known = set(defaults.to_dict()) | set(getattr(cls, "attribute_map", {}))
     # MoE fields only where the family has them: unknown keys would be stored and printed as noise.
     kwargs = {k: v for k, v in kwargs.items() if k in COMMON or k in known or k in EXTRA.get(model_type, {})}
+    # Derived read-only fields (Falcon's head_dim) cannot be given.
+    kwargs = {k: v for k, v in kwargs.items() if not (isinstance(getattr(cls, k, None), property) and getattr(cls, k).fset is None)}
     return cls(**kwargs)
+
+_MLA = "multi-head latent attention: low-rank q/kv with norms in between, no q/k/v/o projections to read"
+_SINKS = "learned attention sinks (per-head softmax logits) that mixers do not have"
+_EXTRA_PARAMS = "attention owns parameters mixers do not reproduce"
+_ROTARY = "rotary convention other than rotate-half (interleaved pairs or complex), so kept layers differ"
+_CONFIG = "the sweep's generic tiny config does not build this family yet"
+_UNDIAGNOSED = "softmax identity differs: not diagnosed yet"
+
+#: In-scope model types that fail today, each with the reason the sweep shows. tests/test_coverage.py fails when one
+#: of them starts passing (remove it here) or when any other in-scope type fails.
+KNOWN_GAPS: dict[str, str] = {
+    **{t: _MLA for t in (
+        "axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "glm4_moe_lite", "glm_moe_dsa",
+        "hy_v4", "minicpm3", "sarvam_mla", "youtu", "longcat_flash",
+    )},
+    **{t: _SINKS for t in ("flint", "gpt_oss", "granite_swa", "granitemoe_swa", "inkling2_text", "inkling2_loop_text")},
+    **{t: f"{_EXTRA_PARAMS}: output gate" for t in ("afmoe", "laguna", "hrm_text", "beam", "dory", "inkling_text")},
+    "bitnet": f"{_EXTRA_PARAMS}: a norm before the output projection",
+    "gpt_neox_japanese": f"{_EXTRA_PARAMS}: a separate output bias",
+    "diffllama": f"{_EXTRA_PARAMS}: differential attention (two softmax maps)",
+    "doge": f"{_EXTRA_PARAMS}: dynamic mask from the values",
+    "jetmoe": "mixture of attention heads (experts), no q/k/v/o projections",
+    "mimo_v2_flash": "value head dim differs from the query/key head dim",
+    "hunyuan_v1_dense": "q/k norms applied after RoPE (mixers apply them before)",
+    "hunyuan_v1_moe": "q/k norms applied after RoPE (mixers apply them before)",
+    "cpmant": "relative position bias, projections named project_q/k/v",
+    **{t: _ROTARY for t in (
+        "cohere", "cohere2", "cohere2_moe", "glm", "glm4", "ernie4_5", "ernie4_5_moe", "helium", "gptj", "codegen",
+        "llama4_text", "kolibri1", "nanochat",
+    )},
+    "bloom": "ALiBi: kept layers would need the bias (and the layer adds its residual inside attention)",
+    "mpt": "ALiBi: kept layers would need the position bias",
+    "falcon": "query_key_value grouped per key/value head, a layout the reader does not split yet",
+    "gpt_neo": "unscaled attention and local layers the site does not describe",
+    "openai-gpt": "the block concatenates the attention output as a list; mixers return a tuple",
+    "modernbert-decoder": "decoder layers the reader does not find (attention named attn with Wqkv/Wo)",
+    **{t: _CONFIG for t in (
+        "cohere_compass_text", "dbrx", "dots3_note_text", "gemma3n_text", "llama4", "qwen4_exp", "qwen4_exp_text",
+        "zaya", "lara_mini", "blt",
+    )},
+    **{t: _UNDIAGNOSED for t in ("exaone4", "exaone_moe", "gemma4_text", "gemma4_unified_text")},
+}  # fmt: skip
