@@ -3,28 +3,38 @@
 The plan is the architecture: ``load`` rebuilds the base model from its stored config, re-applies the stored plan
 (structure only), then loads the saved tensors. ``import surgery`` registers the ``surgery`` model type so that
 ``AutoModelForCausalLM.from_pretrained(dir)`` does the same, with no ``trust_remote_code``. Nothing is pickled.
+
+Tensors are stored under the model's own parameter names (``save_original_format=False``): transformers would
+otherwise rename them back to the original checkpoint layout of some classes (GPT-NeoX's ``embed_out``, fused MoE
+experts split again), and reading them would need that class's conversion in reverse. The directory mechanics
+(atomic replace, the ownership marker, crash recovery) live in ``surgery.artifacts_fs``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import uuid
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from surgery.artifacts_fs import ArtifactError, recover_interrupted, write_atomically
 from surgery.convert import DTYPES, LayerRecord, apply_plan
-from surgery.plan import load_plan
+from surgery.plan import PlanError, load_plan
+
+__all__ = ["ArtifactError", "SurgeryConfig", "SurgeryForCausalLM", "load", "register_auto_classes", "save"]
 
 MODEL_TYPE = "surgery"
 MANIFEST = "manifest.json"
+INDEX = "model.safetensors.index.json"
 
 
 class SurgeryConfig(PretrainedConfig):
@@ -60,6 +70,7 @@ class SurgeryForCausalLM:
 
 
 def register_auto_classes() -> None:
+    """Make ``AutoConfig``/``AutoModelForCausalLM`` read directories written by ``save`` (done by ``import surgery``)."""
     AutoConfig.register(MODEL_TYPE, SurgeryConfig, exist_ok=True)
     AutoModelForCausalLM.register(SurgeryConfig, SurgeryForCausalLM, exist_ok=True)
 
@@ -76,44 +87,48 @@ def versions(plan: Any = None) -> dict[str, str]:
     return out
 
 
-def save(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, extra_files: dict[str, str] | None = None) -> Path:
-    """Save a converted model to ``path`` atomically (a failure leaves no half-written directory).
+def _absolute_model(model: str) -> str:
+    """The plan's model path made absolute when it is a local path, so the saved plan names it from anywhere."""
+    local = model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
+    return str(Path(model).expanduser().resolve()) if local else model
+
+
+def save(
+    model: nn.Module,
+    path: str | os.PathLike,
+    tokenizer: Any = None,
+    extra_files: dict[str, str] | None = None,
+    *,
+    force: bool = False,
+) -> Path:
+    """Save a converted model to the directory ``path``, atomically.
 
     Writes ``model.safetensors`` (sharded if large), ``config.json`` (a ``SurgeryConfig``), ``manifest.json``, the
-    tokenizer (given, or loaded from the plan's model when it has one) and ``extra_files`` (name -> text).
+    tokenizer (given, or loaded from the plan's model when it has one) and ``extra_files`` (name -> text). A crash
+    leaves the previous complete directory or the new one. An existing directory that ``save`` did not write is
+    refused unless ``force``; files a user added to a directory ``save`` wrote are carried over to the new one
+    (see ``surgery.artifacts_fs.write_atomically``).
     """
     info = getattr(model, "surgery", None)
     if info is None:
         raise ValueError("save() expects a model converted by surgery.convert or surgery.load")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         # transformers writes the tensors (tied weights handled, safetensors, sharding); we replace its config.
-        model.save_pretrained(tmp, safe_serialization=True)
-        base = model.config.to_dict()
-        config = SurgeryConfig(base_config=base, plan=info.plan.to_dict(), versions=versions())
+        model.save_pretrained(tmp, safe_serialization=True, save_original_format=False)
+        plan = info.plan.to_dict()
+        plan["model"] = _absolute_model(info.plan.model)
+        config = SurgeryConfig(base_config=model.config.to_dict(), plan=plan, versions=versions())
         config.architectures = ["SurgeryForCausalLM"]
         (tmp / "config.json").write_text(config.to_json_string())
         (tmp / MANIFEST).write_text(json.dumps(info.manifest_dict(), indent=1))
-        if tokenizer is None:
-            tokenizer = _plan_tokenizer(info.plan.model)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        tok = tokenizer if tokenizer is not None else _plan_tokenizer(info.plan.model)
+        if tok is not None:
+            tok.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    return write_atomically(Path(path), write, force=force)
 
 
 def _plan_tokenizer(model_id: str) -> Any:
@@ -127,9 +142,18 @@ def _plan_tokenizer(model_id: str) -> Any:
 
 
 def _state_dict_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
+    index = path / INDEX
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ArtifactError(f"{index}: not a safetensors index ({type(exc).__name__}: {exc})") from None
+        root = path.resolve()
+        for name in names:
+            # A crafted index must not make us read files elsewhere on disk (absolute paths, "..").
+            target = (path / name).resolve()
+            if not isinstance(name, str) or Path(name).is_absolute() or root not in target.parents:
+                raise ArtifactError(f"{index}: weight map names {name!r}, which is outside {path}")
         return [path / n for n in names]
     single = path / "model.safetensors"
     if not single.exists():
@@ -137,19 +161,80 @@ def _state_dict_files(path: Path) -> list[Path]:
     return [single]
 
 
+def _read_config(cfg_file: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The stored plan and base config of ``cfg_file``; every defect is an ``ArtifactError`` naming the file."""
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{cfg_file}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{cfg_file}: not UTF-8 text ({exc.reason})") from None
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{cfg_file}: expected a JSON object, found {type(raw).__name__}")
+    if raw.get("model_type") != MODEL_TYPE:
+        raise ArtifactError(
+            f"{cfg_file}: model_type is {raw.get('model_type')!r}, not 'surgery': not a surgery model; use transformers"
+        )
+    plan, base = raw.get("plan"), raw.get("base_config")
+    if not isinstance(plan, dict) or not plan:
+        raise ArtifactError(f"{cfg_file}: no 'plan' mapping: the plan is the architecture, so the model cannot be rebuilt")
+    if not isinstance(base, dict) or not base:
+        raise ArtifactError(f"{cfg_file}: no 'base_config' mapping: the base architecture is unknown")
+    if not isinstance(base.get("model_type"), str):
+        raise ArtifactError(f"{cfg_file}: base_config has no 'model_type': the base architecture is unknown")
+    return plan, base
+
+
+def _stored_plan(cfg_file: Path, data: dict[str, Any]) -> Any:
+    """Validate the stored plan without requiring its base model: everything ``load`` needs is in the directory."""
+    # load_plan checks that a local model path exists; a placeholder that is no path skips exactly that check.
+    placeholder = f"surgery-saved-model-{uuid.uuid4().hex}"
+    try:
+        plan = load_plan({**data, "model": placeholder})
+    except PlanError as exc:
+        raise ArtifactError(f"{cfg_file}: the stored plan is invalid: {exc}") from None
+    return plan.model_copy(update={"model": data.get("model", "")})
+
+
+def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(f))
+        except (SafetensorError, OSError) as exc:
+            # safetensors' own message ("incomplete metadata, file not fully covered") does not say which file.
+            raise ArtifactError(f"{f}: cannot read tensors (truncated or damaged?): {exc}") from None
+    return state
+
+
+def _read_manifest(path: Path) -> list[LayerRecord] | None:
+    """The saved manifest, or None with a warning when it is damaged: it is metadata, the model loads without it."""
+    manifest = path / MANIFEST
+    if not manifest.exists():
+        return None
+    try:
+        return [LayerRecord(**r) for r in json.loads(manifest.read_text())["layers"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        warnings.warn(f"{manifest}: damaged ({type(exc).__name__}: {exc}); loading without it", stacklevel=3)
+        return None
+
+
 def load(path: str | os.PathLike, dtype: Any = None, device: Any = None) -> nn.Module:
-    """Load a model saved by ``save``: rebuild the base architecture, re-apply the plan, load the tensors."""
+    """Load a model saved by ``save``: rebuild the base architecture, re-apply the plan, load the tensors.
+
+    Needs nothing but the directory (not the base model). Raises ``ArtifactError`` (a ``ValueError``) naming the
+    file when the directory is damaged.
+    """
     from transformers.initialization import no_init_weights
 
     path = Path(path)
+    recover_interrupted(path)
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path} has no config.json")
-    raw = json.loads(cfg_file.read_text())
-    if raw.get("model_type") != MODEL_TYPE:
-        raise ValueError(f"{path} is not a surgery model (model_type '{raw.get('model_type')}'); use transformers")
-    plan = load_plan(raw["plan"])
-    base = dict(raw["base_config"])
+    plan_data, base = _read_config(cfg_file)
+    plan = _stored_plan(cfg_file, plan_data)
+    base = dict(base)
     base_config = AutoConfig.for_model(base.pop("model_type"), **base)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = DTYPES[dtype]
@@ -158,23 +243,27 @@ def load(path: str | os.PathLike, dtype: Any = None, device: Any = None) -> nn.M
     with no_init_weights():  # every parameter is overwritten below; skip the random init
         model = AutoModelForCausalLM.from_config(base_config, dtype=dtype)
         apply_plan(model, plan, map_weights=False)
-    state: dict[str, torch.Tensor] = {}
-    for f in _state_dict_files(path):
-        state.update(load_file(f))
+    state = _read_tensors(_state_dict_files(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
-    if getattr(base_config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
-        # transformers stores tied output embeddings once; after tie_weights they share the input embeddings.
-        out_w = model.get_output_embeddings().weight
-        tied = {n for n, p in model.named_parameters(remove_duplicate=False) if p is out_w}
-        missing = [k for k in missing if k not in tied]
+    # transformers stores tied tensors once (output embeddings, shared layers); after tie_weights they are shared.
+    stored = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in state}
+    missing = [k for k in missing if id(_param(model, k)) not in stored]
     if missing or unexpected:
-        raise ValueError(f"{path}: saved tensors do not fit the plan's model: missing {missing}, unexpected {unexpected}")
-    manifest = path / MANIFEST
-    if manifest.exists():
-        layers = json.loads(manifest.read_text())["layers"]
-        model.surgery.manifest = [LayerRecord(**r) for r in layers]
+        raise ArtifactError(f"{path}: saved tensors do not fit the plan's model: missing {missing}, unexpected {unexpected}")
+    records = _read_manifest(path)
+    if records is not None:
+        model.surgery.manifest = records
     model = model.to(dtype=dtype)
     if device is not None and not isinstance(device, dict) and device != "auto":
         model = model.to(device)
     return model.eval()
+
+
+def _param(model: nn.Module, name: str) -> Any:
+    """The parameter or buffer ``name`` of ``model`` (None when the name resolves to neither)."""
+    module_path, _, leaf = name.rpartition(".")
+    try:
+        return getattr(model.get_submodule(module_path) if module_path else model, leaf)
+    except AttributeError:
+        return None

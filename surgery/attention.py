@@ -2,17 +2,20 @@
 
 The converter never looks at architecture-specific classes: it asks this module for every self-attention
 ``AttentionSite`` of a causal LM, and for the site's pretrained tensors under canonical names. Two layouts are
-understood: separate q/k/v/o projections (Llama, Mistral, Qwen2/3, Gemma3, ...) and fused qkv projections
-(Phi-3's ``qkv_proj``, GPT-NeoX's head-interleaved ``query_key_value``). Anything else fails loudly with the
-module class in the message.
+understood: separate q/k/v projections (Llama, Mistral, Qwen2/3, Gemma3, OPT, Phi, ...) and fused ones (Phi-3's
+``qkv_proj``, GPT-2's ``c_attn``, MPT's ``Wqkv``, GPT-NeoX's head-interleaved ``query_key_value``), each as
+``nn.Linear`` or transformers' transposed ``Conv1D``, with the output projection under any of its usual names.
+Anything else fails loudly with the module class in the message.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 Layout = Literal["separate", "fused_qkv", "fused_qkv_headwise"]
 
@@ -63,14 +66,17 @@ class AttentionSite:
     layout: Layout
     q_norm: nn.Module | None = field(default=None, compare=False, repr=False)
     k_norm: nn.Module | None = field(default=None, compare=False, repr=False)
+    qkv_names: tuple[str, ...] = ()  # the module's own projection child names, e.g. ("c_attn",)
+    out_name: str = ""  # the module's own output projection name, e.g. "dense"
 
 
-#: Projection children of each layout: (q/k/v projections, output projection). A module owning one of these sets is
-#: read; any other attention-looking module is an error rather than a guess.
-_LAYOUTS: dict[Layout, tuple[tuple[str, ...], str]] = {
-    "separate": (("q_proj", "k_proj", "v_proj"), "o_proj"),
-    "fused_qkv": (("qkv_proj",), "o_proj"),
-    "fused_qkv_headwise": (("query_key_value",), "dense"),
+#: Projection children of each layout: (q/k/v projection names, output projection names). A module owning one set
+#: of q/k/v names and one output name is read; any other attention-looking module is an error rather than a guess.
+_OUT = ("o_proj", "out_proj", "dense", "c_proj")
+_LAYOUTS: dict[Layout, tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]] = {
+    "separate": ((("q_proj", "k_proj", "v_proj"),), _OUT),
+    "fused_qkv": ((("qkv_proj",), ("c_attn",), ("Wqkv",)), _OUT),  # rows [q | k | v]
+    "fused_qkv_headwise": ((("query_key_value",),), _OUT),  # rows [q_h | k_h | v_h] per head
 }
 
 #: Child names that betray an attention module whatever its class is called (GPT-2's ``c_attn``, MPT's ``Wqkv``...).
@@ -79,9 +85,11 @@ _QKV_HINTS = frozenset(
      "query", "key", "value", "wq", "wk", "wv", "q_a_proj", "kv_a_proj_with_mqa"}
 )  # fmt: skip
 
-#: Children an attention module may own besides its projections: per-head norms. Parameter-free children
-#: (rotary embeddings, dropouts) are ignored; any other child with parameters would be lost, so it is an error.
+#: Children an attention module may own besides its projections: q/k norms, under their canonical name and the
+#: names families give them. Parameter-free children (rotary embeddings, dropouts) are ignored; any other child
+#: with parameters would be lost, so it is an error.
 _NORMS = ("q_norm", "k_norm")
+_NORM_ALIASES = {"q_norm": ("q_norm", "q_layernorm"), "k_norm": ("k_norm", "k_layernorm")}
 
 
 def _error(path: str, module: nn.Module, why: str) -> AttentionReadError:
@@ -129,29 +137,40 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
-def _linear(path: str, module: nn.Module, name: str) -> nn.Linear:
-    child = getattr(module, name, None)
-    if not isinstance(child, nn.Linear):
-        raise _error(path, module, f"{name!r} is {type(child).__name__}, expected torch.nn.Linear")
-    return child
+class _Proj:
+    """A projection read as ``nn.Linear`` would hold it: ``weight`` [out, in] (Conv1D's [in, out] transposed)."""
+
+    def __init__(self, path: str, module: nn.Module, name: str) -> None:
+        child = getattr(module, name, None)
+        if isinstance(child, nn.Linear):
+            self.weight, self.bias = child.weight, child.bias
+        elif isinstance(child, Conv1D):  # GPT-2 family: y = x @ W + b with W [in, out]
+            self.weight, self.bias = child.weight.t(), child.bias
+        else:
+            raise _error(path, module, f"{name!r} is {type(child).__name__}, expected torch.nn.Linear or Conv1D")
+        self.out_features, self.in_features = self.weight.shape
 
 
-def _layout_of(path: str, module: nn.Module) -> Layout:
+def _layout_of(path: str, module: nn.Module) -> tuple[Layout, tuple[str, ...], str]:
     children = dict(module.named_children())
-    for layout, (qkv, out) in _LAYOUTS.items():
-        if all(name in children for name in (*qkv, out)):
-            return layout
-    known = "; ".join(f"{'/'.join(qkv)} + {out}" for qkv, out in _LAYOUTS.values())
-    raise _error(path, module, f"unknown projection layout (children: {', '.join(children)}); readable: {known}")
+    for layout, (qkv_sets, outs) in _LAYOUTS.items():
+        out = next((o for o in outs if o in children), None)
+        for qkv in qkv_sets:
+            if out is not None and all(name in children for name in qkv):
+                return layout, qkv, out
+    known = "; ".join(f"{' or '.join('/'.join(q) for q in qkv)}" for qkv, _ in _LAYOUTS.values())
+    raise _error(
+        path, module, f"unknown projection layout (children: {', '.join(children)}); readable: {known}, "
+        f"with an output projection named {'/'.join(_OUT)}"
+    )  # fmt: skip
 
 
-def _check_children(path: str, module: nn.Module, layout: Layout) -> None:
+def _check_children(path: str, module: nn.Module, qkv: tuple[str, ...], out: str) -> None:
     """Refuse modules that own parameters we would silently drop (attention sinks, gates, extra norms)."""
     own = [name for name, _ in module.named_parameters(recurse=False)]
     if own:
         raise _error(path, module, f"owns parameters outside its projections: {', '.join(own)}")
-    qkv, out = _LAYOUTS[layout]
-    allowed = {*qkv, out, *_NORMS}
+    allowed = {*qkv, out, *(n for names in _NORM_ALIASES.values() for n in names)}
     for name, child in module.named_children():
         if name not in allowed and any(True for _ in child.parameters()):
             raise _error(path, module, f"child {name!r} ({type(child).__name__}) has parameters that cannot be read")
@@ -177,20 +196,43 @@ def _sliding_window(module: nn.Module, cfg: Any, layer_idx: int) -> int | None:
     return window  # Mistral/Phi-3 style: one window for every layer
 
 
-def _norm(path: str, module: nn.Module, name: str, head_dim: int) -> nn.Module | None:
-    norm = getattr(module, name, None)
+_WHOLE_WIDTH: dict[type, type] = {}
+
+
+def _whole_width(norm: nn.Module) -> nn.Module:
+    """A copy of ``norm`` that takes ``[..., H, D]`` and normalises over ``H * D`` (OLMo-2 style q/k norms).
+
+    Mixers apply q/k norms to ``[B, T, H, D]``; these norms act on the whole projection. The copy keeps the
+    parameter names (``weight``), so weight maps and saved state dicts see the model's own tensors.
+    """
+    base = type(norm)
+    if base not in _WHOLE_WIDTH:
+
+        def forward(self: nn.Module, x: Tensor) -> Tensor:
+            return base.forward(self, x.flatten(-2)).view_as(x)
+
+        _WHOLE_WIDTH[base] = type(f"WholeWidth{base.__name__}", (base,), {"forward": forward, "__module__": __name__})
+    wrapped = copy.deepcopy(norm)
+    wrapped.__class__ = _WHOLE_WIDTH[base]
+    return wrapped
+
+
+def _norm(path: str, module: nn.Module, name: str, head_dim: int, heads: int) -> nn.Module | None:
+    norm = next((getattr(module, a) for a in _NORM_ALIASES[name] if getattr(module, a, None) is not None), None)
     if norm is None:
         return None
     weight = getattr(norm, "weight", None)
+    if isinstance(weight, Tensor) and tuple(weight.shape) == (heads * head_dim,) and heads > 1:
+        return _whole_width(norm)
     if isinstance(weight, Tensor) and tuple(weight.shape) != (head_dim,):
-        # OLMo-2 style norms act on the whole projection [H*D], not per head: mixers cannot reproduce them.
-        raise _error(path, module, f"{name} weight has shape {tuple(weight.shape)}, expected per-head ({head_dim},)")
+        raise _error(path, module, f"{name} weight has shape {tuple(weight.shape)}, expected ({head_dim},) per head "
+                     f"or ({heads * head_dim},) over all heads")  # fmt: skip
     return norm
 
 
 def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> AttentionSite:
-    layout = _layout_of(path, module)
-    _check_children(path, module, layout)
+    layout, qkv_names, out_name = _layout_of(path, module)
+    _check_children(path, module, qkv_names, out_name)
     if not getattr(module, "use_rope", True):
         # Llama-4 / SmolLM3 "NoPE" layers skip RoPE; AttentionDims has no field to say so.
         raise _error(path, module, "layer does not apply RoPE (use_rope is false), which sites cannot describe")
@@ -198,9 +240,8 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
         raise _error(path, module, "bidirectional attention (is_causal is false) cannot be replaced in a causal LM")
     cfg = module.config if getattr(module, "config", None) is not None else model_cfg
     layer_idx = module.layer_idx if isinstance(getattr(module, "layer_idx", None), int) else index
-    qkv_names, out_name = _LAYOUTS[layout]
-    qkv = [_linear(path, module, name) for name in qkv_names]
-    out = _linear(path, module, out_name)
+    qkv = [_Proj(path, module, name) for name in qkv_names]
+    out = _Proj(path, module, out_name)
     D = _head_dim(module, cfg)
     if D is None or out.in_features % D:
         raise _error(path, module, f"head dim {D} does not divide {out_name}.in_features={out.in_features}")
@@ -217,7 +258,7 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
     elif layout == "fused_qkv":
         rest = qkv[0].out_features - Hq * D
         if rest <= 0 or rest % (2 * D):
-            raise _error(path, module, f"qkv_proj width {qkv[0].out_features} is not [q {Hq}x{D} | k | v]")
+            raise _error(path, module, f"{qkv_names[0]} width {qkv[0].out_features} is not [q {Hq}x{D} | k | v]")
         Hkv = rest // (2 * D)
     else:
         if qkv[0].out_features != 3 * Hq * D:
@@ -231,8 +272,9 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
         o_bias=out.bias is not None, scaling=float(getattr(module, "scaling", D**-0.5)),
         sliding_window=_sliding_window(module, cfg, layer_idx), softcap=softcap,
     )  # fmt: skip
-    q_norm, k_norm = (_norm(path, module, name, D) for name in _NORMS)
-    return AttentionSite(layer_idx, path, type(module).__name__, dims, layout, q_norm, k_norm)
+    q_norm = _norm(path, module, "q_norm", D, Hq)
+    k_norm = _norm(path, module, "k_norm", D, Hkv)
+    return AttentionSite(layer_idx, path, type(module).__name__, dims, layout, q_norm, k_norm, qkv_names, out_name)
 
 
 def find_attention(model: nn.Module) -> list[AttentionSite]:
@@ -262,15 +304,15 @@ def read_weights(module: nn.Module, site: AttentionSite) -> dict[str, Tensor]:
     [C, Hq*D], biases to match, ``q_norm.weight``/``k_norm.weight`` [D]. Absent tensors are absent keys.
     """
     d = site.dims
-    qkv_names, out_name = _LAYOUTS[site.layout]
-    qkv = [_linear(site.path, module, name) for name in qkv_names]
-    out = _linear(site.path, module, out_name)
+    qkv_names, out_name = (site.qkv_names, site.out_name) if site.out_name else _layout_of(site.path, module)[1:]
+    qkv = [_Proj(site.path, module, name) for name in qkv_names]
+    out = _Proj(site.path, module, out_name)
     parts: dict[str, Tensor | None] = {}
     if site.layout == "separate":
         for name, lin in zip("qkv", qkv):
             parts[f"{name}_proj.weight"], parts[f"{name}_proj.bias"] = lin.weight, lin.bias
     elif site.layout == "fused_qkv":
-        # Phi-3 rows: [q (Hq*D) | k (Hkv*D) | v (Hkv*D)].
+        # Phi-3, GPT-2, MPT rows: [q (Hq*D) | k (Hkv*D) | v (Hkv*D)].
         sizes = [d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim, d.num_kv_heads * d.head_dim]
         weights = qkv[0].weight.split(sizes, dim=0)
         biases = qkv[0].bias.split(sizes, dim=0) if qkv[0].bias is not None else (None,) * 3
@@ -286,5 +328,6 @@ def read_weights(module: nn.Module, site: AttentionSite) -> dict[str, Tensor]:
             parts[f"{name}_proj.bias"] = b[:, i].reshape(H * D) if b is not None else None
     parts["o_proj.weight"], parts["o_proj.bias"] = out.weight, out.bias
     for name in _NORMS:
-        parts[f"{name}.weight"] = getattr(getattr(module, name, None), "weight", None)
+        norm = next((getattr(module, a) for a in _NORM_ALIASES[name] if getattr(module, a, None) is not None), None)
+        parts[f"{name}.weight"] = getattr(norm, "weight", None)
     return {key: t.detach() for key, t in parts.items() if isinstance(t, Tensor)}

@@ -121,6 +121,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    from surgery.lm_eval_cli import main as lm_eval_main
+
+    return lm_eval_main(args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="surgery", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
@@ -145,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("run", cmd_run, "convert -> recover -> eval -> save into the plan's output directory").add_argument(
         "--force", action="store_true", help=force)  # fmt: skip
     add("fetch-demo", cmd_fetch_demo, "build the offline demo model and data", plan=False).add_argument("--root")
+    (lm := sub.add_parser("lm-eval", help="lm-eval's own CLI; --model_args pretrained=DIR reads saved models", prefix_chars="\0", add_help=False)).set_defaults(fn=cmd_lm_eval) or lm.add_argument("args", nargs=argparse.REMAINDER)  # every argument, even -h, goes to lm-eval  # fmt: skip
     plugins = sub.add_parser("plugins", help="plugin commands").add_subparsers(dest="sub", required=True)
     pl = plugins.add_parser("list", help="every plugin with its distribution and version")
     pl.add_argument("--json", action="store_true")

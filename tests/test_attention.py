@@ -169,12 +169,12 @@ def test_gpt_neox_headwise_split_gives_identical_projections() -> None:
 
 
 class ConvAttention(nn.Module):
-    """GPT-2-like attention (c_attn / c_proj): looks like attention, has no readable layout."""
+    """PyTorch MultiheadAttention-like naming (in_proj / proj): looks like attention, has no readable layout."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
-        self.c_attn = nn.Linear(hidden, 3 * hidden)
-        self.c_proj = nn.Linear(hidden, hidden)
+        self.in_proj = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
 
 
 class SinkAttention(nn.Module):
@@ -202,10 +202,20 @@ def test_attention_with_unread_parameters_is_refused() -> None:
         find_attention(model)
 
 
-def test_whole_projection_norm_is_refused() -> None:
+def test_whole_projection_norm_is_read_and_applied_over_all_heads() -> None:
     model = tiny_model("qwen3")
     attn = model.model.layers[0].self_attn
     attn.q_norm = nn.RMSNorm(attn.q_proj.out_features)  # OLMo-2 style: one norm over all heads
+    site = find_attention(model)[0]
+    x = torch.randn(2, 3, site.dims.num_heads, site.dims.head_dim)
+    assert torch.equal(site.q_norm(x), attn.q_norm(x.flatten(-2)).view_as(x))
+    assert read_weights(attn, site)["q_norm.weight"].shape == (site.dims.num_heads * site.dims.head_dim,)
+
+
+def test_norm_of_another_width_is_refused() -> None:
+    model = tiny_model("qwen3")
+    attn = model.model.layers[0].self_attn
+    attn.q_norm = nn.RMSNorm(7)
     with pytest.raises(AttentionReadError, match=r"model\.layers\.0\.self_attn.*Qwen3Attention.*q_norm"):
         find_attention(model)
 
