@@ -13,15 +13,17 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from surgery.artifacts_fs import ArtifactError
 from surgery.attention import AttentionReadError
 from surgery.mixer import MixerDimsError
 from surgery.outputs import OutputError
 from surgery.plan import PlanError
+from surgery.recovery.data import DataError
 from surgery.recovery.stage import TrainingDiverged
 from surgery.registry import PluginError, UnknownNameError
 
 USER_ERRORS = (PlanError, PluginError, UnknownNameError, AttentionReadError, MixerDimsError, FileNotFoundError,
-               OutputError, TrainingDiverged)
+               OutputError, TrainingDiverged, ArtifactError, DataError)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:

@@ -5,7 +5,9 @@ The converter names no plugin: mixers and weight maps come from the registry by 
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -113,10 +115,46 @@ def match(plan: Plan, sites: list[AttentionSite], n_layers: int, registry: Regis
     return sorted(out, key=lambda mr: mr[0].layer)
 
 
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face endpoint answers a TCP connection within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def require_source(model: str) -> None:
+    """Fail at once, in one located line, when ``model`` is neither local, nor cached, nor reachable.
+
+    transformers would otherwise retry the hub several times before failing.
+    """
+    if Path(model).expanduser().exists():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(model, "config.json"), str):
+            return
+    except (ValueError, OSError):  # not a valid repo id: let transformers give its own message
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise PlanError([("model", f"'{model}' is not a local path and not in the Hugging Face cache, and "
+                                   "HF_HUB_OFFLINE is set")])  # fmt: skip
+    if not _hub_reachable():
+        raise PlanError([("model", f"'{model}' is not a local path and not in the Hugging Face cache, and the hub "
+                                   "cannot be reached; use a local directory or download it first")])  # fmt: skip
+
+
 def meta_model(plan: Plan) -> nn.Module:
     """The plan's model built from its config on the meta device (no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    require_source(plan.model)
     try:
         config = AutoConfig.from_pretrained(plan.model)
     except (OSError, ValueError) as exc:
@@ -162,6 +200,7 @@ def load_model(plan: Plan) -> nn.Module:
     """The plan's pretrained model, in the plan's dtype, in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    require_source(plan.model)
     try:
         model = AutoModelForCausalLM.from_pretrained(plan.model, dtype=DTYPES[plan.dtype])
     except (OSError, ValueError) as exc:

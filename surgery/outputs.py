@@ -68,11 +68,31 @@ def run_paths(plan: Any, output: str | os.PathLike | None = None) -> RunPaths:
 
 
 def _written(path: Path) -> set[str]:
-    try:
+    try:  # the same marker as surgery.artifacts_fs writes in saved model directories
         data = json.loads((path / MARKER).read_text())
-        return set(data.get("written", []))
+        return set(data.get("files", []))
     except (OSError, ValueError, AttributeError):
         return set()
+
+
+def _mark(path: Path, files: set[str]) -> None:
+    (path / MARKER).write_text(json.dumps({"written_by": "surgery", "files": sorted(files)}, indent=1))
+
+
+def check_writable(path: str | os.PathLike, force: bool = False) -> None:
+    """Refuse, before any work, an output that is a file or a non-empty directory surgery did not create.
+
+    Raises:
+        OutputError: naming the path and the way out (``--force``).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"output {path} is a file, not a directory; choose another output")
+    if path.is_dir() and not is_ours(path) and any(p.name != LOCK for p in path.iterdir()) and not force:
+        raise OutputError(
+            f"output {path} is a non-empty directory that surgery did not create; choose another output, or pass "
+            "--force (force=True) to write into it (surgery never deletes files it did not write)"
+        )
 
 
 def is_ours(path: Path) -> bool:
@@ -87,16 +107,10 @@ def claim_dir(path: str | os.PathLike, force: bool = False) -> Path:
         OutputError: ``path`` is a file, or a non-empty directory surgery did not create (without ``force``).
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"output {path} is a file, not a directory; choose another output")
-    if path.is_dir() and not is_ours(path) and any(p.name != LOCK for p in path.iterdir()) and not force:
-        raise OutputError(
-            f"output {path} is a non-empty directory that surgery did not create; choose another output, or pass "
-            "--force (force=True) to write into it (surgery never deletes files it did not write)"
-        )
+    check_writable(path, force)
     path.mkdir(parents=True, exist_ok=True)
     if not is_ours(path):
-        (path / MARKER).write_text(json.dumps({"written": []}))
+        _mark(path, set())
     return path
 
 
@@ -115,7 +129,7 @@ def write_owned(directory: Path, name: str, text: str) -> Path:
     tmp.write_text(text)
     os.replace(tmp, target)  # atomic: a reader sees the old file or the new one
     if name not in written:
-        (directory / MARKER).write_text(json.dumps({"written": sorted(written | {name})}))
+        _mark(directory, written | {name})
     return target
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from surgery.artifacts import load, save
 from surgery.convert import convert, load_model
-from surgery.outputs import OutputError, OutputLock, claim_dir, run_paths, write_owned
+from surgery.outputs import OutputError, OutputLock, check_writable, claim_dir, run_paths, write_owned
 from surgery.plan import Plan
 
 SAMPLE_PROMPT = "The capital of France is"
@@ -120,7 +120,7 @@ class Run:
     def save(self, model: nn.Module, path: Path, card: str | None = None) -> Path:
         extra = {"README.md": card} if card is not None else None
         # The tokenizer this run loaded; else save() looks for the plan's locally (a model may have none).
-        return save(model, path, tokenizer=self._tokenizer, extra_files=extra)
+        return save(model, path, tokenizer=self._tokenizer, extra_files=extra, force=self.force)
 
 
 def generate_sample(model: Any, tokenizer: Any, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 24) -> str:
@@ -182,6 +182,7 @@ def convert_command(plan: Plan, output: str | Path | None = None, force: bool = 
     """``surgery convert``: convert and save to ``<output>/convert`` (or ``output`` itself when given)."""
     ctx = Run(plan, force=force)
     target = Path(output) if output is not None else ctx.paths.convert
+    check_writable(target, force)  # before the work, not after it
     if output is None:
         claim_dir(ctx.paths.root, force=force)
     model = ctx.converted()

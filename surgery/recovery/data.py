@@ -27,6 +27,10 @@ from surgery.recovery.spec import DataSpec
 
 log = logging.getLogger("surgery.recover")
 
+class DataError(ValueError):
+    """Unusable training data (a missing path, a bad record, too few tokens); the message names the file."""
+
+
 IGNORE = -100  # label of tokens that carry no loss (the prompt of an instruction pair)
 SUFFIXES = (".txt", ".jsonl", ".json")
 
@@ -66,6 +70,14 @@ def _looks_local(source: str) -> bool:
 
 
 def _read_file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        yield from _read_text_file(path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                        "recovery reads .txt, .jsonl and .json text files") from None  # fmt: skip
+
+
+def _read_text_file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``(where, record)`` pairs; ``where`` names the file and line for error messages."""
     if path.suffix == ".txt":
         yield str(path), {"text": path.read_text(encoding="utf-8")}
@@ -76,15 +88,15 @@ def _read_file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                     try:
                         yield f"{path}:{n}", json.loads(line)
                     except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path}:{n}: not a JSON object ({exc.msg})") from None
+                        raise DataError(f"{path}:{n}: not a JSON object ({exc.msg})") from None
     elif path.suffix == ".json":
         rows = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(rows, list):
-            raise ValueError(f"{path}: a .json data file must hold a list of records")
+            raise DataError(f"{path}: a .json data file must hold a list of records")
         for n, row in enumerate(rows):
             yield f"{path}[{n}]", row
     else:
-        raise ValueError(f"recover.data.source: {path} is not a .txt, .jsonl or .json file")
+        raise DataError(f"recover.data.source: {path} is not a .txt, .jsonl or .json file")
 
 
 def read_records(data: DataSpec) -> list[tuple[str, dict[str, Any]]]:
@@ -94,10 +106,10 @@ def read_records(data: DataSpec) -> list[tuple[str, dict[str, Any]]]:
     if path.exists():
         files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES) if path.is_dir() else [path]
         if not files:
-            raise ValueError(f"recover.data.source: directory {path} holds no .txt, .jsonl or .json file")
+            raise DataError(f"recover.data.source: directory {path} holds no .txt, .jsonl or .json file")
         rows = (row for f in files for row in _read_file(f))
     elif _looks_local(source):
-        raise ValueError(f"recover.data.source: {path} does not exist")
+        raise DataError(f"recover.data.source: {path} does not exist")
     else:
         rows = _hub_rows(data)
     out = []
@@ -106,7 +118,7 @@ def read_records(data: DataSpec) -> list[tuple[str, dict[str, Any]]]:
             break
         out.append((where, row))
     if not out:
-        raise ValueError(f"recover.data.source: {source} holds no records")
+        raise DataError(f"recover.data.source: {source} holds no records")
     return out
 
 
@@ -116,7 +128,7 @@ def _hub_rows(data: DataSpec) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
         ds = datasets.load_dataset(data.source, data.name, split=data.split)
     except Exception as exc:  # offline, unknown name, missing config: all end the same way for the user
-        raise ValueError(
+        raise DataError(
             f"recover.data.source: '{data.source}' is not a local file and could not be loaded with "
             f"datasets.load_dataset ({type(exc).__name__}: {exc})"
         ) from None
@@ -127,7 +139,7 @@ def _hub_rows(data: DataSpec) -> Iterator[tuple[str, dict[str, Any]]]:
 def _eos(tokenizer: Any) -> int:
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
-        raise ValueError("the tokenizer has no eos_token_id: packing needs it to separate documents")
+        raise DataError("the tokenizer has no eos_token_id: packing needs it to separate documents")
     return int(eos)
 
 
@@ -152,7 +164,7 @@ def tokenize_records(records: Sequence[tuple[str, dict[str, Any]]], tokenizer: A
 
     for where, row in records:
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
+            raise DataError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
         if isinstance(row.get("text"), str):
             texts.append(row["text"])
             if len(texts) >= 512:
@@ -167,7 +179,7 @@ def tokenize_records(records: Sequence[tuple[str, dict[str, Any]]], tokenizer: A
             ids.extend(p + a)
             labels.extend([IGNORE] * len(p) + a)
         else:
-            raise ValueError(
+            raise DataError(
                 f"{where}: a record needs 'text', or 'instruction' and 'output' (strings); it has keys {sorted(row)}"
             )
     flush()
@@ -178,14 +190,14 @@ def pack(ids: list[int], labels: list[int], seq_len: int, where: str = "the data
     """Cut the token stream into ``seq_len`` chunks; drop the short tail and chunks without any loss token."""
     n = len(ids) // seq_len
     if n == 0:
-        raise ValueError(f"{where} has {len(ids)} tokens, fewer than one chunk of recover.data.seq_len={seq_len}")
+        raise DataError(f"{where} has {len(ids)} tokens, fewer than one chunk of recover.data.seq_len={seq_len}")
     x = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
     y = torch.tensor(labels[: n * seq_len], dtype=torch.long).view(n, seq_len)
     # The model shifts labels by one, so position 0's label is never scored: a chunk whose labels[1:] are all
     # IGNORE would give a 0/0 loss.
     keep = (y[:, 1:] != IGNORE).any(dim=1)
     if not bool(keep.any()):
-        raise ValueError(f"{where}: no chunk of {seq_len} tokens contains a token to learn")
+        raise DataError(f"{where}: no chunk of {seq_len} tokens contains a token to learn")
     if not bool(keep.all()):
         log.info("dropped %d chunks without response tokens", int((~keep).sum()))
     return PackedChunks(x[keep].contiguous(), y[keep].contiguous())

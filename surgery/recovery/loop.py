@@ -34,7 +34,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import TrainerCallback, default_data_collator
 
-from surgery.outputs import OutputLock
+from surgery.outputs import OutputError, OutputLock
 from surgery.recovery.adapters import find_mixers, inject_lora, load_adapter_weights, load_mixer_params, lora_config
 from surgery.recovery.adapters import save_adapter
 from surgery.recovery.data import PackedChunks, load_chunks
@@ -230,7 +230,7 @@ def _claim(out: Path, spec: RecoverSpec, resume: bool) -> None:
     if resume and spec_file.exists() and _trained(out):
         changed = _weight_changes(json.loads(spec_file.read_text()), current)
         if changed:
-            raise ValueError(
+            raise OutputError(
                 f"{out} holds a recovery run with a different recover section (differs in: {', '.join(changed)}); "
                 "use another output, or restart (surgery recover --restart, or resume=False), which moves the old "
                 "run aside"
