@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -128,7 +129,9 @@ def recover(
 
 
 def _fsdp(spec: RecoverSpec) -> bool:
-    return spec.distributed == "fsdp" and world_size() > 1
+    """Whether this run shards the model: the plan says fsdp, or accelerate launch --use_fsdp does."""
+    launched = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    return (spec.distributed == "fsdp" or launched) and world_size() > 1
 
 
 def _train(
