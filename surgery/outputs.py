@@ -136,6 +136,9 @@ def write_owned(directory: Path, name: str, text: str) -> Path:
 class OutputLock:
     """An exclusive advisory lock on ``directory`` for the life of a ``with`` block (POSIX ``flock``).
 
+    Under torchrun / accelerate launch only rank 0 takes it: the processes of one run share their directories (and
+    the other ranks write nothing there but their own random states in checkpoints).
+
     Raises:
         OutputError: on enter, when another process holds the lock (the message names its pid).
     """
@@ -147,6 +150,8 @@ class OutputLock:
     def __enter__(self) -> OutputLock:
         import fcntl
 
+        if int(os.environ.get("RANK", "0")) != 0:
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

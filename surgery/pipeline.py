@@ -5,6 +5,10 @@ tokenizer and the base model. The base weights are read from disk at most once p
 from an in-memory copy, and the base itself serves as the recovery teacher and the evaluation baseline (moved
 between devices as needed, never reloaded). Stages return typed results; only the save step writes a model, once.
 
+Under ``torchrun`` / ``accelerate launch`` every process converts and recovers (recovery is the distributed part);
+rank 0 alone claims the output, evaluates, samples and writes the model, the card and the report, while the other
+processes end once recovery has (they skip the rest, so a long evaluation cannot time out a waiting collective).
+
 The stage commands (``surgery convert``, ``recover``, ``eval``) are methods of the same context, so a plan with no
 ``output:`` means ``runs/surgery`` for all of them, and ``recover`` always starts from the converted model (never
 from a recovered one, whose adapters are already merged).
@@ -25,6 +29,7 @@ from surgery.artifacts import load, save
 from surgery.convert import convert, load_model
 from surgery.outputs import OutputError, OutputLock, check_writable, claim_dir, run_paths, write_owned
 from surgery.plan import Plan
+from surgery.recovery.distributed import is_main
 
 SAMPLE_PROMPT = "The capital of France is"
 
@@ -147,7 +152,7 @@ def run(
     from surgery.card import model_card
 
     ctx = Run(plan, output=output, registry=registry, base_model=model, force=force)
-    root = claim_dir(ctx.paths.root, force=force)
+    root = _claim_root(ctx, force)
     report = RunReport()
     with OutputLock(root):
         t = time.perf_counter()
@@ -160,6 +165,8 @@ def run(
             report.recover = ctx.recover(converted)
             converted = report.recover.model
             report.wall_s["recover"] = time.perf_counter() - t
+        if not is_main():
+            return report  # rank 0 evaluates and writes; this process's part is done
         if plan.eval is not None:
             from surgery.evaluate import format_table
 
@@ -195,10 +202,22 @@ def recover_command(plan: Plan, restart: bool = False, force: bool = False) -> P
     if plan.recover is None:
         raise OutputError("the plan has no recover: section")
     ctx = Run(plan, force=force)
-    root = claim_dir(ctx.paths.root, force=force)
+    root = _claim_root(ctx, force)
     with OutputLock(root):
         result = ctx.recover(ctx.saved_or_converted(), resume=not restart)
+        if not is_main():
+            return ctx.paths.model  # rank 0 writes the model
         return ctx.save(result.model, ctx.paths.model)
+
+
+def _claim_root(ctx: Run, force: bool) -> Path:
+    """Rank 0 claims the run's directory; under torchrun the others wait for it (they would race its checks)."""
+    from surgery.recovery.distributed import barrier, init
+
+    init()
+    root = claim_dir(ctx.paths.root, force=force) if is_main() else ctx.paths.root
+    barrier()
+    return root
 
 
 def eval_command(plan: Plan, limit: float | None = None) -> Any:

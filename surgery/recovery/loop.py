@@ -36,8 +36,8 @@ from transformers import TrainerCallback, default_data_collator
 
 from surgery.outputs import OutputError, OutputLock
 from surgery.recovery.adapters import find_mixers, inject_lora, load_adapter_weights, load_mixer_params, lora_config
-from surgery.recovery.adapters import save_adapter
 from surgery.recovery.data import PackedChunks, load_chunks
+from surgery.recovery.distributed import barrier, init, is_main, is_sharded, skeleton, unsharded, world_size
 from surgery.recovery.spec import NEUTRAL_TRAIN_KEYS, RecoverSpec
 from surgery.recovery.stage import Stage, StageContext, StageResult
 from surgery.recovery.trainer import last_checkpoint, tokens_per_step, training_arguments, use_bf16, write_loss_curve
@@ -118,13 +118,20 @@ def recover(
         registry = load_registry()
     spec = _resolve_spec(plan, spec, registry)
     lora_config(model, spec.lora)  # refuse a model or targets that leave a converted layer bare, before any work
+    init()  # under torchrun / accelerate launch: the process group, before the first barrier
     out = _resolve_out_dir(plan, out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with OutputLock(out):
+    with OutputLock(out):  # taken by rank 0 only (surgery.outputs): the processes of one run share the directory
         _claim(out, spec, resume)
         tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(plan, model)
         chunks = load_chunks(spec.data, tokenizer)
         return _train(model, spec, registry, chunks, out, resume, teacher_model, plan, callbacks)
+
+
+def _fsdp(spec: RecoverSpec) -> bool:
+    """Whether this run shards the model: the plan says fsdp, or accelerate launch --use_fsdp does."""
+    launched = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    return (spec.distributed == "fsdp" or launched) and world_size() > 1
 
 
 def _train(
@@ -150,6 +157,8 @@ def _train(
     n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     log.info("recover: %d converted layers, %d trainable parameters (%d in mixers' own parameters), stages %s",
              len(find_mixers(model)), n_train, sum(p.numel() for p in extra.values()), list(spec.stages))
+    # FSDP shards the model in place and has no way back: rank 0 keeps a weightless copy to gather into.
+    shell = skeleton(peft_model) if _fsdp(spec) and is_main() else None
     results: dict[str, StageResult] = {}
     teacher: nn.Module | None = None
     try:
@@ -159,17 +168,25 @@ def _train(
                 teacher = _teacher(model, plan, teacher_model)  # once for every stage that needs it
             ctx = StageContext(model=model, peft_model=peft_model, mixer_params=extra, chunks=chunks,
                                teacher=teacher if stage.needs_teacher() else None)  # fmt: skip
-            results[stage.name] = _run_stage(stage, ctx, out / stage.name, resume, callbacks)
+            results[stage.name] = _run_stage(stage, ctx, out / stage.name, resume, callbacks, spec.distributed)
     finally:
         if use_cache is not None:
             model.config.use_cache = use_cache
     final = out / "adapter"
-    if _is_main():  # under torchrun every process trained the same weights; one writes them
+    if is_main():  # the last stage's adapter (written by rank 0) is the run's, and its curve the run's curve
         last = out / stages[-1].name
-        for name in ("loss.csv", "loss.png"):  # the run's curve at the top: the last stage's
+        for name in ("loss.csv", "loss.png"):
             if (last / name).exists():
                 shutil.copyfile(last / name, out / name)
-        save_adapter(peft_model, extra, final)
+        final.mkdir(exist_ok=True)
+        for f in (last / "adapter").iterdir():
+            shutil.copyfile(f, final / f.name)
+    barrier()
+    if is_sharded(peft_model):  # every process gathers; rank 0 gets the whole model, the others keep their shards
+        whole = unsharded(peft_model, shell)
+        if whole is None:
+            return RecoverResult(peft_model, results, final, out, n_train)
+        peft_model = whole
     result = RecoverResult(peft_model, results, final, out, n_train)
     if spec.merge:
         merged = peft_model.merge_and_unload()
@@ -191,10 +208,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, *, merge: bool = Tru
     peft_model = wrap_for_adapter(model, adapter_dir)
     load_adapter_weights(peft_model, adapter_dir)
     return peft_model.merge_and_unload() if merge else peft_model
-
-
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _resolve_spec(plan: Any, spec: RecoverSpec | dict[str, Any] | None, registry: Any) -> RecoverSpec:
@@ -224,7 +237,10 @@ def _trained(out: Path) -> bool:
 
 
 def _claim(out: Path, spec: RecoverSpec, resume: bool) -> None:
-    """Make ``out`` this spec's directory: refuse to resume a different trained spec; move an old run aside."""
+    """Make ``out`` this spec's directory: refuse to resume a different trained spec; move an old run aside.
+
+    Every process checks, rank 0 writes, and no process goes on before it has (``barrier``).
+    """
     spec_file = out / "spec.json"
     current = spec.model_dump(mode="json")
     if resume and spec_file.exists() and _trained(out):
@@ -235,7 +251,9 @@ def _claim(out: Path, spec: RecoverSpec, resume: bool) -> None:
                 "use another output, or restart (surgery recover --restart, or resume=False), which moves the old "
                 "run aside"
             )
-    if not _is_main():
+    barrier()  # every process has read spec.json before rank 0 rewrites it
+    if not is_main():
+        barrier()
         return
     if not resume and _trained(out):
         aside = out / time.strftime("previous-%Y%m%d-%H%M%S")
@@ -245,6 +263,7 @@ def _claim(out: Path, spec: RecoverSpec, resume: bool) -> None:
                 p.rename(aside / p.name)
         log.warning("recover: the earlier run in %s was moved to %s", out, aside)
     spec_file.write_text(json.dumps(current, indent=1))
+    barrier()
 
 
 def _weight_changes(previous: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -252,7 +271,7 @@ def _weight_changes(previous: dict[str, Any], current: dict[str, Any], prefix: s
     changed = []
     for key in sorted(set(previous) | set(current)):
         a, b, path = previous.get(key), current.get(key), prefix + key
-        neutral = path == "merge" or (path.startswith("stages.") and key in NEUTRAL_TRAIN_KEYS)
+        neutral = path in ("merge", "distributed") or (path.startswith("stages.") and key in NEUTRAL_TRAIN_KEYS)
         if isinstance(a, dict) and isinstance(b, dict):
             changed += _weight_changes(a, b, path + ".")
         elif a != b and not neutral:
@@ -287,8 +306,9 @@ def _teacher(model: nn.Module, plan: Any, teacher_model: Teacher) -> nn.Module:
 
 
 def _run_stage(
-    stage: Stage, ctx: StageContext, stage_dir: Path, resume: bool, callbacks: Sequence[TrainerCallback]
-) -> StageResult:
+    stage: Stage, ctx: StageContext, stage_dir: Path, resume: bool, callbacks: Sequence[TrainerCallback],
+    distributed: str = "ddp",
+) -> StageResult:  # fmt: skip
     """Run one stage to its end, resuming from its last checkpoint; a finished stage only reloads its result."""
     done = stage_dir / "done.json"
     result = stage_dir / "adapter"
@@ -298,25 +318,29 @@ def _run_stage(
         return StageResult(**json.loads(done.read_text()))
     t0 = time.perf_counter()
     train = stage.options
-    args = training_arguments(train, stage_dir / "checkpoints", ctx.chunks.seq_len)
+    args = training_arguments(train, stage_dir / "checkpoints", ctx.chunks.seq_len, distributed, ctx.model)
     kwargs = dict(model=ctx.peft_model, args=args, train_dataset=ctx.chunks, data_collator=default_data_collator,
                   callbacks=list(callbacks), mixer_params=ctx.mixer_params)  # fmt: skip
     ckpt = last_checkpoint(stage_dir / "checkpoints") if resume else None
     if ckpt is not None:
+        # Full tensors into the whole model on every process, before the Trainer exists: FSDP shards them out.
         log.info("%s: resuming from %s", stage.name, ckpt)
+        load_adapter_weights(ctx.peft_model, ckpt)
         load_mixer_params(ctx.peft_model.get_base_model(), ckpt, expected=list(ctx.mixer_params))
+    step_tokens = tokens_per_step(train, ctx.chunks.seq_len)
     with stage.trainer(ctx, **kwargs) as trainer:
         try:
             trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
         finally:  # a diverged or interrupted stage still leaves its curve up to where it stopped
-            step_tokens = tokens_per_step(train, ctx.chunks.seq_len)
-            write_loss_curve(trainer.state.log_history, step_tokens, stage_dir, f"recover: {stage.name}")
+            if is_main():
+                write_loss_curve(trainer.state.log_history, step_tokens, stage_dir, f"recover: {stage.name}")
+        trainer.save_adapter(result)  # gathered from every process, written by rank 0
     losses = [float(e["loss"]) for e in trainer.state.log_history if "loss" in e]
     steps = trainer.state.global_step
     summary = StageResult(steps=steps, tokens=steps * step_tokens,
                           final_loss=sum(losses[-10:]) / len(losses[-10:]) if losses else None,
                           seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
-    if trainer.args.should_save:
-        save_adapter(ctx.peft_model, ctx.mixer_params, result)
+    if is_main():
         done.write_text(json.dumps(asdict(summary)))
+    barrier()
     return summary

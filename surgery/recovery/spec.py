@@ -33,8 +33,10 @@ class TrainOptions(Options):
 
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
-    batch_size: int = Field(2, ge=1, description="per device")
-    grad_accum: int = Field(1, ge=1)
+    batch_size: int = Field(
+        2, ge=1, description="chunks per micro-batch; the global batch (batch_size * grad_accum) is split over processes"
+    )
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step in a single process")
     max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = Field(0, ge=0)
@@ -118,6 +120,11 @@ class RecoverSpec(Options):
     lora: LoraSpec = LoraSpec()
     data: DataSpec = DataSpec()
     merge: bool = Field(True, description="return the model with LoRA merged into its weights")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="under torchrun / accelerate launch: ddp (every process holds the model) or fsdp (FSDP2 shards "
+        "it); ignored in a single process",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -33,7 +33,10 @@ from transformers.utils import is_torch_xla_available
 from surgery.mixer import Mixer
 from surgery.recovery.spec import TrainOptions
 from surgery.recovery.stage import TrainingDiverged
-from surgery.recovery.adapters import load_adapter_weights, save_mixer_params
+from surgery.recovery.adapters import save_mixer_params
+from surgery.recovery.distributed import fsdp_arguments, full_tensors, load_optimizer_state, optimizer_state
+from surgery.recovery.distributed import barrier, split_batch
+from surgery.recovery.distributed import world_size as dist_world_size
 from surgery.recovery.state import has_state, load_state, rng_states, save_state, set_rng_states
 
 log = logging.getLogger("surgery.recover")
@@ -62,13 +65,19 @@ def cpu_has_bf16() -> bool:
 
 
 def tokens_per_step(train: TrainOptions, seq_len: int) -> int:
-    """Tokens one optimizer step consumes, over all processes (``WORLD_SIZE`` under torchrun / accelerate)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return train.batch_size * train.grad_accum * seq_len * world
+    """Tokens one optimizer step consumes over all processes: the global batch, the same at any number of them."""
+    return train.batch_size * train.grad_accum * seq_len
 
 
-def training_arguments(train: TrainOptions, output_dir: Path, seq_len: int) -> TrainingArguments:
-    """``TrainingArguments`` of a stage: budget from ``tokens``, ``max_steps`` or ``epochs``; seeded, checkpointed."""
+def training_arguments(
+    train: TrainOptions, output_dir: Path, seq_len: int, distributed: str = "ddp", model: nn.Module | None = None
+) -> TrainingArguments:
+    """``TrainingArguments`` of a stage: budget from ``tokens``, ``max_steps`` or ``epochs``; seeded, checkpointed.
+
+    Under torchrun / accelerate launch the global batch ``batch_size * grad_accum`` is split over the processes
+    (``surgery.recovery.distributed.split_batch``); ``distributed: fsdp`` adds FSDP2's arguments (``model`` gives
+    the decoder-layer class that makes one FSDP unit).
+    """
     max_steps = train.max_steps
     if train.tokens is not None:
         max_steps = math.ceil(train.tokens / tokens_per_step(train, seq_len))
@@ -76,10 +85,20 @@ def training_arguments(train: TrainOptions, output_dir: Path, seq_len: int) -> T
     if schedule == "constant" and train.warmup_steps:
         schedule = "constant_with_warmup"
     cuda = torch.cuda.is_available()
+    world = dist_world_size()
+    micro, accum = split_batch(train.batch_size, train.grad_accum, world)
+    extra: dict[str, Any] = {}
+    if world > 1 and distributed == "fsdp":
+        if not cuda:
+            raise ValueError(
+                "recover.distributed: fsdp needs GPUs (accelerate runs FSDP on accelerators only; on CPU it would "
+                "silently fall back to DDP); use distributed: ddp on CPU"
+            )
+        extra = fsdp_arguments(model) if model is not None else fsdp_arguments(nn.Module())
     return TrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accum,
         learning_rate=train.lr,
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
@@ -102,6 +121,7 @@ def training_arguments(train: TrainOptions, output_dir: Path, seq_len: int) -> T
         remove_unused_columns=False,  # the model's forward is hidden behind peft: keep our two columns
         label_names=["labels"],
         dataloader_num_workers=0,
+        **extra,
     )
 
 
@@ -143,20 +163,48 @@ def last_checkpoint(directory: Path) -> Path | None:
 class StageTrainer(Trainer):
     """A Trainer with pickle-free checkpoints that also hold the mixers' own parameters (peft's adapter file does not).
 
-    Per checkpoint, besides the adapter and ``trainer_state.json``: ``optimizer.{json,safetensors}``,
-    ``scheduler.json``, ``scaler.json`` (fp16 only), ``rng_state.{json,safetensors}`` (``rng_state_<rank>.*`` under
-    DDP) and ``training_args.json``. Single-process and DDP training only: DeepSpeed, FSDP and XLA keep their
-    state in their own (pickled) formats and are refused.
+    Per checkpoint, besides the adapter and ``trainer_state.json``: ``optimizer.{json,safetensors}`` (keyed by
+    parameter name), ``scheduler.json``, ``scaler.json`` (fp16 only), ``rng_state.{json,safetensors}``
+    (``rng_state_<rank>.*`` with several processes) and ``training_args.json``. Single-process, DDP and FSDP2: the
+    trainable state is gathered to full tensors and written by rank 0, so a checkpoint does not depend on the
+    number of processes (``surgery.recovery.distributed``). DeepSpeed and XLA keep their state in their own
+    (pickled) formats and are refused.
     """
 
     def __init__(self, *args: Any, mixer_params: dict[str, nn.Parameter], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.mixer_params = mixer_params
-        backend = [n for n, on in (("DeepSpeed", self.is_deepspeed_enabled), ("FSDP", self.is_fsdp_enabled),
-                                   ("XLA", is_torch_xla_available())) if on]  # fmt: skip
+        backend = [n for n, on in (("DeepSpeed", self.is_deepspeed_enabled), ("XLA", is_torch_xla_available())) if on]
         if backend:
             raise ValueError(f"recover: training under {backend[0]} is not supported (its checkpoints are pickled); "
-                             "run single-process or with DDP (torchrun / accelerate without FSDP or DeepSpeed)")
+                             "run single-process, or with DDP or FSDP (recover.distributed) under torchrun / "
+                             "accelerate launch")  # fmt: skip
+        # Names in the peft model (the Trainer's) of the mixers' own parameters, taken before FSDP replaces them.
+        ids = {id(p): name for name, p in mixer_params.items()}
+        self.mixer_names = {fqn: ids[id(p)] for fqn, p in self.model.named_parameters() if id(p) in ids}
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """Full CPU copies of the LoRA tensors and the mixers' own parameters (peft-model names) on rank 0.
+
+        A collective under FSDP: every process calls it. Frozen adapters (``train: mixer_params``) are included,
+        frozen base weights never.
+        """
+        model = self.model
+        keep = [(n, p) for n, p in model.named_parameters() if "lora_" in n or n in self.mixer_names]
+        return full_tensors(keep)
+
+    def save_adapter(self, directory: str | Path) -> None:
+        """Write the adapter and the mixers' own parameters to ``directory`` (gathered, written by rank 0)."""
+        state = self.trainable_state()
+        if self.args.should_save:
+            self._write_adapter(Path(directory), state)
+
+    def _write_adapter(self, out: Path, state: dict[str, Tensor]) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        lora = {n: t for n, t in state.items() if n not in self.mixer_names}
+        model.save_pretrained(str(out), state_dict=lora, safe_serialization=True)  # peft: adapter_model.safetensors
+        save_mixer_params({self.mixer_names[n]: t for n, t in state.items() if n in self.mixer_names}, out)
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -188,27 +236,27 @@ class StageTrainer(Trainer):
         return loss
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        # Inside save_model, so a checkpoint is only complete (trainer_state.json written) with these in it.
-        super().save_model(output_dir, _internal_call)
-        if self.args.should_save:
-            save_mixer_params(self.mixer_params, output_dir or self.args.output_dir)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        # Replaces the Trainer's _save, whose last act is torch.save(self.args, "training_args.bin").
+        # Replaces the Trainer's, whose FSDP path writes torch.distributed.checkpoint files (pickled metadata) and
+        # whose last act is torch.save(self.args, "training_args.bin"). Called on every process: gathers, then
+        # rank 0 writes; a checkpoint is only complete (trainer_state.json, written after this) with all of it.
+        out = Path(output_dir or self.args.output_dir)
+        state = self.trainable_state()
         if not self.args.should_save:
             return
-        out = Path(output_dir or self.args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        model.save_pretrained(str(out), state_dict=state_dict)  # peft: adapter_model.safetensors
+        self._write_adapter(out, state)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(str(out))
         (out / TRAINING_ARGS_FILE).write_text(self.args.to_json_string())
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Every stock path into _save goes through save_model above; this one would write pickles.
+        self.save_model(output_dir)
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        # Under DDP every process holds the same optimizer state: the main one writes it.
+        # Full tensors keyed by parameter name (a collective under FSDP); rank 0 writes them.
+        state = optimizer_state(self.model, self.optimizer)
         if self.args.should_save:
-            save_state(self.optimizer.state_dict(), output_dir, "optimizer")
+            save_state(state, output_dir, "optimizer")
             save_state(self.lr_scheduler.state_dict(), output_dir, "scheduler")
 
     def _save_scaler(self, output_dir: str) -> None:
@@ -218,10 +266,14 @@ class StageTrainer(Trainer):
 
     def _save_rng_state(self, output_dir: str) -> None:
         save_state(rng_states(self._distributed()), output_dir, self._rng_name())
+        # Every process's file before rank 0 writes trainer_state.json, which marks the checkpoint complete.
+        barrier()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        # The stock path hands adapters to peft, which would torch.load an adapter_model.bin: read safetensors only.
-        load_adapter_weights(model if model is not None else self.model, resume_from_checkpoint)
+        # The stage loop loaded the adapter and the mixers' own parameters (full tensors, safetensors only) into the
+        # model before this Trainer existed, so FSDP shards them out with the rest; the stock path would hand the
+        # adapter to peft, which may torch.load an adapter_model.bin.
+        return
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None:
@@ -231,8 +283,8 @@ class StageTrainer(Trainer):
                 f"{checkpoint} holds no optimizer.json / scheduler.json (a checkpoint of a stock Trainer, whose "
                 "pickles surgery does not load?); resume=False starts the stage over"
             )
-        # Tensors come back on the CPU; Optimizer.load_state_dict moves each to its parameter's device and dtype.
-        self.optimizer.load_state_dict(load_state(checkpoint, "optimizer"))
+        # Full tensors on the CPU, on every process: moved to each parameter's device (and shard, under FSDP).
+        load_optimizer_state(self.model, self.optimizer, load_state(checkpoint, "optimizer"))
         self.lr_scheduler.load_state_dict(load_state(checkpoint, "scheduler"))
 
     def _load_scaler(self, checkpoint: str | None) -> None:
@@ -244,9 +296,14 @@ class StageTrainer(Trainer):
         if checkpoint is None:
             return
         name = self._rng_name()
+        written = len(list(Path(checkpoint).glob("rng_state_*.json"))) or int(has_state(checkpoint, "rng_state"))
+        if written != self.args.world_size:
+            log.warning("%s was written by %d process(es) and resumes on %d: the data order and the global batch "
+                        "continue as they were, the random states (dropout) are not restored exactly",
+                        checkpoint, written, self.args.world_size)  # fmt: skip
         if not has_state(checkpoint, name):
-            log.warning("%s holds no %s.json (written by another number of processes?): resume is not exact",
-                        checkpoint, name)
+            if written == self.args.world_size:
+                log.warning("%s holds no %s.json: resume is not exact", checkpoint, name)
             return
         set_rng_states(load_state(checkpoint, name), self._distributed())
 
