@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from surgery.kernels.gla import chunk as chunk_mod
+from surgery.kernels.gla import chunk_common
 from surgery.kernels.gla.chunk import chunk_gla_triton
 from surgery.kernels.gla.fused_recurrent import fused_recurrent_gla_step_, fused_recurrent_gla_triton
 from surgery.kernels.gla.naive import naive_recurrent_gla
@@ -121,15 +122,15 @@ def test_chunk_saved_states_give_the_same_gradients(monkeypatch):
 
 def test_chunk_sub_chunk_kernels(monkeypatch):
     # FAST_SPAN < 0 sends every chunk to the sub-chunk kernels (factorised diagonal blocks).
-    monkeypatch.setattr(chunk_mod, "FAST_SPAN", -1.0)
+    monkeypatch.setattr(chunk_common, "FAST_SPAN", -1.0)
     x = make(1, 70, 2, 1, 32, 16, init=True, seed=9)
     assert_match(run(chunk_gla_triton, x), run(naive_recurrent_gla, x), ratio=1e-5, atol=1e-5)
 
 
 def test_chunk_exact_diagonal_path(monkeypatch):
     # ...and SPAN_MAX < 0 sends every sub-chunk's diagonal block through the elementwise sum.
-    monkeypatch.setattr(chunk_mod, "FAST_SPAN", -1.0)
-    monkeypatch.setattr(chunk_mod, "SPAN_MAX", -1.0)
+    monkeypatch.setattr(chunk_common, "FAST_SPAN", -1.0)
+    monkeypatch.setattr(chunk_common, "SPAN_MAX", -1.0)
     x = make(1, 20, 2, 1, 16, 16, init=True, seed=4)
     assert_match(run(chunk_gla_triton, x), run(naive_recurrent_gla, x), ratio=1e-5, atol=1e-5)
 
@@ -264,10 +265,10 @@ def test_gpu_chunk_exact_diagonal_and_strong_decay(monkeypatch):
     want = cast_like(reference(x), x)
     want["o"] = want["o"].to(torch.bfloat16)
     assert_match(run(chunk_gla_triton, x), want, *TOL["bf16"])
-    monkeypatch.setattr(chunk_mod, "FAST_SPAN", -1.0)
+    monkeypatch.setattr(chunk_common, "FAST_SPAN", -1.0)
     y = make(1, 200, 4, 1, 64, 64, init=True, seed=13)
     assert_match(run(chunk_gla_triton, y), reference(y), *TOL["fp32"])
-    monkeypatch.setattr(chunk_mod, "SPAN_MAX", -1.0)
+    monkeypatch.setattr(chunk_common, "SPAN_MAX", -1.0)
     assert_match(run(chunk_gla_triton, y), reference(y), *TOL["fp32"])
 
 

@@ -1,0 +1,305 @@
+"""Backward of the chunked GLA kernels: dv, then dq, dk and the gradient of the cumulated decay."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from surgery.kernels.gla import chunk_common as cc
+from surgery.kernels.gla.chunk_common import (
+    CHUNK,
+    LOG2E,
+    _chunk_bounds,
+    chunk_local_cumsum,
+    chunk_states,
+    p2,
+    prepare_chunks,
+    sub_rows,
+)
+from surgery.kernels.gla.chunk_intra import (
+    _chunk_frame,
+    _diag_grads,
+    _diag_limit,
+    _diag_scores,
+    _frame_keys,
+    _frame_rows,
+    _rows,
+    _scores,
+    _tiles,
+    work_list,
+)
+
+@triton.jit
+def _dv_sub_chunks(i_c, i_h, i_v, q, k, b, do, dh, dv, table, cu, scale, Hkv, K: tl.constexpr, V: tl.constexpr,
+                   G: tl.constexpr, GP: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BKI: tl.constexpr,
+                   BKF: tl.constexpr, BV: tl.constexpr, SPAN_MAX: tl.constexpr):
+    """dv for one (chunk, kv-head, V-block) = scale * A^T do (summed over the group) + (k * 2^(B-b)) dH."""
+    t0, L = _chunk_bounds(table, cu, i_c, C)
+    Hq = Hkv * G
+    RS: tl.constexpr = BC * GP
+    sq, sk, sv, so = Hq * K, Hkv * K, Hkv * V, Hq * V
+    qb = q + (t0 * Hq + i_h * G) * K
+    kb = k + (t0 * Hkv + i_h) * K
+    bb = b + (t0 * Hkv + i_h) * K
+    dob = do + (t0 * Hq + i_h * G) * V
+    dhb = dh + (i_c.to(tl.int64) * Hkv + i_h) * (K * V)
+    j = tl.arange(0, C)
+    vv = i_v * BV + tl.arange(0, BV)
+    vm = vv < V
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    for s in range(0, tl.cdiv(L, BC)):
+        t, g, rmask = _rows(s, L, G, GP, BC)
+        slow, lim = _diag_limit(bb, s, L, sk, K, BC, BKF, SPAN_MAX)
+        A = _scores(qb, kb, bb, t, g, rmask, s, L, lim, sq, sk, K, C, BC, BKI, RS)
+        if slow:
+            A = _diag_scores(A, qb, kb, bb, t, g, rmask, s, L, sq, sk, K, C, BC, BKI, RS)
+        do_s = tl.load(dob + t[:, None] * so + g[:, None] * V + vv[None, :], mask=rmask[:, None] & vm[None, :],
+                       other=0.0)
+        acc += tl.dot(tl.trans(A * scale).to(do_s.dtype), do_s)
+    for k0 in tl.static_range(0, K, BKI):
+        kk = k0 + tl.arange(0, BKI)
+        km = kk < K
+        jm = (j[:, None] < L) & km[None, :]
+        k_c = tl.load(kb + j[:, None] * sk + kk[None, :], mask=jm, other=0.0)
+        b_c = tl.load(bb + j[:, None] * sk + kk[None, :], mask=jm, other=0.0)
+        b_last = tl.load(bb + (L - 1) * sk + kk, mask=km & (L > 0), other=0.0)
+        dh_kb = tl.load(dhb + kk[:, None] * V + vv[None, :], mask=km[:, None] & vm[None, :] & (L > 0), other=0.0)
+        acc += tl.dot((k_c * tl.exp2(b_last[None, :] - b_c)).to(dh_kb.dtype), dh_kb)
+    tl.store(dv + (t0 * Hkv + i_h) * V + j[:, None] * sv + vv[None, :], acc.to(dv.dtype.element_ty),
+             mask=(j[:, None] < L) & vm[None, :])
+
+
+@triton.jit
+def _dqkg_sub_chunks(i_c, i_h, i_k, q, k, v, b, h, do, dh, dq, dk, dg, table, cu, scale, Hkv, K: tl.constexpr,
+                     V: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
+                     BK: tl.constexpr, BKF: tl.constexpr, BVI: tl.constexpr, SPAN_MAX: tl.constexpr):
+    """dq (per query head), dk and the gradient w.r.t. the cumulated decay b, for one (chunk, kv-head, K-block).
+
+    d/db = sum_g q*dq - k*dk, plus at the chunk's last row sum_V(H * dH) * 2^B + sum_j k_j * dk_inter_j; a
+    reverse chunk-local cumsum then gives d/dgk. The q*dq rows go to dg first and are read back after a barrier
+    (the same program wrote them).
+    """
+    t0, L = _chunk_bounds(table, cu, i_c, C)
+    Hq = Hkv * G
+    RS: tl.constexpr = BC * GP
+    sq, sk, sv, so = Hq * K, Hkv * K, Hkv * V, Hq * V
+    qb = q + (t0 * Hq + i_h * G) * K
+    kb = k + (t0 * Hkv + i_h) * K
+    bb = b + (t0 * Hkv + i_h) * K
+    vb = v + (t0 * Hkv + i_h) * V
+    dob = do + (t0 * Hq + i_h * G) * V
+    hb = h + (i_c.to(tl.int64) * Hkv + i_h) * (K * V)
+    dhb = dh + (i_c.to(tl.int64) * Hkv + i_h) * (K * V)
+    k0 = i_k * BK
+    kk = k0 + tl.arange(0, BK)
+    km = kk < K
+    j = tl.arange(0, C)
+    jm = j < L
+    dk_acc = tl.zeros([C, BK], dtype=tl.float32)
+    for s in range(0, tl.cdiv(L, BC)):
+        t, g, rmask = _rows(s, L, G, GP, BC)
+        slow, lim = _diag_limit(bb, s, L, sk, K, BC, BKF, SPAN_MAX)
+        q_s, b_s, f_q, e, k_hat = _tiles(qb, kb, bb, t, g, rmask, s * BC, L, lim, k0, sq, sk, K, C, BK)
+        dA = tl.zeros([RS, C], dtype=tl.float32)
+        dq_inter = tl.zeros([RS, BK], dtype=tl.float32)
+        for v0 in tl.static_range(0, V, BVI):
+            vv = v0 + tl.arange(0, BVI)
+            vm = vv < V
+            do_s = tl.load(dob + t[:, None] * so + g[:, None] * V + vv[None, :], mask=rmask[:, None] & vm[None, :],
+                           other=0.0)
+            v_c = tl.load(vb + j[:, None] * sv + vv[None, :], mask=jm[:, None] & vm[None, :], other=0.0)
+            h_kb = tl.load(hb + kk[:, None] * V + vv[None, :], mask=km[:, None] & vm[None, :], other=0.0)
+            dA += tl.dot(do_s, tl.trans(v_c))
+            dq_inter += tl.dot(do_s, tl.trans(h_kb))
+        dA = tl.where(j[None, :] <= t[:, None], dA * scale, 0.0)
+        # sum_j dA k_hat is the gradient in the sub-chunk's reference frame; f_q = 2^(b - ref) takes it to q's
+        dq_s = tl.dot(dA, k_hat) * f_q + dq_inter * scale * tl.exp2(b_s)
+        dk_acc += tl.dot(tl.trans(dA), q_s * f_q) * e
+        if slow:
+            dq_s, dk_acc = _diag_grads(dq_s, dk_acc, dA, q_s, b_s, t, rmask, kb, bb, kk, s, L, sk, K, C, BC)
+        tl.store(dq + (t0 * Hq + i_h * G) * K + t[:, None] * sq + g[:, None] * K + kk[None, :],
+                 dq_s.to(dq.dtype.element_ty), mask=rmask[:, None] & km[None, :])
+        # sum over the group's heads: rows are (time, head), so fold the head axis away
+        qdq = tl.sum(tl.reshape(q_s * dq_s, [BC, GP, BK]), axis=1)
+        tq = s * BC + tl.arange(0, BC)
+        tl.store(dg + (t0 * Hkv + i_h) * K + tq[:, None] * sk + kk[None, :], qdq,
+                 mask=(tq[:, None] < L) & km[None, :])
+    # inter-chunk terms for the keys and the chunk-end decay
+    dk_inter = tl.zeros([C, BK], dtype=tl.float32)
+    hdh = tl.zeros([BK], dtype=tl.float32)
+    for v0 in tl.static_range(0, V, BVI):
+        vv = v0 + tl.arange(0, BVI)
+        vm = vv < V
+        v_c = tl.load(vb + j[:, None] * sv + vv[None, :], mask=jm[:, None] & vm[None, :], other=0.0)
+        dh_kb = tl.load(dhb + kk[:, None] * V + vv[None, :], mask=km[:, None] & vm[None, :] & (L > 0), other=0.0)
+        h_kb = tl.load(hb + kk[:, None] * V + vv[None, :], mask=km[:, None] & vm[None, :] & (L > 0), other=0.0)
+        dk_inter += tl.dot(v_c, tl.trans(dh_kb))
+        hdh += tl.sum(h_kb.to(tl.float32) * dh_kb.to(tl.float32), axis=1)
+    jk = jm[:, None] & km[None, :]
+    k_c = tl.load(kb + j[:, None] * sk + kk[None, :], mask=jk, other=0.0).to(tl.float32)
+    b_c = tl.load(bb + j[:, None] * sk + kk[None, :], mask=jk, other=0.0)
+    b_last = tl.load(bb + (L - 1) * sk + kk, mask=km & (L > 0), other=0.0)
+    dk_inter = dk_inter * tl.exp2(b_last[None, :] - b_c)
+    dk_c = dk_acc + dk_inter
+    tl.store(dk + (t0 * Hkv + i_h) * K + j[:, None] * sk + kk[None, :], dk_c.to(dk.dtype.element_ty), mask=jk)
+    d_end = hdh * tl.exp2(b_last) + tl.sum(k_c * dk_inter, axis=0)
+    tl.debug_barrier()
+    dgb = dg + (t0 * Hkv + i_h) * K + j[:, None] * sk + kk[None, :]
+    g_c = tl.load(dgb, mask=jk, other=0.0) - k_c * dk_c + tl.where(j[:, None] == L - 1, d_end[None, :], 0.0)
+    tl.store(dgb, g_c, mask=jk)
+
+
+@triton.jit(do_not_specialize=["Hkv"])
+def chunk_bwd_dv_fast_kernel(q, k, b, do, dh, dv, table, cu, scale, Hkv, K: tl.constexpr, V: tl.constexpr,
+                             G: tl.constexpr, GP: tl.constexpr, C: tl.constexpr, RB: tl.constexpr,
+                             BK: tl.constexpr, BV: tl.constexpr, FAST_SPAN: tl.constexpr):
+    """dv for one (chunk, kv-head, V-block) on the one-reference path."""
+    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, L = _chunk_bounds(table, cu, i_c, C)
+    sq, sk, sv, so = Hkv * G * K, Hkv * K, Hkv * V, Hkv * G * V
+    bb = b + (t0 * Hkv + i_h) * K
+    if _chunk_frame(bb, L, sk, K, BK, FAST_SPAN):
+        qb = q + (t0 * Hkv * G + i_h * G) * K
+        dob = do + (t0 * Hkv * G + i_h * G) * V
+        kk = tl.arange(0, BK)
+        j = tl.arange(0, C)
+        vv = i_v * BV + tl.arange(0, BV)
+        vm = vv < V
+        m, last, k_c, b_c, k_hat = _frame_keys(k + (t0 * Hkv + i_h) * K, bb, L, kk, sk, K, C)
+        dh_t = tl.load(dh + (i_c.to(tl.int64) * Hkv + i_h) * (K * V) + kk[:, None] * V + vv[None, :],
+                       mask=(kk[:, None] < K) & vm[None, :], other=0.0)
+        k_dec = k_c * tl.exp2(tl.where((j[:, None] < L) & (kk[None, :] < K), last[None, :] - b_c, 0.0))
+        acc = tl.dot(k_dec.to(dh_t.dtype), dh_t)
+        for s in range(0, tl.cdiv(L, RB)):
+            t, g, rmask, q_s, b_s, f_q = _frame_rows(qb, bb, s, L, m, kk, sq, sk, K, G, GP, RB)
+            A = tl.dot(q_s * f_q, tl.trans(k_hat))
+            A = tl.where(j[None, :] <= t[:, None], A * scale, 0.0)
+            do_s = tl.load(dob + t[:, None] * so + g[:, None] * V + vv[None, :], mask=rmask[:, None] & vm[None, :],
+                           other=0.0)
+            acc += tl.dot(tl.trans(A).to(do_s.dtype), do_s)
+        tl.store(dv + (t0 * Hkv + i_h) * V + j[:, None] * sv + vv[None, :], acc.to(dv.dtype.element_ty),
+                 mask=(j[:, None] < L) & vm[None, :])
+
+
+@triton.jit(do_not_specialize=["Hkv"])
+def chunk_bwd_dqkg_fast_kernel(q, k, v, b, h, do, dh, dq, dk, dg, table, cu, scale, Hkv, K: tl.constexpr,
+                               V: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, C: tl.constexpr,
+                               RB: tl.constexpr, BK: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
+                               FAST_SPAN: tl.constexpr):
+    """dq, dk and d/db for one (chunk, kv-head, K-block) on the one-reference path (see chunk_bwd_dqkg_kernel)."""
+    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, L = _chunk_bounds(table, cu, i_c, C)
+    sq, sk, sv, so = Hkv * G * K, Hkv * K, Hkv * V, Hkv * G * V
+    bb = b + (t0 * Hkv + i_h) * K
+    if _chunk_frame(bb, L, sk, K, BKF, FAST_SPAN):
+        qb = q + (t0 * Hkv * G + i_h * G) * K
+        dob = do + (t0 * Hkv * G + i_h * G) * V
+        kb = k + (t0 * Hkv + i_h) * K
+        kk = i_k * BK + tl.arange(0, BK)
+        km = kk < K
+        j = tl.arange(0, C)
+        jm = j < L
+        jk = jm[:, None] & km[None, :]
+        vv = tl.arange(0, BV)
+        vm = vv < V
+        m, last, k_c, b_c, k_hat = _frame_keys(kb, bb, L, kk, sk, K, C)
+        v_c = tl.load(v + (t0 * Hkv + i_h) * V + j[:, None] * sv + vv[None, :], mask=jm[:, None] & vm[None, :],
+                      other=0.0)
+        hv_off = (i_c.to(tl.int64) * Hkv + i_h) * (K * V) + kk[:, None] * V + vv[None, :]
+        h_t = tl.load(h + hv_off, mask=km[:, None] & vm[None, :], other=0.0)
+        dk_acc = tl.zeros([C, BK], dtype=tl.float32)
+        for s in range(0, tl.cdiv(L, RB)):
+            t, g, rmask, q_s, b_s, f_q = _frame_rows(qb, bb, s, L, m, kk, sq, sk, K, G, GP, RB)
+            do_s = tl.load(dob + t[:, None] * so + g[:, None] * V + vv[None, :], mask=rmask[:, None] & vm[None, :],
+                           other=0.0)
+            dA = tl.dot(do_s, tl.trans(v_c))
+            dA = tl.where(j[None, :] <= t[:, None], dA * scale, 0.0)
+            dq_s = tl.dot(dA, k_hat) * f_q + tl.dot(do_s, tl.trans(h_t)) * scale * tl.exp2(b_s)
+            dk_acc += tl.dot(tl.trans(dA), q_s * f_q)
+            tl.store(dq + (t0 * Hkv * G + i_h * G) * K + t[:, None] * sq + g[:, None] * K + kk[None, :],
+                     dq_s.to(dq.dtype.element_ty), mask=rmask[:, None] & km[None, :])
+            qdq = tl.sum(tl.reshape(q_s * dq_s, [RB, GP, BK]), axis=1)
+            tq = s * RB + tl.arange(0, RB)
+            tl.store(dg + (t0 * Hkv + i_h) * K + tq[:, None] * sk + kk[None, :], qdq,
+                     mask=(tq[:, None] < L) & km[None, :])
+        dh_t = tl.load(dh + hv_off, mask=km[:, None] & vm[None, :], other=0.0)
+        dk_inter = tl.dot(v_c, tl.trans(dh_t)) * tl.exp2(tl.where(jk, last[None, :] - b_c, 0.0))
+        dk_c = dk_acc * tl.exp2(tl.where(jk, m[None, :] - b_c, 0.0)) + dk_inter
+        tl.store(dk + (t0 * Hkv + i_h) * K + j[:, None] * sk + kk[None, :], dk_c.to(dk.dtype.element_ty), mask=jk)
+        d_end = tl.sum(h_t.to(tl.float32) * dh_t.to(tl.float32), axis=1) * tl.exp2(last) + tl.sum(k_c * dk_inter,
+                                                                                                   axis=0)
+        tl.debug_barrier()
+        dgb = dg + (t0 * Hkv + i_h) * K + j[:, None] * sk + kk[None, :]
+        g_c = tl.load(dgb, mask=jk, other=0.0) - k_c * dk_c + tl.where(j[:, None] == L - 1, d_end[None, :], 0.0)
+        tl.store(dgb, g_c, mask=jk)
+
+
+@triton.jit(do_not_specialize=["Hkv", "NW"])
+def chunk_bwd_dv_kernel(q, k, b, do, dh, dv, table, cu, count, work, NW, scale, Hkv, K: tl.constexpr,
+                        V: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
+                        BKI: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, SPAN_MAX: tl.constexpr):
+    """dv for the work-listed chunks, by row sub-chunk."""
+    i_w, i_v = tl.program_id(0), tl.program_id(2)
+    for it in range(i_w, tl.load(count), NW):
+        item = tl.load(work + it)
+        _dv_sub_chunks(item // Hkv, item % Hkv, i_v, q, k, b, do, dh, dv, table, cu, scale, Hkv, K, V, G, GP, C, BC,
+                       BKI, BKF, BV, SPAN_MAX)
+
+
+@triton.jit(do_not_specialize=["Hkv", "NW"])
+def chunk_bwd_dqkg_kernel(q, k, v, b, h, do, dh, dq, dk, dg, table, cu, count, work, NW, scale, Hkv,
+                          K: tl.constexpr, V: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, C: tl.constexpr,
+                          BC: tl.constexpr, BK: tl.constexpr, BKF: tl.constexpr, BVI: tl.constexpr,
+                          SPAN_MAX: tl.constexpr):
+    """dq, dk, d/db for the work-listed chunks, by row sub-chunk."""
+    i_w, i_k = tl.program_id(0), tl.program_id(2)
+    for it in range(i_w, tl.load(count), NW):
+        item = tl.load(work + it)
+        _dqkg_sub_chunks(item // Hkv, item % Hkv, i_k, q, k, v, b, h, do, dh, dq, dk, dg, table, cu, scale, Hkv, K, V,
+                         G, GP, C, BC, BK, BKF, BVI, SPAN_MAX)
+
+
+def chunk_gla_bwd(q: Tensor, k: Tensor, v: Tensor, gk: Tensor, scale: float, h0: Tensor | None,
+                  cu_seqlens: Tensor | None, do: Tensor, dht: Tensor | None, b: Tensor | None = None,
+                  h: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """Gradients (dq, dk, dv, dgk, dh0) for ``chunk_gla_fwd``; b and h are recomputed unless given."""
+    B, T, Hq, K = q.shape
+    Hkv, V = v.shape[2], v.shape[3]
+    G = Hq // Hkv
+    GP, BC = sub_rows(G)
+    cu, table, offsets, N, slots = prepare_chunks(cu_seqlens, B, T, q.device)
+    flat = (lambda x: x.reshape(1, B * T, *x.shape[2:]))
+    if b is None or h is None:
+        b = chunk_local_cumsum(flat(gk), table, cu, LOG2E, False, torch.float32)
+        h, _ = chunk_states(k, v, b, h0, False, 1.0, table, cu, offsets, N, False, v.dtype)
+    dh, dh0 = chunk_states(q, do, b, dht, h0 is not None, scale, table, cu, offsets, N, True, v.dtype)
+    BKF, BVF = p2(K), p2(V)
+    common = dict(K=K, V=V, G=G, GP=GP, C=CHUNK, FAST_SPAN=cc.FAST_SPAN)
+    dv = torch.empty_like(v)
+    BV = min(cc.CONFIG["bv_fdv"], BVF)
+    chunk_bwd_dv_fast_kernel[(slots, Hkv, triton.cdiv(V, BV))](q, k, b, do, dh, dv, table, cu, scale, Hkv,
+                                                               RB=64 // GP, BK=BKF, BV=BV,
+                                                               num_stages=cc.CONFIG["stages_fdv"],
+                                                               num_warps=cc.CONFIG["warps_fdv"], **common)
+    count, work, NW = work_list(b, table, cu)
+    slow = dict(K=K, V=V, G=G, GP=GP, C=CHUNK, BC=BC, BKF=BKF, SPAN_MAX=cc.SPAN_MAX, num_stages=1)
+    BV = min(cc.CONFIG["bv_dv"], BVF)
+    chunk_bwd_dv_kernel[(NW, 1, triton.cdiv(V, BV))](q, k, b, do, dh, dv, table, cu, count, work, NW, scale, Hkv,
+                                                     BKI=min(cc.CONFIG["bki"], BKF), BV=BV,
+                                                     num_warps=cc.CONFIG["warps_dv"], **slow)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    db = torch.empty(B, T, Hkv, K, device=q.device, dtype=torch.float32)
+    BK = min(cc.CONFIG["bk_fdq"], BKF)
+    chunk_bwd_dqkg_fast_kernel[(slots, Hkv, triton.cdiv(K, BK))](q, k, v, b, h, do, dh, dq, dk, db, table, cu,
+                                                                 scale, Hkv, RB=64 // GP, BK=BK, BKF=BKF, BV=BVF,
+                                                                 num_warps=cc.CONFIG["warps_fdq"],
+                                                                 num_stages=cc.CONFIG["stages_fdq"], **common)
+    BK = min(cc.CONFIG["bk_dqk"], BKF)
+    chunk_bwd_dqkg_kernel[(NW, 1, triton.cdiv(K, BK))](q, k, v, b, h, do, dh, dq, dk, db, table, cu, count, work, NW,
+                                                       scale, Hkv, BK=BK, BVI=min(cc.CONFIG["bvi_dqk"], BVF),
+                                                       num_warps=cc.CONFIG["warps_dqk"], **slow)
+    dg = chunk_local_cumsum(flat(db), table, cu, 1.0, True, gk.dtype).view_as(gk)
+    return dq, dk, dv, dg, dh0
