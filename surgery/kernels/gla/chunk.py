@@ -11,7 +11,7 @@ stacks the group's query rows: row ``r`` of a tile is time ``r // GP`` and query
 up to a power of two). k, v and the gates are never repeated.
 
 Pipeline (forward): chunk-local cumsum -> U_n for every chunk in parallel -> an elementwise scan over chunks that
-turns them into the states H_n in place -> outputs. Backward recomputes b and H (unless SAVE_STATES), gets the
+turns them into the states H_n in place -> outputs. Backward recomputes b and H (unless save_states), gets the
 state gradients the same way in reverse, then dv and dq/dk/d(decay) per chunk; a reverse chunk-local cumsum turns
 d(cumulated decay) into d(gate).
 
@@ -43,33 +43,28 @@ from surgery.kernels.gla.torch_ops import check_gla_inputs
 
 __all__ = ["CONFIG", "ChunkGLAFunction", "check_inputs", "chunk_gla_triton", "interpreting"]
 
-# Keep b and the chunk states from the forward for the backward instead of recomputing them: saves one cumsum,
-# one state update and one scan per backward (H200, Llama-3-8B shape, 32K tokens: fwd+bwd 4.17-4.36 ms -> 3.85-4.00
-# ms, measured) for B*T*Hkv*K*(4 + 2V/64) bytes more activation memory (~0.27 GB per layer at 32K tokens).
-# Set it to False to trade that time back for memory.
-SAVE_STATES = True
-
 # ------------------------------------------------------------------------------------------------ autograd
 
 
 class ChunkGLAFunction(torch.autograd.Function):
-    """Autograd wrapper: saves the inputs (plus b and the chunk states when SAVE_STATES)."""
+    """Autograd wrapper: saves the inputs, plus the cumulated decays and the chunk states when ``save_states``."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, gk: Tensor, scale: float, h0: Tensor | None,  # noqa: ANN001
-                output_final_state: bool, cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        o, ht, b, h = chunk_gla_fwd(q, k, v, gk, scale, h0, output_final_state, cu_seqlens)
-        keep = (b, h) if SAVE_STATES else (None, None)
-        ctx.save_for_backward(q, k, v, gk, h0, cu_seqlens, *keep)
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, gk: Tensor, gv: Tensor | None, scale: float,  # noqa: ANN001
+                h0: Tensor | None, output_final_state: bool, cu_seqlens: Tensor | None,
+                save_states: bool) -> tuple[Tensor, Tensor | None]:
+        o, ht, b, bv, h = chunk_gla_fwd(q, k, v, gk, gv, scale, h0, output_final_state, cu_seqlens)
+        keep = (b, bv, h) if save_states else (None, None, None)
+        ctx.save_for_backward(q, k, v, gk, gv, h0, cu_seqlens, *keep)
         ctx.scale = scale
         return o, ht
 
     @staticmethod
     def backward(ctx, do: Tensor, dht: Tensor | None):  # noqa: ANN001, ANN205
-        q, k, v, gk, h0, cu_seqlens, b, h = ctx.saved_tensors
-        dq, dk, dv, dg, dh0 = chunk_gla_bwd(q, k, v, gk, ctx.scale, h0, cu_seqlens, do.contiguous(),
-                                            dht.contiguous() if dht is not None else None, b, h)
-        return dq, dk, dv, dg, None, dh0, None, None
+        q, k, v, gk, gv, h0, cu_seqlens, b, bv, h = ctx.saved_tensors
+        dq, dk, dv, dg, dgv, dh0 = chunk_gla_bwd(q, k, v, gk, gv, ctx.scale, h0, cu_seqlens, do.contiguous(),
+                                                 dht.contiguous() if dht is not None else None, b, bv, h)
+        return dq, dk, dv, dg, dgv, None, dh0, None, None, None
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, gk: Tensor | None, gv: Tensor | None, initial_state: Tensor | None,
@@ -91,27 +86,32 @@ def chunk_gla_triton(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: Tensor | None = None,
+    *,
+    save_states: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """Chunked GLA (see ``naive_recurrent_gla`` for the semantics), differentiable in q, k, v, gk, initial_state.
+    """Chunked GLA (see ``naive_recurrent_gla`` for the semantics), differentiable in every tensor input.
 
     Args:
         q: ``[B, T, Hq, K]``.
         k: ``[B, T, Hkv, K]``; Hq % Hkv == 0; K <= 256 (else NotImplementedError).
         v: ``[B, T, Hkv, V]``; V <= 256 (else NotImplementedError).
         gk: ``[B, T, Hkv, K]`` log decays (<= 0), or None for no decay.
-        gv: must be None (value-side gates are not implemented in the chunked kernels).
+        gv: ``[B, T, Hkv, V]`` value-side log decays (<= 0), or None. With gv every chunk runs on the exact
+            sub-chunk kernels (``chunk_gv.py``), slower than the one-reference path that gk-only calls mostly take.
         scale: multiplies the output.
         initial_state: ``[N, Hkv, K, V]``, used in fp32.
         output_final_state: also return the final states.
         cu_seqlens: ``[N + 1]`` segment bounds (B == 1); empty segments allowed.
+        save_states: keep the cumulated decays (fp32, ``[B, T, Hkv, K (+ V)]``) and the per-chunk states
+            (``[B * T / 64, Hkv, K, V]`` in v's dtype) from the forward for the backward. False (the default)
+            recomputes them there: one cumsum, one state update and one scan more per backward (on an H200 at the
+            Llama-3-8B shape, 32K tokens, about 8% of fwd+bwd), for ``B*T*Hkv*K*(4 + 2V/64)`` bytes less
+            activation memory per layer (about 0.27 GB at 32K tokens, bf16). ``benchmarks/kernels.py`` times both.
 
     Returns:
         o ``[B, T, Hq, V]`` in v's dtype and the final state ``[N, Hkv, K, V]`` fp32 (or None).
     """
     check_inputs(q, k, v, gk, gv, initial_state, cu_seqlens, "chunk_gla_triton")
-    if gv is not None:
-        raise NotImplementedError("chunk_gla_triton: value-side gates (gv) are not implemented; use "
-                                  "fused_recurrent_gla_triton or the torch chunked form")
     if max(q.shape[3], v.shape[3]) > 256:  # an unsupported size, not a bad input: the dispatcher falls back
         raise NotImplementedError(f"chunk_gla_triton: K and V must be <= 256, got K={q.shape[3]}, V={v.shape[3]}")
     if q.device.type != "cuda" and not interpreting():
@@ -121,6 +121,8 @@ def chunk_gla_triton(
     dtype = torch.float32 if interpreting() else v.dtype
     q, k, v = (x.to(dtype).contiguous() for x in (q, k, v))
     gk = torch.zeros_like(k) if gk is None else gk.contiguous()
+    gv = gv.contiguous() if gv is not None else None
     h0 = initial_state.float().contiguous() if initial_state is not None else None
-    o, ht = ChunkGLAFunction.apply(q, k, v, gk, float(scale), h0, bool(output_final_state), cu_seqlens)
+    o, ht = ChunkGLAFunction.apply(q, k, v, gk, gv, float(scale), h0, bool(output_final_state), cu_seqlens,
+                                   bool(save_states))
     return o.to(out_dtype), ht

@@ -28,8 +28,10 @@ from surgery.kernels.gla.chunk_intra import (
     _rows,
     _scores,
     _tiles,
+    all_chunks,
     work_list,
 )
+from surgery.kernels.gla.chunk_gv import _gv_keys, _gv_rows, chunk_bwd_dv_gv_kernel
 
 @triton.jit
 def _dv_sub_chunks(i_c, i_h, i_v, q, k, b, do, dh, dv, table, cu, scale, Hkv, K: tl.constexpr, V: tl.constexpr,
@@ -72,9 +74,10 @@ def _dv_sub_chunks(i_c, i_h, i_v, q, k, b, do, dh, dv, table, cu, scale, Hkv, K:
 
 
 @triton.jit
-def _dqkg_sub_chunks(i_c, i_h, i_k, q, k, v, b, h, do, dh, dq, dk, dg, table, cu, scale, Hkv, K: tl.constexpr,
+def _dqkg_sub_chunks(i_c, i_h, i_k, q, k, v, b, bv, h, do, dh, dq, dk, dg, table, cu, scale, Hkv, K: tl.constexpr,
                      V: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
-                     BK: tl.constexpr, BKF: tl.constexpr, BVI: tl.constexpr, SPAN_MAX: tl.constexpr):
+                     BK: tl.constexpr, BKF: tl.constexpr, BVI: tl.constexpr, SPAN_MAX: tl.constexpr,
+                     HAS_GV: tl.constexpr):
     """dq (per query head), dk and the gradient w.r.t. the cumulated decay b, for one (chunk, kv-head, K-block).
 
     d/db = sum_g q*dq - k*dk, plus at the chunk's last row sum_V(H * dH) * 2^B + sum_j k_j * dk_inter_j; a
@@ -89,6 +92,7 @@ def _dqkg_sub_chunks(i_c, i_h, i_k, q, k, v, b, h, do, dh, dq, dk, dg, table, cu
     kb = k + (t0 * Hkv + i_h) * K
     bb = b + (t0 * Hkv + i_h) * K
     vb = v + (t0 * Hkv + i_h) * V
+    bvb = bv + (t0 * Hkv + i_h) * V
     dob = do + (t0 * Hq + i_h * G) * V
     hb = h + (i_c.to(tl.int64) * Hkv + i_h) * (K * V)
     dhb = dh + (i_c.to(tl.int64) * Hkv + i_h) * (K * V)
@@ -111,8 +115,19 @@ def _dqkg_sub_chunks(i_c, i_h, i_k, q, k, v, b, h, do, dh, dq, dk, dg, table, cu
                            other=0.0)
             v_c = tl.load(vb + j[:, None] * sv + vv[None, :], mask=jm[:, None] & vm[None, :], other=0.0)
             h_kb = tl.load(hb + kk[:, None] * V + vv[None, :], mask=km[:, None] & vm[None, :], other=0.0)
-            dA += tl.dot(do_s, tl.trans(v_c))
-            dq_inter += tl.dot(do_s, tl.trans(h_kb))
+            if HAS_GV:
+                # dA/scale = sum_V do_t v_j 2^(bv_t - bv_j): keys before the sub-chunk in its frame here, the
+                # diagonal block elementwise below (chunk_gv)
+                bv_t, ref, f = _gv_rows(bvb, t, rmask, s, L, vv, sv, V, BC)
+                v32, bv_c, e_v = _gv_keys(vb, bvb, ref, s, L, vv, sv, V, C, BC)
+                do32 = do_s.to(tl.float32)
+                dA += tl.dot(do32 * f, tl.trans(v32 * e_v))
+                dq_inter += tl.dot((do32 * tl.exp2(bv_t)).to(h_kb.dtype), tl.trans(h_kb))
+            else:
+                dA += tl.dot(do_s, tl.trans(v_c))
+                dq_inter += tl.dot(do_s, tl.trans(h_kb))
+        if HAS_GV:
+            dA = _diag_scores(dA, dob, vb, bvb, t, g, rmask, s, L, so, sv, V, C, BC, BVI, RS)
         dA = tl.where(j[None, :] <= t[:, None], dA * scale, 0.0)
         # sum_j dA k_hat is the gradient in the sub-chunk's reference frame; f_q = 2^(b - ref) takes it to q's
         dq_s = tl.dot(dA, k_hat) * f_q + dq_inter * scale * tl.exp2(b_s)
@@ -135,8 +150,16 @@ def _dqkg_sub_chunks(i_c, i_h, i_k, q, k, v, b, h, do, dh, dq, dk, dg, table, cu
         v_c = tl.load(vb + j[:, None] * sv + vv[None, :], mask=jm[:, None] & vm[None, :], other=0.0)
         dh_kb = tl.load(dhb + kk[:, None] * V + vv[None, :], mask=km[:, None] & vm[None, :] & (L > 0), other=0.0)
         h_kb = tl.load(hb + kk[:, None] * V + vv[None, :], mask=km[:, None] & vm[None, :] & (L > 0), other=0.0)
-        dk_inter += tl.dot(v_c, tl.trans(dh_kb))
-        hdh += tl.sum(h_kb.to(tl.float32) * dh_kb.to(tl.float32), axis=1)
+        if HAS_GV:
+            jv = jm[:, None] & vm[None, :]
+            bv_c = tl.load(bvb + j[:, None] * sv + vv[None, :], mask=jv, other=0.0)
+            bv_last = tl.load(bvb + (L - 1) * sv + vv, mask=vm & (L > 0), other=0.0)
+            v_dec = v_c.to(tl.float32) * tl.exp2(tl.where(jv, bv_last[None, :] - bv_c, 0.0))
+            dk_inter += tl.dot(v_dec.to(v_c.dtype), tl.trans(dh_kb))
+            hdh += tl.sum(h_kb.to(tl.float32) * dh_kb.to(tl.float32) * tl.exp2(bv_last)[None, :], axis=1)
+        else:
+            dk_inter += tl.dot(v_c, tl.trans(dh_kb))
+            hdh += tl.sum(h_kb.to(tl.float32) * dh_kb.to(tl.float32), axis=1)
     jk = jm[:, None] & km[None, :]
     k_c = tl.load(kb + j[:, None] * sk + kk[None, :], mask=jk, other=0.0).to(tl.float32)
     b_c = tl.load(bb + j[:, None] * sk + kk[None, :], mask=jk, other=0.0)
@@ -249,57 +272,71 @@ def chunk_bwd_dv_kernel(q, k, b, do, dh, dv, table, cu, count, work, NW, scale, 
 
 
 @triton.jit(do_not_specialize=["Hkv", "NW"])
-def chunk_bwd_dqkg_kernel(q, k, v, b, h, do, dh, dq, dk, dg, table, cu, count, work, NW, scale, Hkv,
+def chunk_bwd_dqkg_kernel(q, k, v, b, bv, h, do, dh, dq, dk, dg, table, cu, count, work, NW, scale, Hkv,
                           K: tl.constexpr, V: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, C: tl.constexpr,
                           BC: tl.constexpr, BK: tl.constexpr, BKF: tl.constexpr, BVI: tl.constexpr,
-                          SPAN_MAX: tl.constexpr):
+                          SPAN_MAX: tl.constexpr, HAS_GV: tl.constexpr):
     """dq, dk, d/db for the work-listed chunks, by row sub-chunk."""
     i_w, i_k = tl.program_id(0), tl.program_id(2)
     for it in range(i_w, tl.load(count), NW):
         item = tl.load(work + it)
-        _dqkg_sub_chunks(item // Hkv, item % Hkv, i_k, q, k, v, b, h, do, dh, dq, dk, dg, table, cu, scale, Hkv, K, V,
-                         G, GP, C, BC, BK, BKF, BVI, SPAN_MAX)
+        _dqkg_sub_chunks(item // Hkv, item % Hkv, i_k, q, k, v, b, bv, h, do, dh, dq, dk, dg, table, cu, scale, Hkv,
+                         K, V, G, GP, C, BC, BK, BKF, BVI, SPAN_MAX, HAS_GV)
 
 
-def chunk_gla_bwd(q: Tensor, k: Tensor, v: Tensor, gk: Tensor, scale: float, h0: Tensor | None,
+def chunk_gla_bwd(q: Tensor, k: Tensor, v: Tensor, gk: Tensor, gv: Tensor | None, scale: float, h0: Tensor | None,
                   cu_seqlens: Tensor | None, do: Tensor, dht: Tensor | None, b: Tensor | None = None,
-                  h: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    """Gradients (dq, dk, dv, dgk, dh0) for ``chunk_gla_fwd``; b and h are recomputed unless given."""
+                  bv: Tensor | None = None, h: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Gradients (dq, dk, dv, dgk, dgv or None, dh0) for ``chunk_gla_fwd``; b, bv and h are recomputed unless h
+    is given (then b, and bv when gv is given, must be too)."""
     B, T, Hq, K = q.shape
     Hkv, V = v.shape[2], v.shape[3]
     G = Hq // Hkv
     GP, BC = sub_rows(G)
     cu, table, offsets, N, slots = prepare_chunks(cu_seqlens, B, T, q.device)
     flat = (lambda x: x.reshape(1, B * T, *x.shape[2:]))
-    if b is None or h is None:
+    if h is None:
         b = chunk_local_cumsum(flat(gk), table, cu, LOG2E, False, torch.float32)
-        h, _ = chunk_states(k, v, b, h0, False, 1.0, table, cu, offsets, N, False, v.dtype)
-    dh, dh0 = chunk_states(q, do, b, dht, h0 is not None, scale, table, cu, offsets, N, True, v.dtype)
+        bv = chunk_local_cumsum(flat(gv), table, cu, LOG2E, False, torch.float32) if gv is not None else None
+        h, _ = chunk_states(k, v, b, bv, h0, False, 1.0, table, cu, offsets, N, False, v.dtype)
+    dh, dh0 = chunk_states(q, do, b, bv, dht, h0 is not None, scale, table, cu, offsets, N, True, v.dtype)
     BKF, BVF = p2(K), p2(V)
-    common = dict(K=K, V=V, G=G, GP=GP, C=CHUNK, FAST_SPAN=cc.FAST_SPAN)
-    dv = torch.empty_like(v)
-    BV = min(cc.CONFIG["bv_fdv"], BVF)
-    chunk_bwd_dv_fast_kernel[(slots, Hkv, triton.cdiv(V, BV))](q, k, b, do, dh, dv, table, cu, scale, Hkv,
-                                                               RB=64 // GP, BK=BKF, BV=BV,
-                                                               num_stages=cc.CONFIG["stages_fdv"],
-                                                               num_warps=cc.CONFIG["warps_fdv"], **common)
-    count, work, NW = work_list(b, table, cu)
     slow = dict(K=K, V=V, G=G, GP=GP, C=CHUNK, BC=BC, BKF=BKF, SPAN_MAX=cc.SPAN_MAX, num_stages=1)
-    BV = min(cc.CONFIG["bv_dv"], BVF)
-    chunk_bwd_dv_kernel[(NW, 1, triton.cdiv(V, BV))](q, k, b, do, dh, dv, table, cu, count, work, NW, scale, Hkv,
-                                                     BKI=min(cc.CONFIG["bki"], BKF), BV=BV,
-                                                     num_warps=cc.CONFIG["warps_dv"], **slow)
+    dv = torch.empty_like(v)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     db = torch.empty(B, T, Hkv, K, device=q.device, dtype=torch.float32)
-    BK = min(cc.CONFIG["bk_fdq"], BKF)
-    chunk_bwd_dqkg_fast_kernel[(slots, Hkv, triton.cdiv(K, BK))](q, k, v, b, h, do, dh, dq, dk, db, table, cu,
-                                                                 scale, Hkv, RB=64 // GP, BK=BK, BKF=BKF, BV=BVF,
-                                                                 num_warps=cc.CONFIG["warps_fdq"],
-                                                                 num_stages=cc.CONFIG["stages_fdq"], **common)
+    dbv = None
+    if bv is None:
+        common = dict(K=K, V=V, G=G, GP=GP, C=CHUNK, FAST_SPAN=cc.FAST_SPAN)
+        BV = min(cc.CONFIG["bv_fdv"], BVF)
+        chunk_bwd_dv_fast_kernel[(slots, Hkv, triton.cdiv(V, BV))](q, k, b, do, dh, dv, table, cu, scale, Hkv,
+                                                                   RB=64 // GP, BK=BKF, BV=BV,
+                                                                   num_stages=cc.CONFIG["stages_fdv"],
+                                                                   num_warps=cc.CONFIG["warps_fdv"], **common)
+        count, work, NW = work_list(b, table, cu)
+        BV = min(cc.CONFIG["bv_dv"], BVF)
+        chunk_bwd_dv_kernel[(NW, 1, triton.cdiv(V, BV))](q, k, b, do, dh, dv, table, cu, count, work, NW, scale, Hkv,
+                                                         BKI=min(cc.CONFIG["bki"], BKF), BV=BV,
+                                                         num_warps=cc.CONFIG["warps_dv"], **slow)
+        BK = min(cc.CONFIG["bk_fdq"], BKF)
+        chunk_bwd_dqkg_fast_kernel[(slots, Hkv, triton.cdiv(K, BK))](q, k, v, b, h, do, dh, dq, dk, db, table, cu,
+                                                                     scale, Hkv, RB=64 // GP, BK=BK, BKF=BKF,
+                                                                     BV=BVF, num_warps=cc.CONFIG["warps_fdq"],
+                                                                     num_stages=cc.CONFIG["stages_fdq"], **common)
+    else:  # value-side gates: every chunk through the sub-chunk kernels (chunk_gv)
+        count, work, NW = all_chunks(table, Hkv)
+        dbv = torch.empty(B, T, Hkv, V, device=q.device, dtype=torch.float32)
+        BV = min(cc.CONFIG["bv_dv"], BVF)
+        chunk_bwd_dv_gv_kernel[(NW, 1, triton.cdiv(V, BV))](q, k, v, b, bv, h, do, dh, dv, dbv, table, cu, count,
+                                                            work, NW, scale, Hkv, BKI=min(cc.CONFIG["bki"], BKF),
+                                                            BV=BV, num_warps=cc.CONFIG["warps_dv"], **slow)
     BK = min(cc.CONFIG["bk_dqk"], BKF)
-    chunk_bwd_dqkg_kernel[(NW, 1, triton.cdiv(K, BK))](q, k, v, b, h, do, dh, dq, dk, db, table, cu, count, work, NW,
-                                                       scale, Hkv, BK=BK, BVI=min(cc.CONFIG["bvi_dqk"], BVF),
+    chunk_bwd_dqkg_kernel[(NW, 1, triton.cdiv(K, BK))](q, k, v, b, bv if bv is not None else b, h, do, dh, dq, dk,
+                                                       db, table, cu, count, work, NW, scale, Hkv, BK=BK,
+                                                       BVI=min(cc.CONFIG["bvi_dqk"], BVF), HAS_GV=bv is not None,
                                                        num_warps=cc.CONFIG["warps_dqk"], **slow)
     dg = chunk_local_cumsum(flat(db), table, cu, 1.0, True, gk.dtype).view_as(gk)
-    return dq, dk, dv, dg, dh0
+    dgv = chunk_local_cumsum(flat(dbv), table, cu, 1.0, True, gv.dtype).view_as(gv) if gv is not None else None
+    return dq, dk, dv, dg, dgv, dh0

@@ -70,13 +70,14 @@ def chunk_local_cumsum_kernel(x, y, table, cu, Hkv, K, scale, C: tl.constexpr, B
 
 
 @triton.jit(do_not_specialize=["Hkv"])
-def chunk_state_update_kernel(x, y, b, out, table, cu, scale, Hkv, K: tl.constexpr, V: tl.constexpr,
+def chunk_state_update_kernel(x, y, b, bv, out, table, cu, scale, Hkv, K: tl.constexpr, V: tl.constexpr,
                               G: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                              BWD: tl.constexpr):
+                              BWD: tl.constexpr, HAS_GV: tl.constexpr):
     """Each chunk's own contribution to the state recurrence, all chunks in parallel, written to out[chunk].
 
-    Forward (x = k, y = v): U = sum_j (k_j * 2^(B - b_j))^T v_j, so that H_{n+1} = 2^B * H_n + U.
-    Backward (x = q, y = do): W = scale * sum_{g, t} (q_t * 2^b_t)^T do_t, so that dH_n = 2^B * dH_{n+1} + W.
+    Forward (x = k, y = v): U = sum_j (k_j * 2^(B - b_j))^T (v_j * 2^(Bv - bv_j)), so that
+    H_{n+1} = 2^B 2^Bv * H_n + U. Backward (x = q, y = do): W = scale * sum_{g, t} (q_t * 2^b_t)^T (do_t * 2^bv_t),
+    so that dH_n = 2^B 2^Bv * dH_{n+1} + W. bv (value-side cumulated decay) is only read when HAS_GV.
     """
     i_c, i_h, i_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, L = _chunk_bounds(table, cu, i_c, C)
@@ -89,6 +90,9 @@ def chunk_state_update_kernel(x, y, b, out, table, cu, scale, Hkv, K: tl.constex
     t_mask = (kk[:, None] < K) & (rows[None, :] < L)
     y_mask = (rows[:, None] < L) & (vv[None, :] < V)
     b_t = tl.load(bb + rows[None, :] * sk + kk[:, None], mask=t_mask, other=0.0)  # [BK, C], transposed
+    if HAS_GV:
+        bvb = bv + (t0 * Hkv + i_h) * V
+        bv_t = tl.load(bvb + rows[:, None] * (Hkv * V) + vv[None, :], mask=y_mask, other=0.0)  # [C, BV]
     acc = tl.zeros([BK, BV], dtype=tl.float32)
     if BWD:
         Hq = Hkv * G
@@ -97,20 +101,26 @@ def chunk_state_update_kernel(x, y, b, out, table, cu, scale, Hkv, K: tl.constex
                           other=0.0)
             y_t = tl.load(y + (t0 * Hq + i_h * G + g) * V + rows[:, None] * (Hq * V) + vv[None, :], mask=y_mask,
                           other=0.0)
+            if HAS_GV:
+                y_t = (y_t * tl.exp2(bv_t)).to(y_t.dtype)
             acc += tl.dot((x_t * tl.exp2(b_t) * scale).to(y_t.dtype), y_t)
     else:
         b_last = tl.load(bb + (L - 1) * sk + kk, mask=(kk < K) & (L > 0), other=0.0)
         x_t = tl.load(x + (t0 * Hkv + i_h) * K + rows[None, :] * sk + kk[:, None], mask=t_mask, other=0.0)
         y_t = tl.load(y + (t0 * Hkv + i_h) * V + rows[:, None] * (Hkv * V) + vv[None, :], mask=y_mask, other=0.0)
+        if HAS_GV:
+            bv_last = tl.load(bvb + (L - 1) * (Hkv * V) + vv, mask=(vv < V) & (L > 0), other=0.0)
+            y_t = (y_t * tl.exp2(tl.where(y_mask, bv_last[None, :] - bv_t, 0.0))).to(y_t.dtype)
         acc += tl.dot((x_t * tl.exp2(b_last[:, None] - b_t)).to(y_t.dtype), y_t)
     tl.store(out + (i_c.to(tl.int64) * Hkv + i_h) * (K * V) + kk[:, None] * V + vv[None, :],
              acc.to(out.dtype.element_ty), mask=(kk[:, None] < K) & (vv[None, :] < V) & (L > 0))
 
 
 @triton.jit
-def _scan_load(buf, b, bos, eos, c0, nt, step, i_h, Hkv, kk, kv_off, kv_mask, K: tl.constexpr, V: tl.constexpr,
-               C: tl.constexpr, REVERSE: tl.constexpr):
-    """Chunk index, liveness, decay 2^B's exponent [BK] and update [BK, BV] (fp32) for scan step `step`."""
+def _scan_load(buf, b, bv, bos, eos, c0, nt, step, i_h, Hkv, kk, vv, kv_off, kv_mask, K: tl.constexpr,
+               V: tl.constexpr, C: tl.constexpr, REVERSE: tl.constexpr, HAS_GV: tl.constexpr):
+    """Chunk index, liveness, the exponents of the decays 2^B [BK] and 2^Bv [BV] (the latter only with HAS_GV) and
+    the update [BK, BV] (fp32) for scan step `step`."""
     ok = step < nt
     if REVERSE:
         ci = nt - 1 - step
@@ -119,23 +129,32 @@ def _scan_load(buf, b, bos, eos, c0, nt, step, i_h, Hkv, kk, kv_off, kv_mask, K:
     ci = tl.where(ok, ci, 0)
     t_last = tl.minimum(bos + (ci + 1) * C, eos) - 1
     d = tl.load(b + (t_last * Hkv + i_h) * K + kk, mask=ok & (kk < K), other=0.0)
+    if HAS_GV:
+        dv = tl.load(bv + (t_last * Hkv + i_h) * V + vv, mask=ok & (vv < V), other=0.0)
+    else:
+        dv = d
     w = tl.load(buf + ((c0 + ci) * Hkv + i_h) * (K * V) + kv_off, mask=ok & kv_mask, other=0.0).to(tl.float32)
-    return ci, ok, d, w
+    return ci, ok, d, dv, w
 
 
 @triton.jit
-def _scan_step(S, buf, c0, ci, ok, d, w, i_h, Hkv, kv_off, kv_mask, K: tl.constexpr, V: tl.constexpr):
+def _scan_step(S, buf, c0, ci, ok, d, dv, w, i_h, Hkv, kv_off, kv_mask, K: tl.constexpr, V: tl.constexpr,
+               HAS_GV: tl.constexpr):
     """Write the running state into the chunk's slot (over its update), then advance it."""
     tl.store(buf + ((c0 + ci) * Hkv + i_h) * (K * V) + kv_off, S.to(buf.dtype.element_ty), mask=kv_mask & ok)
-    return tl.where(ok, S * tl.exp2(d)[:, None] + w, S)
+    if HAS_GV:
+        S_next = S * tl.exp2(d)[:, None] * tl.exp2(dv)[None, :] + w
+    else:
+        S_next = S * tl.exp2(d)[:, None] + w
+    return tl.where(ok, S_next, S)
 
 
 @triton.jit(do_not_specialize=["Hkv"])
-def chunk_state_scan_kernel(buf, b, s0, s_end, cu, chunk_offsets, Hkv, K: tl.constexpr, V: tl.constexpr,
+def chunk_state_scan_kernel(buf, b, bv, s0, s_end, cu, chunk_offsets, Hkv, K: tl.constexpr, V: tl.constexpr,
                             C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
-                            HAS_S0: tl.constexpr, STORE_END: tl.constexpr):
+                            HAS_S0: tl.constexpr, STORE_END: tl.constexpr, HAS_GV: tl.constexpr):
     """Scan one sequence's chunks (backwards if REVERSE): buf[c] holds the chunk's update on entry and the state
-    before it (forward) / the gradient after it (backward) on exit; S <- 2^B * S + update.
+    before it (forward) / the gradient after it (backward) on exit; S <- 2^B 2^Bv * S + update.
 
     Elementwise, so the only serial dependency is one FMA per chunk. Steps go four at a time with the four loads
     issued first, which hides most of the memory latency that a one-at-a-time loop would wait for.
@@ -154,17 +173,18 @@ def chunk_state_scan_kernel(buf, b, s0, s_end, cu, chunk_offsets, Hkv, K: tl.con
     if HAS_S0:
         S += tl.load(s0 + (n * Hkv + i_h).to(tl.int64) * (K * V) + kv_off, mask=kv_mask, other=0.0)
     for i0 in range(0, nt, 4):
-        c_a, ok_a, d_a, w_a = _scan_load(buf, b, bos, eos, c0, nt, i0, i_h, Hkv, kk, kv_off, kv_mask, K, V, C, REVERSE)
-        c_b, ok_b, d_b, w_b = _scan_load(buf, b, bos, eos, c0, nt, i0 + 1, i_h, Hkv, kk, kv_off, kv_mask, K, V, C,
-                                         REVERSE)
-        c_c, ok_c, d_c, w_c = _scan_load(buf, b, bos, eos, c0, nt, i0 + 2, i_h, Hkv, kk, kv_off, kv_mask, K, V, C,
-                                         REVERSE)
-        c_d, ok_d, d_d, w_d = _scan_load(buf, b, bos, eos, c0, nt, i0 + 3, i_h, Hkv, kk, kv_off, kv_mask, K, V, C,
-                                         REVERSE)
-        S = _scan_step(S, buf, c0, c_a, ok_a, d_a, w_a, i_h, Hkv, kv_off, kv_mask, K, V)
-        S = _scan_step(S, buf, c0, c_b, ok_b, d_b, w_b, i_h, Hkv, kv_off, kv_mask, K, V)
-        S = _scan_step(S, buf, c0, c_c, ok_c, d_c, w_c, i_h, Hkv, kv_off, kv_mask, K, V)
-        S = _scan_step(S, buf, c0, c_d, ok_d, d_d, w_d, i_h, Hkv, kv_off, kv_mask, K, V)
+        c_a, ok_a, d_a, e_a, w_a = _scan_load(buf, b, bv, bos, eos, c0, nt, i0, i_h, Hkv, kk, vv, kv_off, kv_mask,
+                                              K, V, C, REVERSE, HAS_GV)
+        c_b, ok_b, d_b, e_b, w_b = _scan_load(buf, b, bv, bos, eos, c0, nt, i0 + 1, i_h, Hkv, kk, vv, kv_off,
+                                              kv_mask, K, V, C, REVERSE, HAS_GV)
+        c_c, ok_c, d_c, e_c, w_c = _scan_load(buf, b, bv, bos, eos, c0, nt, i0 + 2, i_h, Hkv, kk, vv, kv_off,
+                                              kv_mask, K, V, C, REVERSE, HAS_GV)
+        c_d, ok_d, d_d, e_d, w_d = _scan_load(buf, b, bv, bos, eos, c0, nt, i0 + 3, i_h, Hkv, kk, vv, kv_off,
+                                              kv_mask, K, V, C, REVERSE, HAS_GV)
+        S = _scan_step(S, buf, c0, c_a, ok_a, d_a, e_a, w_a, i_h, Hkv, kv_off, kv_mask, K, V, HAS_GV)
+        S = _scan_step(S, buf, c0, c_b, ok_b, d_b, e_b, w_b, i_h, Hkv, kv_off, kv_mask, K, V, HAS_GV)
+        S = _scan_step(S, buf, c0, c_c, ok_c, d_c, e_c, w_c, i_h, Hkv, kv_off, kv_mask, K, V, HAS_GV)
+        S = _scan_step(S, buf, c0, c_d, ok_d, d_d, e_d, w_d, i_h, Hkv, kv_off, kv_mask, K, V, HAS_GV)
     if STORE_END:
         tl.store(s_end + (n * Hkv + i_h).to(tl.int64) * (K * V) + kv_off, S, mask=kv_mask)
 
@@ -219,27 +239,31 @@ def chunk_local_cumsum(x: Tensor, table: Tensor, cu: Tensor, scale: float, rever
     return y
 
 
-def chunk_states(x: Tensor, y: Tensor, b: Tensor, s0: Tensor | None, want_end: bool, scale: float, table: Tensor,
-                 cu: Tensor, offsets: Tensor, N: int, bwd: bool,
+def chunk_states(x: Tensor, y: Tensor, b: Tensor, bv: Tensor | None, s0: Tensor | None, want_end: bool,
+                 scale: float, table: Tensor, cu: Tensor, offsets: Tensor, N: int, bwd: bool,
                  out_dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
     """Per-chunk states: forward (x=k, y=v) the state before each chunk and the final state; backward (x=q, y=do,
-    s0 = dL/d final state) dL/d(state after each chunk) and dL/d(initial state). Returns ``[S, Hkv, K, V]`` and
-    the ``[N, Hkv, K, V]`` fp32 end state (or None)."""
+    s0 = dL/d final state) dL/d(state after each chunk) and dL/d(initial state). ``b`` ``[1, T, Hkv, K]`` and
+    ``bv`` ``[1, T, Hkv, V]`` (or None) are the chunk-local cumulated decays (log2). Returns ``[S, Hkv, K, V]``
+    and the ``[N, Hkv, K, V]`` fp32 end state (or None)."""
     Hkv, K = b.shape[2], b.shape[3]
     V = y.shape[3]
     G = x.shape[2] // Hkv
     slots = table.shape[0]
+    has_gv = bv is not None
+    bv_arg = bv if has_gv else b  # never read without HAS_GV
     buf = torch.empty(slots, Hkv, K, V, device=b.device, dtype=out_dtype)
     end = torch.empty(N, Hkv, K, V, device=b.device, dtype=torch.float32) if want_end else None
     BK, BV = min(CONFIG["bk_u"], p2(K)), min(CONFIG["bv_u"], p2(V))
     grid = (slots, Hkv, triton.cdiv(K, BK) * triton.cdiv(V, BV))
-    chunk_state_update_kernel[grid](x, y, b, buf, table, cu, scale, Hkv, K=K, V=V, G=G, C=CHUNK, BK=BK, BV=BV,
-                                    BWD=bwd, num_warps=CONFIG["warps_u"])
+    chunk_state_update_kernel[grid](x, y, b, bv_arg, buf, table, cu, scale, Hkv, K=K, V=V, G=G, C=CHUNK, BK=BK,
+                                    BV=BV, BWD=bwd, HAS_GV=has_gv, num_warps=CONFIG["warps_u"])
     BK, BV = min(CONFIG["bk_s"], p2(K)), min(CONFIG["bv_s"], p2(V))
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), N * Hkv)
-    chunk_state_scan_kernel[grid](buf, b, s0 if s0 is not None else buf, end if want_end else buf, cu, offsets, Hkv,
-                                  K=K, V=V, C=CHUNK, BK=BK, BV=BV, REVERSE=bwd,
-                                  HAS_S0=s0 is not None, STORE_END=want_end, num_warps=CONFIG["warps_s"])
+    chunk_state_scan_kernel[grid](buf, b, bv_arg, s0 if s0 is not None else buf, end if want_end else buf, cu,
+                                  offsets, Hkv, K=K, V=V, C=CHUNK, BK=BK, BV=BV, REVERSE=bwd,
+                                  HAS_S0=s0 is not None, STORE_END=want_end, HAS_GV=has_gv,
+                                  num_warps=CONFIG["warps_s"])
     return buf, end
 
 

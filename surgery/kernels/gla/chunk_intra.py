@@ -175,3 +175,11 @@ def work_list(b: Tensor, table: Tensor, cu: Tensor) -> tuple[Tensor, Tensor, int
     chunk_classify_kernel[(slots, Hkv)](b, table, cu, count, work, Hkv, K=K, C=CHUNK, BKF=p2(K),
                                         FAST_SPAN=cc.FAST_SPAN, num_warps=1)
     return count, work, max(1, min(slots * Hkv, 4 * sm_count(b.device)))
+
+
+def all_chunks(table: Tensor, Hkv: int) -> tuple[Tensor, Tensor, int]:
+    """The work list of every (chunk, kv-head) pair, for calls that the one-reference kernels cannot take."""
+    n = table.shape[0] * Hkv
+    count = torch.full((1,), n, device=table.device, dtype=torch.int32)
+    work = torch.arange(n, device=table.device, dtype=torch.int32)
+    return count, work, max(1, min(n, 4 * sm_count(table.device)))
