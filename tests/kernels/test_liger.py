@@ -176,6 +176,28 @@ def test_triton_matches_naive(small_tiles, T, Hq, Hkv, window, softcap, init):
     assert_close(got, run(naive_liger_attention, x, **kw), rtol=1e-5, atol=1e-5)
 
 
+def test_triton_branch_weights(small_tiles):
+    # the recurrent weight is folded into the GLA scale and the softmax weight into the kernel's mix and backward
+    x = make(1, 33, 2, 1, 16, dtype=torch.float32, seed=8)
+    kw = dict(window=7, scale=0.3, w_swa=0.7, w_rec=0.2, rec_scale=1.5)
+    got = run(lambda *a, **k: liger_attention(*a, **k, backend="triton"), x, **kw)
+    assert_close(got, run(naive_liger_attention, x, **kw), rtol=1e-5, atol=1e-5)
+
+
+def test_triton_softmax_branch_alone(small_tiles):
+    from surgery.kernels.liger.swa_triton import sliding_window_attention_triton
+
+    x = make(2, 21, 4, 2, 16, dtype=torch.float32, seed=9)
+    leaves = [x[n].detach().clone().requires_grad_() for n in ("q_rope", "k_rope", "v")]
+    refs = [x[n].detach().clone().requires_grad_() for n in ("q_rope", "k_rope", "v")]
+    got = sliding_window_attention_triton(*leaves, window=6, scale=0.4, softcap=2.0)
+    want = naive_sliding_window_attention(*refs, window=6, scale=0.4, softcap=2.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    r = torch.randn(got.shape, generator=torch.Generator().manual_seed(2)).to(DEV)
+    for g, w in zip(torch.autograd.grad((got * r).sum(), leaves), torch.autograd.grad((want * r).sum(), refs)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_triton_default_tiles_and_value_head_dim():
     # default 64-row tiles, Dv != D
     x = make(1, 70, 2, 1, 16, dtype=torch.float32, seed=5)

@@ -1,8 +1,10 @@
 """Liger attention on Triton: the banded softmax kernel (``swa_triton``) and the chunked GLA kernel, mixed.
 
-Not one fused kernel yet: the two branches run as two kernel pipelines on the same inputs (the softmax branch in
-one pass per query block, the recurrent branch through the GLA chunk kernels), and the weighted sum is taken in
-fp32. Fusing both into the GLA output kernel (which already loads the chunk's rows and values) is the next step.
+Not one fused kernel yet: the recurrent branch runs first through the GLA chunk kernels, with its weight folded
+into the GLA scale (``w_rec * GLA(scale=s) = GLA(scale=w_rec * s)``); the softmax kernel then takes that output as
+a residual and writes ``w_swa * SWA + rec`` in one pass per query block, summed in fp32 (no separate mixing pass;
+its backward hands the incoming gradient to the recurrent branch unchanged). Fusing the window into the GLA output
+kernel, which already loads the chunk's rows and values, is the next step.
 """
 
 from __future__ import annotations
@@ -49,8 +51,7 @@ def liger_attention_triton(
     # the interpreter multiplies bf16 dots wrongly (env.md F4): it computes in fp32
     vv = v.float() if interpreting() else v
     qr, kr = (x.to(vv.dtype) for x in (q_rope, k_rope))
-    swa = sliding_window_attention_triton(qr, kr, vv, window, scale, softcap)
-    rec, final = chunk_gla_triton(q_feat, k_feat, vv, gk, None, rec_scale, initial_state, output_final_state,
-                                  save_states=save_states)
-    o = w_swa * swa.float() + w_rec * rec.float()
+    rec, final = chunk_gla_triton(q_feat, k_feat, vv, gk, None, w_rec * rec_scale, initial_state,
+                                  output_final_state, save_states=save_states)
+    o = sliding_window_attention_triton(qr, kr, vv, window, scale, softcap, residual=rec, w_swa=w_swa)
     return o.to(out_dtype), final
