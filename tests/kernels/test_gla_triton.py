@@ -236,12 +236,33 @@ def test_chunk_value_gates_varlen():
 
 
 def test_chunk_value_gates_strong_decay_and_exact_diagonal(monkeypatch):
-    # ~-20 per step on the value side: the sub-chunk frames and the elementwise diagonal keep exponents <= 0;
+    # ~-20 per step on the value side: sub-chunk kernels, whose frames and elementwise diagonal keep exponents <= 0;
     # SPAN_MAX < 0 also sends the key side's diagonal blocks through the elementwise sum.
     monkeypatch.setattr(chunk_common, "SPAN_MAX", -1.0)
     x = make(1, 40, 2, 1, 16, 16, gk=False, gv=True, init=True, gate_div=0.05, seed=22)
     # d(gate) is a difference of O(1) terms around a tiny value here (fp32 cancellation, as for gk alone)
     assert_match(run(chunk_gla_triton, x), run(naive_recurrent_gla, x), ratio=1e-5, ratio_dg=2e-4, atol=1e-5)
+
+
+def test_chunk_value_gates_sub_chunk_kernels(monkeypatch):
+    # FAST_SPAN < 0: every chunk through the sub-chunk kernels (chunk_gv), both gate sides
+    monkeypatch.setattr(chunk_common, "FAST_SPAN", -1.0)
+    x = make(1, 70, 2, 1, 16, 32, gv=True, init=True, seed=24)
+    assert_match(run(chunk_gla_triton, x), run(naive_recurrent_gla, x), ratio=1e-5, atol=1e-5)
+
+
+def test_chunk_value_gates_mixed_paths(monkeypatch):
+    # strong value decay in the middle chunk only: it goes to the sub-chunk kernels, the others stay on the
+    # one-reference path, within one call
+    from surgery.kernels.gla import chunk_fwd
+
+    counts = []
+    real = chunk_fwd.work_list
+    monkeypatch.setattr(chunk_fwd, "work_list", lambda *a: counts.append(int(real(*a)[0].item())) or real(*a))
+    x = make(1, 150, 2, 1, 16, 16, gv=True, init=True, gate_div=4.0, seed=25)
+    x["gv"][:, 64:128] *= 40.0
+    assert_match(run(chunk_gla_triton, x), run(naive_recurrent_gla, x), ratio=1e-5, ratio_dg=1e-4, atol=1e-5)
+    assert counts == [1]
 
 
 def test_chunk_value_gates_small_tiles(monkeypatch):
@@ -349,6 +370,17 @@ def test_gpu_chunk_value_gates_varlen(save_states):
     want = cast_like(reference(x, cu), x)
     want["o"] = want["o"].to(got["o"].dtype)
     assert_match(got, want, *TOL["bf16"])
+
+
+@pytest.mark.gpu
+def test_gpu_chunk_value_gates_sub_chunk_path_and_strong_decay(monkeypatch):
+    x = make(1, 1000, 4, 2, 128, 64, gv=True, init=True, gate_div=0.05, dtype=torch.bfloat16, seed=17)
+    want = cast_like(reference(x), x)
+    want["o"] = want["o"].to(torch.bfloat16)
+    assert_match(run(chunk_gla_triton, x), want, *TOL["bf16"])
+    monkeypatch.setattr(chunk_common, "FAST_SPAN", -1.0)  # every chunk on the sub-chunk kernels
+    y = make(1, 1000, 4, 2, 128, 64, gv=True, init=True, dtype=torch.float32, seed=18)
+    assert_match(run(chunk_gla_triton, y), reference(y), *TOL["fp32"])
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])

@@ -27,8 +27,9 @@ The state recurrences only ever multiply by 2^(<= 0).
 
 Kernels (fla's naming ladder, our own code): ``*_kernel`` -> ``chunk_gla_fwd`` / ``chunk_gla_bwd`` ->
 ``ChunkGLAFunction`` -> ``chunk_gla_triton``. Files: ``chunk_common.py`` (settings, chunk table, cumsum, state
-pass), ``chunk_intra.py`` (intra-chunk device functions, classifier), ``chunk_fwd.py``, ``chunk_bwd.py``, and this
-module (autograd and the entry point).
+pass), ``chunk_intra.py`` (intra-chunk device functions, classifier), ``chunk_fwd.py``, ``chunk_bwd.py``,
+``chunk_gv.py`` and ``chunk_gv_fast.py`` (value-side gates: each side gets its own frame), and this module
+(autograd and the entry point).
 """
 
 from __future__ import annotations
@@ -96,8 +97,7 @@ def chunk_gla_triton(
         k: ``[B, T, Hkv, K]``; Hq % Hkv == 0; K <= 256 (else NotImplementedError).
         v: ``[B, T, Hkv, V]``; V <= 256 (else NotImplementedError).
         gk: ``[B, T, Hkv, K]`` log decays (<= 0), or None for no decay.
-        gv: ``[B, T, Hkv, V]`` value-side log decays (<= 0), or None. With gv every chunk runs on the exact
-            sub-chunk kernels (``chunk_gv.py``), slower than the one-reference path that gk-only calls mostly take.
+        gv: ``[B, T, Hkv, V]`` value-side log decays (<= 0), or None (``chunk_gv.py``, ``chunk_gv_fast.py``).
         scale: multiplies the output.
         initial_state: ``[N, Hkv, K, V]``, used in fp32.
         output_final_state: also return the final states.

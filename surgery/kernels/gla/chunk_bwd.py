@@ -1,4 +1,5 @@
-"""Backward of the chunked GLA kernels: dv, then dq, dk and the gradient of the cumulated decay."""
+"""Backward of the chunked GLA kernels: dq, dk and the gradient of the cumulated decay, and the launcher
+(``chunk_gla_bwd``) that runs the state-gradient pass, the dv kernels (``chunk_bwd_dv``, ``chunk_gv*``) and these."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import triton.language as tl
 from torch import Tensor
 
 from surgery.kernels.gla import chunk_common as cc
+from surgery.kernels.gla.chunk_bwd_dv import chunk_bwd_dv_fast_kernel, chunk_bwd_dv_kernel
 from surgery.kernels.gla.chunk_common import (
     CHUNK,
     LOG2E,
@@ -18,59 +20,20 @@ from surgery.kernels.gla.chunk_common import (
     prepare_chunks,
     sub_rows,
 )
+from surgery.kernels.gla.chunk_gv import _gv_keys, _gv_rows, chunk_bwd_dv_gv_kernel
+from surgery.kernels.gla.chunk_gv_fast import chunk_bwd_dv_gv_fast_kernel
 from surgery.kernels.gla.chunk_intra import (
-    _chunk_frame,
     _diag_grads,
     _diag_limit,
     _diag_scores,
     _frame_keys,
     _frame_rows,
+    _frame_vrows,
+    _frames,
     _rows,
-    _scores,
     _tiles,
-    all_chunks,
     work_list,
 )
-from surgery.kernels.gla.chunk_gv import _gv_keys, _gv_rows, chunk_bwd_dv_gv_kernel
-
-@triton.jit
-def _dv_sub_chunks(i_c, i_h, i_v, q, k, b, do, dh, dv, table, cu, scale, Hkv, K: tl.constexpr, V: tl.constexpr,
-                   G: tl.constexpr, GP: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BKI: tl.constexpr,
-                   BKF: tl.constexpr, BV: tl.constexpr, SPAN_MAX: tl.constexpr):
-    """dv for one (chunk, kv-head, V-block) = scale * A^T do (summed over the group) + (k * 2^(B-b)) dH."""
-    t0, L = _chunk_bounds(table, cu, i_c, C)
-    Hq = Hkv * G
-    RS: tl.constexpr = BC * GP
-    sq, sk, sv, so = Hq * K, Hkv * K, Hkv * V, Hq * V
-    qb = q + (t0 * Hq + i_h * G) * K
-    kb = k + (t0 * Hkv + i_h) * K
-    bb = b + (t0 * Hkv + i_h) * K
-    dob = do + (t0 * Hq + i_h * G) * V
-    dhb = dh + (i_c.to(tl.int64) * Hkv + i_h) * (K * V)
-    j = tl.arange(0, C)
-    vv = i_v * BV + tl.arange(0, BV)
-    vm = vv < V
-    acc = tl.zeros([C, BV], dtype=tl.float32)
-    for s in range(0, tl.cdiv(L, BC)):
-        t, g, rmask = _rows(s, L, G, GP, BC)
-        slow, lim = _diag_limit(bb, s, L, sk, K, BC, BKF, SPAN_MAX)
-        A = _scores(qb, kb, bb, t, g, rmask, s, L, lim, sq, sk, K, C, BC, BKI, RS)
-        if slow:
-            A = _diag_scores(A, qb, kb, bb, t, g, rmask, s, L, sq, sk, K, C, BC, BKI, RS)
-        do_s = tl.load(dob + t[:, None] * so + g[:, None] * V + vv[None, :], mask=rmask[:, None] & vm[None, :],
-                       other=0.0)
-        acc += tl.dot(tl.trans(A * scale).to(do_s.dtype), do_s)
-    for k0 in tl.static_range(0, K, BKI):
-        kk = k0 + tl.arange(0, BKI)
-        km = kk < K
-        jm = (j[:, None] < L) & km[None, :]
-        k_c = tl.load(kb + j[:, None] * sk + kk[None, :], mask=jm, other=0.0)
-        b_c = tl.load(bb + j[:, None] * sk + kk[None, :], mask=jm, other=0.0)
-        b_last = tl.load(bb + (L - 1) * sk + kk, mask=km & (L > 0), other=0.0)
-        dh_kb = tl.load(dhb + kk[:, None] * V + vv[None, :], mask=km[:, None] & vm[None, :] & (L > 0), other=0.0)
-        acc += tl.dot((k_c * tl.exp2(b_last[None, :] - b_c)).to(dh_kb.dtype), dh_kb)
-    tl.store(dv + (t0 * Hkv + i_h) * V + j[:, None] * sv + vv[None, :], acc.to(dv.dtype.element_ty),
-             mask=(j[:, None] < L) & vm[None, :])
 
 
 @triton.jit
@@ -175,48 +138,17 @@ def _dqkg_sub_chunks(i_c, i_h, i_k, q, k, v, b, bv, h, do, dh, dq, dk, dg, table
 
 
 @triton.jit(do_not_specialize=["Hkv"])
-def chunk_bwd_dv_fast_kernel(q, k, b, do, dh, dv, table, cu, scale, Hkv, K: tl.constexpr, V: tl.constexpr,
-                             G: tl.constexpr, GP: tl.constexpr, C: tl.constexpr, RB: tl.constexpr,
-                             BK: tl.constexpr, BV: tl.constexpr, FAST_SPAN: tl.constexpr):
-    """dv for one (chunk, kv-head, V-block) on the one-reference path."""
-    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, L = _chunk_bounds(table, cu, i_c, C)
-    sq, sk, sv, so = Hkv * G * K, Hkv * K, Hkv * V, Hkv * G * V
-    bb = b + (t0 * Hkv + i_h) * K
-    if _chunk_frame(bb, L, sk, K, BK, FAST_SPAN):
-        qb = q + (t0 * Hkv * G + i_h * G) * K
-        dob = do + (t0 * Hkv * G + i_h * G) * V
-        kk = tl.arange(0, BK)
-        j = tl.arange(0, C)
-        vv = i_v * BV + tl.arange(0, BV)
-        vm = vv < V
-        m, last, k_c, b_c, k_hat = _frame_keys(k + (t0 * Hkv + i_h) * K, bb, L, kk, sk, K, C)
-        dh_t = tl.load(dh + (i_c.to(tl.int64) * Hkv + i_h) * (K * V) + kk[:, None] * V + vv[None, :],
-                       mask=(kk[:, None] < K) & vm[None, :], other=0.0)
-        k_dec = k_c * tl.exp2(tl.where((j[:, None] < L) & (kk[None, :] < K), last[None, :] - b_c, 0.0))
-        acc = tl.dot(k_dec.to(dh_t.dtype), dh_t)
-        for s in range(0, tl.cdiv(L, RB)):
-            t, g, rmask, q_s, b_s, f_q = _frame_rows(qb, bb, s, L, m, kk, sq, sk, K, G, GP, RB)
-            A = tl.dot(q_s * f_q, tl.trans(k_hat))
-            A = tl.where(j[None, :] <= t[:, None], A * scale, 0.0)
-            do_s = tl.load(dob + t[:, None] * so + g[:, None] * V + vv[None, :], mask=rmask[:, None] & vm[None, :],
-                           other=0.0)
-            acc += tl.dot(tl.trans(A).to(do_s.dtype), do_s)
-        tl.store(dv + (t0 * Hkv + i_h) * V + j[:, None] * sv + vv[None, :], acc.to(dv.dtype.element_ty),
-                 mask=(j[:, None] < L) & vm[None, :])
-
-
-@triton.jit(do_not_specialize=["Hkv"])
-def chunk_bwd_dqkg_fast_kernel(q, k, v, b, h, do, dh, dq, dk, dg, table, cu, scale, Hkv, K: tl.constexpr,
+def chunk_bwd_dqkg_fast_kernel(q, k, v, b, bv, h, do, dh, dq, dk, dg, table, cu, scale, Hkv, K: tl.constexpr,
                                V: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, C: tl.constexpr,
                                RB: tl.constexpr, BK: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr,
-                               FAST_SPAN: tl.constexpr):
-    """dq, dk and d/db for one (chunk, kv-head, K-block) on the one-reference path (see chunk_bwd_dqkg_kernel)."""
+                               FAST_SPAN: tl.constexpr, HAS_GV: tl.constexpr):
+    """dq, dk and d/db for one (chunk, kv-head, K-block) on the one-reference path (see chunk_bwd_dqkg_kernel).
+    With HAS_GV: dA / scale = (do * 2^(bv - mv)) @ (v * 2^(mv - bv))^T, and the inter terms carry 2^bv."""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, L = _chunk_bounds(table, cu, i_c, C)
     sq, sk, sv, so = Hkv * G * K, Hkv * K, Hkv * V, Hkv * G * V
     bb = b + (t0 * Hkv + i_h) * K
-    if _chunk_frame(bb, L, sk, K, BKF, FAST_SPAN):
+    if _frames(b, bv, t0, i_h, L, Hkv, K, V, BKF, BV, FAST_SPAN, HAS_GV):
         qb = q + (t0 * Hkv * G + i_h * G) * K
         dob = do + (t0 * Hkv * G + i_h * G) * V
         kb = k + (t0 * Hkv + i_h) * K
@@ -232,14 +164,24 @@ def chunk_bwd_dqkg_fast_kernel(q, k, v, b, h, do, dh, dq, dk, dg, table, cu, sca
                       other=0.0)
         hv_off = (i_c.to(tl.int64) * Hkv + i_h) * (K * V) + kk[:, None] * V + vv[None, :]
         h_t = tl.load(h + hv_off, mask=km[:, None] & vm[None, :], other=0.0)
+        if HAS_GV:
+            bvb = bv + (t0 * Hkv + i_h) * V
+            mv, bv_last, v32, bv_c, v_hat = _frame_keys(v + (t0 * Hkv + i_h) * V, bvb, L, vv, sv, V, C)
         dk_acc = tl.zeros([C, BK], dtype=tl.float32)
         for s in range(0, tl.cdiv(L, RB)):
             t, g, rmask, q_s, b_s, f_q = _frame_rows(qb, bb, s, L, m, kk, sq, sk, K, G, GP, RB)
             do_s = tl.load(dob + t[:, None] * so + g[:, None] * V + vv[None, :], mask=rmask[:, None] & vm[None, :],
                            other=0.0)
-            dA = tl.dot(do_s, tl.trans(v_c))
+            if HAS_GV:
+                bv_s, f_v = _frame_vrows(bvb, t, rmask, mv, vv, sv, V)
+                do32 = do_s.to(tl.float32)
+                dA = tl.dot(do32 * f_v, tl.trans(v_hat))
+                dq_h = tl.dot((do32 * tl.exp2(bv_s)).to(h_t.dtype), tl.trans(h_t))
+            else:
+                dA = tl.dot(do_s, tl.trans(v_c))
+                dq_h = tl.dot(do_s, tl.trans(h_t))
             dA = tl.where(j[None, :] <= t[:, None], dA * scale, 0.0)
-            dq_s = tl.dot(dA, k_hat) * f_q + tl.dot(do_s, tl.trans(h_t)) * scale * tl.exp2(b_s)
+            dq_s = tl.dot(dA, k_hat) * f_q + dq_h * scale * tl.exp2(b_s)
             dk_acc += tl.dot(tl.trans(dA), q_s * f_q)
             tl.store(dq + (t0 * Hkv * G + i_h * G) * K + t[:, None] * sq + g[:, None] * K + kk[None, :],
                      dq_s.to(dq.dtype.element_ty), mask=rmask[:, None] & km[None, :])
@@ -248,27 +190,22 @@ def chunk_bwd_dqkg_fast_kernel(q, k, v, b, h, do, dh, dq, dk, dg, table, cu, sca
             tl.store(dg + (t0 * Hkv + i_h) * K + tq[:, None] * sk + kk[None, :], qdq,
                      mask=(tq[:, None] < L) & km[None, :])
         dh_t = tl.load(dh + hv_off, mask=km[:, None] & vm[None, :], other=0.0)
-        dk_inter = tl.dot(v_c, tl.trans(dh_t)) * tl.exp2(tl.where(jk, last[None, :] - b_c, 0.0))
+        hdh = h_t.to(tl.float32) * dh_t.to(tl.float32)
+        if HAS_GV:
+            jv = jm[:, None] & vm[None, :]
+            v_dec = (v32 * tl.exp2(tl.where(jv, bv_last[None, :] - bv_c, 0.0))).to(v_c.dtype)
+            dk_inter = tl.dot(v_dec, tl.trans(dh_t))
+            hdh = hdh * tl.exp2(bv_last)[None, :]
+        else:
+            dk_inter = tl.dot(v_c, tl.trans(dh_t))
+        dk_inter = dk_inter * tl.exp2(tl.where(jk, last[None, :] - b_c, 0.0))
         dk_c = dk_acc * tl.exp2(tl.where(jk, m[None, :] - b_c, 0.0)) + dk_inter
         tl.store(dk + (t0 * Hkv + i_h) * K + j[:, None] * sk + kk[None, :], dk_c.to(dk.dtype.element_ty), mask=jk)
-        d_end = tl.sum(h_t.to(tl.float32) * dh_t.to(tl.float32), axis=1) * tl.exp2(last) + tl.sum(k_c * dk_inter,
-                                                                                                   axis=0)
+        d_end = tl.sum(hdh, axis=1) * tl.exp2(last) + tl.sum(k_c * dk_inter, axis=0)
         tl.debug_barrier()
         dgb = dg + (t0 * Hkv + i_h) * K + j[:, None] * sk + kk[None, :]
         g_c = tl.load(dgb, mask=jk, other=0.0) - k_c * dk_c + tl.where(j[:, None] == L - 1, d_end[None, :], 0.0)
         tl.store(dgb, g_c, mask=jk)
-
-
-@triton.jit(do_not_specialize=["Hkv", "NW"])
-def chunk_bwd_dv_kernel(q, k, b, do, dh, dv, table, cu, count, work, NW, scale, Hkv, K: tl.constexpr,
-                        V: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
-                        BKI: tl.constexpr, BKF: tl.constexpr, BV: tl.constexpr, SPAN_MAX: tl.constexpr):
-    """dv for the work-listed chunks, by row sub-chunk."""
-    i_w, i_v = tl.program_id(0), tl.program_id(2)
-    for it in range(i_w, tl.load(count), NW):
-        item = tl.load(work + it)
-        _dv_sub_chunks(item // Hkv, item % Hkv, i_v, q, k, b, do, dh, dv, table, cu, scale, Hkv, K, V, G, GP, C, BC,
-                       BKI, BKF, BV, SPAN_MAX)
 
 
 @triton.jit(do_not_specialize=["Hkv", "NW"])
@@ -308,8 +245,10 @@ def chunk_gla_bwd(q: Tensor, k: Tensor, v: Tensor, gk: Tensor, gv: Tensor | None
     dk = torch.empty_like(k)
     db = torch.empty(B, T, Hkv, K, device=q.device, dtype=torch.float32)
     dbv = None
-    if bv is None:
-        common = dict(K=K, V=V, G=G, GP=GP, C=CHUNK, FAST_SPAN=cc.FAST_SPAN)
+    has_gv = bv is not None
+    bv_arg = bv if has_gv else b  # never read without HAS_GV
+    common = dict(K=K, V=V, G=G, GP=GP, C=CHUNK, FAST_SPAN=cc.FAST_SPAN)
+    if not has_gv:
         BV = min(cc.CONFIG["bv_fdv"], BVF)
         chunk_bwd_dv_fast_kernel[(slots, Hkv, triton.cdiv(V, BV))](q, k, b, do, dh, dv, table, cu, scale, Hkv,
                                                                    RB=64 // GP, BK=BKF, BV=BV,
@@ -320,22 +259,28 @@ def chunk_gla_bwd(q: Tensor, k: Tensor, v: Tensor, gk: Tensor, gv: Tensor | None
         chunk_bwd_dv_kernel[(NW, 1, triton.cdiv(V, BV))](q, k, b, do, dh, dv, table, cu, count, work, NW, scale, Hkv,
                                                          BKI=min(cc.CONFIG["bki"], BKF), BV=BV,
                                                          num_warps=cc.CONFIG["warps_dv"], **slow)
-        BK = min(cc.CONFIG["bk_fdq"], BKF)
-        chunk_bwd_dqkg_fast_kernel[(slots, Hkv, triton.cdiv(K, BK))](q, k, v, b, h, do, dh, dq, dk, db, table, cu,
-                                                                     scale, Hkv, RB=64 // GP, BK=BK, BKF=BKF,
-                                                                     BV=BVF, num_warps=cc.CONFIG["warps_fdq"],
-                                                                     num_stages=cc.CONFIG["stages_fdq"], **common)
-    else:  # value-side gates: every chunk through the sub-chunk kernels (chunk_gv)
-        count, work, NW = all_chunks(table, Hkv)
+    else:  # value-side gates: dv and d/dbv in their own kernels (chunk_gv)
         dbv = torch.empty(B, T, Hkv, V, device=q.device, dtype=torch.float32)
+        BV = min(cc.CONFIG["bv_fdv"], BVF)
+        chunk_bwd_dv_gv_fast_kernel[(slots, Hkv, triton.cdiv(V, BV))](q, k, v, b, bv, h, do, dh, dv, dbv, table, cu,
+                                                                      scale, Hkv, RB=64 // GP, BK=BKF, BV=BV,
+                                                                      BVF=BVF, num_stages=cc.CONFIG["stages_fdv"],
+                                                                      num_warps=cc.CONFIG["warps_fdv"], **common)
+        count, work, NW = work_list(b, table, cu, bv)
         BV = min(cc.CONFIG["bv_dv"], BVF)
         chunk_bwd_dv_gv_kernel[(NW, 1, triton.cdiv(V, BV))](q, k, v, b, bv, h, do, dh, dv, dbv, table, cu, count,
                                                             work, NW, scale, Hkv, BKI=min(cc.CONFIG["bki"], BKF),
                                                             BV=BV, num_warps=cc.CONFIG["warps_dv"], **slow)
+    BK = min(cc.CONFIG["bk_fdq"], BKF)
+    chunk_bwd_dqkg_fast_kernel[(slots, Hkv, triton.cdiv(K, BK))](q, k, v, b, bv_arg, h, do, dh, dq, dk, db, table,
+                                                                 cu, scale, Hkv, RB=64 // GP, BK=BK, BKF=BKF,
+                                                                 BV=BVF, HAS_GV=has_gv,
+                                                                 num_warps=cc.CONFIG["warps_fdq"],
+                                                                 num_stages=cc.CONFIG["stages_fdq"], **common)
     BK = min(cc.CONFIG["bk_dqk"], BKF)
-    chunk_bwd_dqkg_kernel[(NW, 1, triton.cdiv(K, BK))](q, k, v, b, bv if bv is not None else b, h, do, dh, dq, dk,
-                                                       db, table, cu, count, work, NW, scale, Hkv, BK=BK,
-                                                       BVI=min(cc.CONFIG["bvi_dqk"], BVF), HAS_GV=bv is not None,
+    chunk_bwd_dqkg_kernel[(NW, 1, triton.cdiv(K, BK))](q, k, v, b, bv_arg, h, do, dh, dq, dk, db, table, cu, count,
+                                                       work, NW, scale, Hkv, BK=BK,
+                                                       BVI=min(cc.CONFIG["bvi_dqk"], BVF), HAS_GV=has_gv,
                                                        num_warps=cc.CONFIG["warps_dqk"], **slow)
     dg = chunk_local_cumsum(flat(db), table, cu, 1.0, True, gk.dtype).view_as(gk)
     dgv = chunk_local_cumsum(flat(dbv), table, cu, 1.0, True, gv.dtype).view_as(gv) if gv is not None else None

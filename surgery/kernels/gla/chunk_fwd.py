@@ -18,18 +18,19 @@ from surgery.kernels.gla.chunk_common import (
     prepare_chunks,
     sub_rows,
 )
+from surgery.kernels.gla.chunk_gv import _gv_intra_o, _gv_rows
 from surgery.kernels.gla.chunk_intra import (
-    _chunk_frame,
     _diag_limit,
     _diag_scores,
     _frame_keys,
     _frame_rows,
+    _frame_vrows,
+    _frames,
     _rows,
     _tiles,
-    all_chunks,
     work_list,
 )
-from surgery.kernels.gla.chunk_gv import _gv_intra_o, _gv_rows
+
 
 @triton.jit
 def _fwd_o_sub_chunks(i_c, i_h, i_v, q, k, v, b, bv, h, o, table, cu, scale, Hkv, K: tl.constexpr,
@@ -77,15 +78,17 @@ def _fwd_o_sub_chunks(i_c, i_h, i_v, q, k, v, b, bv, h, o, table, cu, scale, Hkv
 
 
 @triton.jit(do_not_specialize=["Hkv"])
-def chunk_fwd_o_fast_kernel(q, k, v, b, h, o, table, cu, scale, Hkv, K: tl.constexpr, V: tl.constexpr,
+def chunk_fwd_o_fast_kernel(q, k, v, b, bv, h, o, table, cu, scale, Hkv, K: tl.constexpr, V: tl.constexpr,
                             G: tl.constexpr, GP: tl.constexpr, C: tl.constexpr, RB: tl.constexpr,
-                            BK: tl.constexpr, BV: tl.constexpr, FAST_SPAN: tl.constexpr):
-    """o for one (chunk, kv-head, V-block) whose decay span allows one reference for the whole chunk."""
+                            BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, FAST_SPAN: tl.constexpr,
+                            HAS_GV: tl.constexpr):
+    """o for one (chunk, kv-head, V-block) whose decay spans allow one reference for the whole chunk. With HAS_GV
+    the value side gets its own one-reference frame: intra = 2^(bv_t - mv) * (A @ (v * 2^(mv - bv)))."""
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, L = _chunk_bounds(table, cu, i_c, C)
     sq, sk, sv, so = Hkv * G * K, Hkv * K, Hkv * V, Hkv * G * V
     bb = b + (t0 * Hkv + i_h) * K
-    if _chunk_frame(bb, L, sk, K, BK, FAST_SPAN):
+    if _frames(b, bv, t0, i_h, L, Hkv, K, V, BK, BVF, FAST_SPAN, HAS_GV):
         qb = q + (t0 * Hkv * G + i_h * G) * K
         ob = o + (t0 * Hkv * G + i_h * G) * V
         kk = tl.arange(0, BK)
@@ -97,12 +100,20 @@ def chunk_fwd_o_fast_kernel(q, k, v, b, h, o, table, cu, scale, Hkv, K: tl.const
                       other=0.0)
         h_t = tl.load(h + (i_c.to(tl.int64) * Hkv + i_h) * (K * V) + kk[:, None] * V + vv[None, :],
                       mask=(kk[:, None] < K) & vm[None, :], other=0.0)
+        if HAS_GV:
+            bvb = bv + (t0 * Hkv + i_h) * V
+            mv, bv_last, v32, bv_c, v_hat = _frame_keys(v + (t0 * Hkv + i_h) * V, bvb, L, vv, sv, V, C)
         for s in range(0, tl.cdiv(L, RB)):
             t, g, rmask, q_s, b_s, f_q = _frame_rows(qb, bb, s, L, m, kk, sq, sk, K, G, GP, RB)
             A = tl.dot(q_s * f_q, tl.trans(k_hat))
             A = tl.where(j[None, :] <= t[:, None], A, 0.0)
             acc = tl.dot((q_s * tl.exp2(b_s)).to(h_t.dtype), h_t)
-            acc += tl.dot(A.to(v_c.dtype), v_c)
+            if HAS_GV:
+                bv_s, f_v = _frame_vrows(bvb, t, rmask, mv, vv, sv, V)
+                # fp32 operands: v_hat reaches 2^(FAST_SPAN/2), past fp16's range
+                acc = acc * tl.exp2(bv_s) + tl.dot(A, v_hat) * f_v
+            else:
+                acc += tl.dot(A.to(v_c.dtype), v_c)
             tl.store(ob + t[:, None] * so + g[:, None] * V + vv[None, :], (acc * scale).to(o.dtype.element_ty),
                      mask=rmask[:, None] & vm[None, :])
 
@@ -139,16 +150,13 @@ def chunk_gla_fwd(q: Tensor, k: Tensor, v: Tensor, gk: Tensor, gv: Tensor | None
     h, ht = chunk_states(k, v, b, bv, h0, want_ht, 1.0, table, cu, offsets, N, False, v.dtype)
     o = torch.empty(B, T, Hq, V, device=q.device, dtype=v.dtype)
     BKF = p2(K)
-    if bv is None:
-        BV = min(cc.CONFIG["bv_fo"], p2(V))
-        common = dict(K=K, V=V, G=G, GP=GP, C=CHUNK, FAST_SPAN=cc.FAST_SPAN)
-        chunk_fwd_o_fast_kernel[(slots, Hkv, triton.cdiv(V, BV))](q, k, v, b, h, o, table, cu, scale, Hkv,
-                                                                  RB=64 // GP, BK=BKF, BV=BV,
-                                                                  num_warps=cc.CONFIG["warps_fo"],
-                                                                  num_stages=cc.CONFIG["stages_fo"], **common)
-        count, work, NW = work_list(b, table, cu)
-    else:  # the one-reference kernels take no value-side gates: every chunk goes to the sub-chunk kernel
-        count, work, NW = all_chunks(table, Hkv)
+    BV = min(cc.CONFIG["bv_fo"], p2(V))
+    common = dict(K=K, V=V, G=G, GP=GP, C=CHUNK, FAST_SPAN=cc.FAST_SPAN, HAS_GV=bv is not None)
+    chunk_fwd_o_fast_kernel[(slots, Hkv, triton.cdiv(V, BV))](q, k, v, b, bv if bv is not None else b, h, o, table,
+                                                              cu, scale, Hkv, RB=64 // GP, BK=BKF, BV=BV,
+                                                              BVF=p2(V), num_warps=cc.CONFIG["warps_fo"],
+                                                              num_stages=cc.CONFIG["stages_fo"], **common)
+    count, work, NW = work_list(b, table, cu, bv)
     BV = min(cc.CONFIG["bv_o"], p2(V))
     chunk_fwd_o_kernel[(NW, 1, triton.cdiv(V, BV))](q, k, v, b, bv if bv is not None else b, h, o, table, cu, count,
                                                     work, NW, scale, Hkv, K=K, V=V, G=G, GP=GP, C=CHUNK, BC=BC,

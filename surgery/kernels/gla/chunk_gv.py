@@ -1,12 +1,13 @@
 """Value-side gates (gv) in the chunked GLA kernels: Triton device functions of the sub-chunk path.
 
 With gv the decay of state entry (i, j) from token s to token t is 2^(b_ti - b_si) * 2^(bv_tj - bv_sj), so the
-intra-chunk output of row t is ``sum_s A_ts (v_s * 2^(bv_t - bv_s))``: no longer one product A @ v. Calls with gv
-send every chunk through the sub-chunk kernels (``SPAN_MAX = -1`` there, so every diagonal block is exact), and per
-row sub-chunk s (reference ref = bv at its first row):
+intra-chunk output of row t is ``sum_s A_ts (v_s * 2^(bv_t - bv_s))``: no longer one product A @ v. Chunks whose
+decay spans are too wide for the one-reference path (``chunk_gv_fast.py``) come here; per row sub-chunk s (value
+reference ref = bv at its first row):
 
 - keys before the sub-chunk: ``2^(bv_t - ref) * (A @ (v * 2^(ref - bv_s)))``, both exponents <= 0;
-- keys inside it (the diagonal block): elementwise, ``A_ts * v_s * 2^(bv_t - bv_s)`` with t >= s, exponent <= 0.
+- keys inside it (the diagonal block): elementwise, ``A_ts * v_s * 2^(bv_t - bv_s)`` with t >= s, exponent <= 0,
+  whatever the key side does (its own diagonal follows SPAN_MAX as without gv).
 
 The backward mirrors this: dv from ``scale * A^T`` and ``do``, the score gradient ``dA`` from ``do`` and ``v``
 (the same structure as A from q and k, so the sub-chunk helpers of ``chunk_intra`` compute it), and the gradient

@@ -153,33 +153,47 @@ def _frame_rows(qb, bb, s, L, m, kk, sq, sk, K: tl.constexpr, G: tl.constexpr, G
     return t, g, rmask, q_s, b_s, f_q
 
 
+@triton.jit
+def _frames(b, bv, t0, i_h, L, Hkv, K: tl.constexpr, V: tl.constexpr, BKF: tl.constexpr, BVF: tl.constexpr,
+            FAST_SPAN: tl.constexpr, HAS_GV: tl.constexpr):
+    """Whether the chunk takes the one-reference path: the key-side span, and with HAS_GV the value-side one too,
+    within FAST_SPAN. The one-reference kernels and the classifier must use this same test."""
+    ok = _chunk_frame(b + (t0 * Hkv + i_h) * K, L, Hkv * K, K, BKF, FAST_SPAN)
+    if HAS_GV:
+        ok = ok & _chunk_frame(bv + (t0 * Hkv + i_h) * V, L, Hkv * V, V, BVF, FAST_SPAN)
+    return ok
+
+
+@triton.jit
+def _frame_vrows(bvb, t, rmask, mv, vv, sv, V: tl.constexpr):
+    """Value-side decay of rows t in the one-reference frame: bv [R, BV] and f = 2^(bv - mv) (within 2^(+-span/2))."""
+    m = rmask[:, None] & (vv[None, :] < V)
+    bv_s = tl.load(bvb + t[:, None] * sv + vv[None, :], mask=m, other=0.0)
+    return bv_s, tl.exp2(tl.where(m, bv_s - mv[None, :], 0.0))
+
+
 @triton.jit(do_not_specialize=["Hkv"])
-def chunk_classify_kernel(b, table, cu, count, work, Hkv, K: tl.constexpr, C: tl.constexpr, BKF: tl.constexpr,
-                          FAST_SPAN: tl.constexpr):
+def chunk_classify_kernel(b, bv, table, cu, count, work, Hkv, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                          BKF: tl.constexpr, BVF: tl.constexpr, FAST_SPAN: tl.constexpr, HAS_GV: tl.constexpr):
     """Append (chunk, kv-head) to the work list of the sub-chunk kernels when its decay span is too wide for one
     reference; the list's length ends in count[0]. Order is arbitrary, each item is written once."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, L = _chunk_bounds(table, cu, i_c, C)
-    slow = (~_chunk_frame(b + (t0 * Hkv + i_h) * K, L, Hkv * K, K, BKF, FAST_SPAN)) & (L > 0)
+    slow = (~_frames(b, bv, t0, i_h, L, Hkv, K, V, BKF, BVF, FAST_SPAN, HAS_GV)) & (L > 0)
     idx = tl.atomic_add(count, 1, mask=slow)
     tl.store(work + idx, i_c * Hkv + i_h, mask=slow)
 
 
-def work_list(b: Tensor, table: Tensor, cu: Tensor) -> tuple[Tensor, Tensor, int]:
+def work_list(b: Tensor, table: Tensor, cu: Tensor, bv: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
     """Device-side list of the (chunk, kv-head) pairs that need the sub-chunk kernels, its length, and how many
-    programs walk it (no host sync: the list's length is read by the kernels)."""
+    programs walk it (no host sync: the list's length is read by the kernels). ``bv``: the value-side cumulated
+    decays ``[1, T, Hkv, V]``, or None."""
     _, _, Hkv, K = b.shape
+    V = bv.shape[3] if bv is not None else 1
     slots = table.shape[0]
     count = torch.zeros(1, device=b.device, dtype=torch.int32)
     work = torch.empty(slots * Hkv, device=b.device, dtype=torch.int32)
-    chunk_classify_kernel[(slots, Hkv)](b, table, cu, count, work, Hkv, K=K, C=CHUNK, BKF=p2(K),
-                                        FAST_SPAN=cc.FAST_SPAN, num_warps=1)
+    chunk_classify_kernel[(slots, Hkv)](b, bv if bv is not None else b, table, cu, count, work, Hkv, K=K, V=V,
+                                        C=CHUNK, BKF=p2(K), BVF=p2(V), FAST_SPAN=cc.FAST_SPAN,
+                                        HAS_GV=bv is not None, num_warps=1)
     return count, work, max(1, min(slots * Hkv, 4 * sm_count(b.device)))
-
-
-def all_chunks(table: Tensor, Hkv: int) -> tuple[Tensor, Tensor, int]:
-    """The work list of every (chunk, kv-head) pair, for calls that the one-reference kernels cannot take."""
-    n = table.shape[0] * Hkv
-    count = torch.full((1,), n, device=table.device, dtype=torch.int32)
-    work = torch.arange(n, device=table.device, dtype=torch.int32)
-    return count, work, max(1, min(n, 4 * sm_count(table.device)))
