@@ -4,8 +4,10 @@ Training: Llama-3-8B attention shape (Hq 32, Hkv 8, K = V = 128, bf16), 32K toke
 fwd+bwd. fla's chunk_gla has no GQA, so it gets k, v, g repeated to 32 heads; SDPA runs causal with enable_gqa.
 Decoding: one token for batch 8; our in-place step vs fla's fused_recurrent_gla vs SDPA over a KV cache of
 2K..128K, plain and replayed from a CUDA graph (1 step per graph, and 16 steps per graph = per-step cost once the
-graph launch is amortised, as in a captured model step). Also: a correctness check of the settings in use, and the
-time per kernel of our chunked pipeline (CUDA profiler).
+graph launch is amortised, as in a captured model step). Also: a correctness check of the settings in use, the
+time per kernel of our chunked pipeline (CUDA profiler), the backward with chunk states recomputed (the default) vs
+kept (`save_states=True`) and the activation memory each holds, GSA's first pass (value-side gate) on the chunk
+kernel vs the fused-recurrent kernel, and Liger attention (Triton vs the PyTorch form).
 
     python benchmarks/kernels.py --out results.json [--sweep] [--quick] [--no-fla]
 
@@ -193,6 +195,42 @@ def bench_gsa_pass1(Ts: list[int]) -> list[dict[str, Any]]:
                 row[f"{name}_error"] = err(e)
         rows.append(row)
         print(json.dumps({"gsa_pass1": row}), flush=True)
+    return rows
+
+
+def bench_liger(Ts: list[int], window: int = 64) -> list[dict[str, Any]]:
+    """Liger attention (window 64 + GLA) at the training shape: the Triton path vs the PyTorch form, fwd and
+    fwd+bwd (compare with the SDPA columns of the training table for full causal attention)."""
+    from surgery.kernels.liger import liger_attention
+
+    rows = []
+    for T in Ts:
+        B = max(1, TOKENS // T)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        bf = torch.bfloat16
+
+        def rnd(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, device="cuda", generator=g)
+
+        x = {"q_rope": rnd(B, T, HQ, D), "k_rope": rnd(B, T, HKV, D), "q_feat": rnd(B, T, HQ, D).softmax(-1),
+             "k_feat": rnd(B, T, HKV, D).softmax(-1), "v": rnd(B, T, HKV, D),
+             "gk": F.logsigmoid(rnd(B, T, HKV, D)) / 16}
+        x = {n: t.to(bf).requires_grad_() for n, t in x.items()}
+        do = rnd(B, T, HQ, D).to(bf)
+        row: dict[str, Any] = {"T": T, "B": B}
+        for backend in ("triton", "torch"):
+            def fwd(backend: str = backend) -> torch.Tensor:
+                return liger_attention(*x.values(), window=window, scale=D**-0.5, backend=backend)[0]
+
+            try:
+                with torch.no_grad():
+                    row[f"{backend}_fwd_ms"] = ms(fwd)
+                row[f"{backend}_fwdbwd_ms"] = ms(lambda fwd=fwd: torch.autograd.grad(fwd(), list(x.values()), do))
+            except Exception as e:  # noqa: BLE001 - the torch form may run out of memory at long T
+                row[f"{backend}_error"] = err(e)
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps({"liger": row}), flush=True)
     return rows
 
 
@@ -426,6 +464,8 @@ def main() -> None:
     save()
     result["gsa_pass1"] = bench_gsa_pass1([2048, 32768] if args.quick else [2048, 8192, 32768])
     save()
+    result["liger"] = bench_liger([2048, 32768] if args.quick else [2048, 8192, 32768])
+    save()
     result["decode"] = bench_decode(ctxs, fla_rec)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\n## GLA kernels, {meta['date']}, {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
@@ -441,6 +481,9 @@ def main() -> None:
     print(table("GSA pass 1 (value-side gate, M = 64 slots), bf16 (ms)", result["gsa_pass1"],
                 ["T", "B", "chunk_fwd_ms", "chunk_fwdbwd_ms", "fused_recurrent_fwd_ms",
                  "fused_recurrent_fwdbwd_ms"]))
+    print()
+    print(table("Liger attention (window 64 + GLA), bf16 (ms)", result["liger"],
+                ["T", "B", "triton_fwd_ms", "triton_fwdbwd_ms", "torch_fwd_ms", "torch_fwdbwd_ms", "torch_error"]))
     errs = {r.get("fla_error") for r in result["train"]} - {None}
     if errs:
         print("\nfla errors: " + "; ".join(sorted(errs)))
