@@ -153,12 +153,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     row[ratio] = row[key] / base[key]
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if args.out:  # after every row, so that a run cut short keeps what it measured
+                Path(args.out).write_text(json.dumps(rows, indent=1))
     where = f"{torch.cuda.get_device_name()}" if device.type == "cuda" else "CPU"
     print(f"\n## Training step (frozen weights, grad on inputs_embeds, batch 1), {where}, "
           f"{'tiny Llama' if args.tiny else 'Llama-3-8B shape, bf16'}\n")
     print(table(rows))
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
     return rows
 
 
