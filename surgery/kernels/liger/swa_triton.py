@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: compiled kernels may read only constexpr globals
 # Query rows (BM) and key columns (BN) per tile, warps and pipeline stages; read at every call (tests shrink them).
 CONFIG: dict[str, int] = {"bm": 64, "bn": 64, "warps": 4, "stages": 1}
 
