@@ -4,8 +4,10 @@ Training: Llama-3-8B attention shape (Hq 32, Hkv 8, K = V = 128, bf16), 32K toke
 fwd+bwd. fla's chunk_gla has no GQA, so it gets k, v, g repeated to 32 heads; SDPA runs causal with enable_gqa.
 Decoding: one token for batch 8; our in-place step vs fla's fused_recurrent_gla vs SDPA over a KV cache of
 2K..128K, plain and replayed from a CUDA graph (1 step per graph, and 16 steps per graph = per-step cost once the
-graph launch is amortised, as in a captured model step). Also: a correctness check of the settings in use, and the
-time per kernel of our chunked pipeline (CUDA profiler).
+graph launch is amortised, as in a captured model step). Also: a correctness check of the settings in use, the
+time per kernel of our chunked pipeline (CUDA profiler), the backward with chunk states recomputed (the default) vs
+kept (`save_states=True`) and the activation memory each holds, GSA's first pass (value-side gate) on the chunk
+kernel vs the fused-recurrent kernel, and Liger attention (Triton vs the PyTorch form).
 
     python benchmarks/kernels.py --out results.json [--sweep] [--quick] [--no-fla]
 
@@ -33,7 +35,7 @@ from triton.testing import do_bench  # noqa: E402
 
 from surgery.kernels.gla import chunk as ck  # noqa: E402
 from surgery.kernels.gla.chunk import chunk_gla_triton  # noqa: E402
-from surgery.kernels.gla.fused_recurrent import fused_recurrent_gla_step_  # noqa: E402
+from surgery.kernels.gla.fused_recurrent import fused_recurrent_gla_step_, fused_recurrent_gla_triton  # noqa: E402
 
 PEAK_TFLOPS = 775.0  # bf16 dense, measured on this H200 (research/anchor-h200-2026-11-28.json)
 PEAK_TBPS = 4.3  # device-to-device copy, bytes read + written
@@ -105,15 +107,19 @@ def bench_train(Ts: list[int], fla_chunk: Any) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"T": T, "B": B}
         scale = D**-0.5
 
-        def ours() -> torch.Tensor:
-            return chunk_gla_triton(x["q"], x["k"], x["v"], x["g"], scale=scale)[0]
+        def ours(save_states: bool = False) -> torch.Tensor:
+            return chunk_gla_triton(x["q"], x["k"], x["v"], x["g"], scale=scale, save_states=save_states)[0]
 
-        def ours_fb() -> None:
-            torch.autograd.grad(ours(), [x["q"], x["k"], x["v"], x["g"]], x["do"])
+        def ours_fb(save_states: bool = False) -> None:
+            torch.autograd.grad(ours(save_states), [x["q"], x["k"], x["v"], x["g"]], x["do"])
 
         with torch.no_grad():
             row["ours_fwd_ms"] = ms(ours)
-        row["ours_fwdbwd_ms"] = ms(ours_fb)
+        row["ours_fwdbwd_ms"] = ms(ours_fb)  # the default: chunk states recomputed in the backward
+        # the other setting: states kept from the forward (faster backward, more activation memory)
+        row["ours_fwdbwd_saved_ms"] = ms(lambda: ours_fb(True))
+        row["ours_act_mb"] = activation_mb(ours)
+        row["ours_act_saved_mb"] = activation_mb(lambda: ours(True))
         row["ours_fwd_frac"] = frac(chunk_flops(B, T, True), chunk_bytes(B, T, True), row["ours_fwd_ms"])
         row["ours_fwdbwd_frac"] = frac(chunk_flops(B, T, False), chunk_bytes(B, T, False), row["ours_fwdbwd_ms"])
 
@@ -147,6 +153,84 @@ def bench_train(Ts: list[int], fla_chunk: Any) -> list[dict[str, Any]]:
         print(json.dumps(row), flush=True)
         del x
         torch.cuda.empty_cache()
+    return rows
+
+
+def activation_mb(fwd: Callable[[], torch.Tensor]) -> float:
+    """Memory that a forward with autograd leaves allocated for its backward (output included), in MB."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    out = fwd()
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - base
+    del out
+    return held / 2**20
+
+
+def bench_gsa_pass1(Ts: list[int]) -> list[dict[str, Any]]:
+    """GSA's first pass (value-side gate only, M = 64 slots): our chunk kernel vs our fused-recurrent kernel."""
+    rows = []
+    M = 64
+    for T in Ts:
+        B = max(1, TOKENS // T)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        bf = torch.bfloat16
+
+        def rnd(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, device="cuda", generator=g)
+
+        q, k = rnd(B, T, HQ, D).to(bf).requires_grad_(), rnd(B, T, HKV, D).to(bf).requires_grad_()
+        s_, gv = rnd(B, T, HKV, M).to(bf).requires_grad_(), (F.logsigmoid(rnd(B, T, HKV, M)) / 8).requires_grad_()
+        do = rnd(B, T, HQ, M).to(bf)
+        row: dict[str, Any] = {"T": T, "B": B}
+        for name, fn in (("chunk", chunk_gla_triton), ("fused_recurrent", fused_recurrent_gla_triton)):
+            def fwd(fn: Callable[..., Any] = fn) -> torch.Tensor:
+                return fn(q, k, s_, None, gv, 1.0)[0]
+
+            try:
+                with torch.no_grad():
+                    row[f"{name}_fwd_ms"] = ms(fwd)
+                row[f"{name}_fwdbwd_ms"] = ms(lambda fwd=fwd: torch.autograd.grad(fwd(), [q, k, s_, gv], do))
+            except Exception as e:  # noqa: BLE001
+                row[f"{name}_error"] = err(e)
+        rows.append(row)
+        print(json.dumps({"gsa_pass1": row}), flush=True)
+    return rows
+
+
+def bench_liger(Ts: list[int], window: int = 64) -> list[dict[str, Any]]:
+    """Liger attention (window 64 + GLA) at the training shape: the Triton path vs the PyTorch form, fwd and
+    fwd+bwd (compare with the SDPA columns of the training table for full causal attention)."""
+    from surgery.kernels.liger import liger_attention
+
+    rows = []
+    for T in Ts:
+        B = max(1, TOKENS // T)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        bf = torch.bfloat16
+
+        def rnd(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, device="cuda", generator=g)
+
+        x = {"q_rope": rnd(B, T, HQ, D), "k_rope": rnd(B, T, HKV, D), "q_feat": rnd(B, T, HQ, D).softmax(-1),
+             "k_feat": rnd(B, T, HKV, D).softmax(-1), "v": rnd(B, T, HKV, D),
+             "gk": F.logsigmoid(rnd(B, T, HKV, D)) / 16}
+        x = {n: t.to(bf).requires_grad_() for n, t in x.items()}
+        do = rnd(B, T, HQ, D).to(bf)
+        row: dict[str, Any] = {"T": T, "B": B}
+        for backend in ("triton", "torch"):
+            def fwd(backend: str = backend) -> torch.Tensor:
+                return liger_attention(*x.values(), window=window, scale=D**-0.5, backend=backend)[0]
+
+            try:
+                with torch.no_grad():
+                    row[f"{backend}_fwd_ms"] = ms(fwd)
+                row[f"{backend}_fwdbwd_ms"] = ms(lambda fwd=fwd: torch.autograd.grad(fwd(), list(x.values()), do))
+            except Exception as e:  # noqa: BLE001 - the torch form may run out of memory at long T
+                row[f"{backend}_error"] = err(e)
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps({"liger": row}), flush=True)
     return rows
 
 
@@ -235,16 +319,16 @@ def bench_stages(T: int) -> dict[str, Any]:
     x = inputs(B, T, grad=False)
     q, k, v, g, do = x["q"], x["k"], x["v"], x["g"], x["do"]
     out: dict[str, Any] = {"T": T, "B": B}
-    out["fwd_ms"] = ms(lambda: ck.chunk_gla_fwd(q, k, v, g, D**-0.5, None, False, None))
-    out["bwd_ms"] = ms(lambda: ck.chunk_gla_bwd(q, k, v, g, D**-0.5, None, None, do, None))
+    out["fwd_ms"] = ms(lambda: ck.chunk_gla_fwd(q, k, v, g, None, D**-0.5, None, False, None))
+    out["bwd_ms"] = ms(lambda: ck.chunk_gla_bwd(q, k, v, g, None, D**-0.5, None, None, do, None))
     reps = 5
     try:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(reps):
-                ck.chunk_gla_fwd(q, k, v, g, D**-0.5, None, False, None)
-                ck.chunk_gla_bwd(q, k, v, g, D**-0.5, None, None, do, None)
+                ck.chunk_gla_fwd(q, k, v, g, None, D**-0.5, None, False, None)
+                ck.chunk_gla_bwd(q, k, v, g, None, D**-0.5, None, None, do, None)
             torch.cuda.synchronize()
         kernels = {}
         for e in prof.key_averages():
@@ -285,12 +369,12 @@ def sweep(Ts: list[int]) -> tuple[list[dict[str, Any]], dict[str, int]]:
             total = 0.0
             try:
                 for T, x in xs.items():
-                    f = ms(lambda: ck.chunk_gla_fwd(x["q"], x["k"], x["v"], x["g"], 0.1, None, False, None))
+                    f = ms(lambda: ck.chunk_gla_fwd(x["q"], x["k"], x["v"], x["g"], None, 0.1, None, False, None))
                     row[f"fwd_ms_T{T}"] = f
                     total += f
                     if group != "fwd":
-                        bw = ms(lambda: ck.chunk_gla_bwd(x["q"], x["k"], x["v"], x["g"], 0.1, None, None, x["do"],
-                                                         None))
+                        bw = ms(lambda: ck.chunk_gla_bwd(x["q"], x["k"], x["v"], x["g"], None, 0.1, None, None,
+                                                         x["do"], None))
                         row[f"bwd_ms_T{T}"] = bw
                         total += bw
                 scores.append((total, s))
@@ -378,6 +462,10 @@ def main() -> None:
     save()
     result["train"] = bench_train(Ts, fla_chunk)
     save()
+    result["gsa_pass1"] = bench_gsa_pass1([2048, 32768] if args.quick else [2048, 8192, 32768])
+    save()
+    result["liger"] = bench_liger([2048, 32768] if args.quick else [2048, 8192, 32768])
+    save()
     result["decode"] = bench_decode(ctxs, fla_rec)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\n## GLA kernels, {meta['date']}, {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
@@ -385,6 +473,17 @@ def main() -> None:
     print(table("Training, 32K tokens/batch, Hq 32 / Hkv 8, K=V=128, bf16 (ms; frac = of 775 TFLOP/s / 4.3 TB/s)",
                 result["train"], ["T", "B", "ours_fwd_ms", "ours_fwdbwd_ms", "ours_fwd_frac", "ours_fwdbwd_frac",
                                   "fla_fwd_ms", "fla_fwdbwd_ms", "sdpa_fwd_ms", "sdpa_fwdbwd_ms"]))
+    print()
+    print(table("Backward: chunk states recomputed (default) vs kept from the forward (ms; activation MB held "
+                "for the backward, output included)", result["train"],
+                ["T", "B", "ours_fwdbwd_ms", "ours_fwdbwd_saved_ms", "ours_act_mb", "ours_act_saved_mb"]))
+    print()
+    print(table("GSA pass 1 (value-side gate, M = 64 slots), bf16 (ms)", result["gsa_pass1"],
+                ["T", "B", "chunk_fwd_ms", "chunk_fwdbwd_ms", "fused_recurrent_fwd_ms",
+                 "fused_recurrent_fwdbwd_ms"]))
+    print()
+    print(table("Liger attention (window 64 + GLA), bf16 (ms)", result["liger"],
+                ["T", "B", "triton_fwd_ms", "triton_fwdbwd_ms", "torch_fwd_ms", "torch_fwdbwd_ms", "torch_error"]))
     errs = {r.get("fla_error") for r in result["train"]} - {None}
     if errs:
         print("\nfla errors: " + "; ".join(sorted(errs)))

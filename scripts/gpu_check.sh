@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# GPU check of the GLA Triton kernels: the GPU tests, then the benchmark. Results go under $OUT (default gpu_out/).
-#   scripts/gpu_check.sh [tests|bench|all] [extra arguments for benchmarks/kernels.py]
+# GPU check of our Triton kernels (GLA with gk/gv, GSA, Liger attention): every GPU test under tests/kernels, the
+# kernel benchmark, then the whole-model training-step benchmark. Results go under $OUT (default gpu_out/).
+#   scripts/gpu_check.sh [tests|bench|train|all] [extra arguments for benchmarks/kernels.py]
+# The training-step benchmark needs the full package (transformers, pydantic); it is skipped with a note if
+# `import surgery` fails on this machine.
 # fla (the benchmark's yardstick) is installed from .whl/ when present (see benchmarks/kernels.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,9 +33,16 @@ export PYTHONPATH=/tmp/gla_stub:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 if [[ $what == tests || $what == all ]]; then
-  timeout 420 python3 -m pytest -p gla_stub tests/kernels/test_gla_triton.py -m gpu -q -rf --tb=short \
-    --durations=5 2>&1 | tee "$OUT/gpu_tests.log"
+  timeout 540 python3 -m pytest -p gla_stub tests/kernels -m gpu -q -rf --tb=short \
+    --durations=10 2>&1 | tee "$OUT/gpu_tests.log"
 fi
 if [[ $what == bench || $what == all ]]; then
   python3 -c "import gla_stub, runpy, sys; sys.argv = ['kernels.py', '--out', '$OUT/gla_bench.json', *sys.argv[1:]]; runpy.run_path('benchmarks/kernels.py', run_name='__main__')" "$@" 2>&1 | tee "$OUT/bench.log"
+fi
+if [[ $what == train || $what == all ]]; then
+  if python3 -c "import surgery; surgery.load_plan" >/dev/null 2>&1; then
+    timeout 900 python3 benchmarks/train_step.py --out "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.log"
+  else
+    echo "train_step: skipped (import surgery failed: the package's dependencies are missing here)" | tee "$OUT/train_step.log"
+  fi
 fi

@@ -308,8 +308,8 @@ def test_auto_falls_back_when_triton_declines_or_is_missing(monkeypatch, caplog)
     want = call(torch_chunk_gla, x)
     monkeypatch.setattr(gla, "auto_uses_triton", lambda q: True)  # pretend q lives on a GPU
 
-    def declines(*args):
-        raise NotImplementedError("gv")
+    def declines(*args, **kwargs):
+        raise NotImplementedError("K and V must be <= 256")
 
     monkeypatch.setattr(gla, "load_triton", lambda module, name: (declines, ""))
     torch.testing.assert_close(call(chunk_gla, x), want, **TIGHT)

@@ -8,11 +8,14 @@ our fused-recurrent kernel in fp32, which is itself checked against the spec at 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from surgery.kernels.gla import chunk as chunk_mod
+from surgery.kernels.gla import chunk_common
 from surgery.kernels.gla.chunk import chunk_gla_triton
 from surgery.kernels.gla.fused_recurrent import fused_recurrent_gla_step_, fused_recurrent_gla_triton
 from surgery.kernels.gla.naive import naive_recurrent_gla
@@ -112,24 +115,28 @@ def test_chunk_small_tiles_loop_over_blocks(monkeypatch):
     assert_match(run(chunk_gla_triton, x), run(naive_recurrent_gla, x), ratio=1e-5, atol=1e-5)
 
 
-def test_chunk_saved_states_give_the_same_gradients(monkeypatch):
-    monkeypatch.setattr(chunk_mod, "SAVE_STATES", True)
+@pytest.mark.parametrize("gv", [False, True], ids=["gk", "gk+gv"])
+def test_chunk_saved_states_give_the_same_gradients(gv):
     cu = torch.tensor([0, 5, 5, 90], device=DEV)
-    x = make(1, 90, 2, 1, 16, 16, init=True, N=3, gate_div=4.0, seed=10)
-    assert_match(run(chunk_gla_triton, x, cu=cu), run(naive_recurrent_gla, x, cu=cu), ratio=1e-5, atol=1e-5)
+    x = make(1, 90, 2, 1, 16, 16, gv=gv, init=True, N=3, gate_div=4.0, seed=10)
+    saved = run(functools.partial(chunk_gla_triton, save_states=True), x, cu=cu)
+    recomputed = run(chunk_gla_triton, x, cu=cu)
+    for name, want in recomputed.items():  # same kernels on the same b, bv and states: equal to rounding
+        torch.testing.assert_close(saved[name], want, rtol=1e-6, atol=1e-6, msg=name)
+    assert_match(saved, run(naive_recurrent_gla, x, cu=cu), ratio=1e-5, atol=1e-5)
 
 
 def test_chunk_sub_chunk_kernels(monkeypatch):
     # FAST_SPAN < 0 sends every chunk to the sub-chunk kernels (factorised diagonal blocks).
-    monkeypatch.setattr(chunk_mod, "FAST_SPAN", -1.0)
+    monkeypatch.setattr(chunk_common, "FAST_SPAN", -1.0)
     x = make(1, 70, 2, 1, 32, 16, init=True, seed=9)
     assert_match(run(chunk_gla_triton, x), run(naive_recurrent_gla, x), ratio=1e-5, atol=1e-5)
 
 
 def test_chunk_exact_diagonal_path(monkeypatch):
     # ...and SPAN_MAX < 0 sends every sub-chunk's diagonal block through the elementwise sum.
-    monkeypatch.setattr(chunk_mod, "FAST_SPAN", -1.0)
-    monkeypatch.setattr(chunk_mod, "SPAN_MAX", -1.0)
+    monkeypatch.setattr(chunk_common, "FAST_SPAN", -1.0)
+    monkeypatch.setattr(chunk_common, "SPAN_MAX", -1.0)
     x = make(1, 20, 2, 1, 16, 16, init=True, seed=4)
     assert_match(run(chunk_gla_triton, x), run(naive_recurrent_gla, x), ratio=1e-5, atol=1e-5)
 
@@ -153,8 +160,10 @@ def test_chunk_rejects_bad_inputs():
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         chunk_gla_triton(x["q"], x["k"], x["v"], x["gk"])
     x = make(1, 8, 2, 1, 16, 16, gv=True)
-    with pytest.raises(NotImplementedError, match="gv"):
-        chunk_gla_triton(x["q"], x["k"], x["v"], x["gk"], x["gv"])
+    with pytest.raises(ValueError, match="gv"):
+        chunk_gla_triton(x["q"], x["k"], x["v"], x["gk"], x["gv"][..., :8])
+    with pytest.raises(NotImplementedError, match="K and V must be <= 256"):
+        chunk_gla_triton(x["q"], x["k"], x["v"].new_zeros(1, 8, 1, 272), x["gk"])
     with pytest.raises(ValueError, match="initial_state"):
         chunk_gla_triton(x["q"], x["k"], x["v"], x["gk"], initial_state=torch.zeros(2, 1, 16, 16, device=DEV))
     with pytest.raises(ValueError, match="batch size 1"):
@@ -202,6 +211,65 @@ def test_decode_step_rejects_non_fp32_state():
     with pytest.raises(ValueError, match="fp32"):
         fused_recurrent_gla_step_(x["q"][:, 0], x["k"][:, 0], x["v"][:, 0], x["gk"][:, 0],
                                   torch.zeros(1, 1, 16, 16, dtype=torch.float64, device=DEV))
+
+
+GV_CASES = [  # T, Hq, Hkv, K, V, gk, init
+    (1, 1, 1, 16, 16, False, False),
+    (7, 2, 1, 16, 32, False, True),
+    (65, 2, 2, 32, 16, True, True),
+    (130, 2, 1, 16, 16, True, False),
+]
+
+
+@pytest.mark.parametrize(("T", "Hq", "Hkv", "K", "V", "gk", "init"), GV_CASES,
+                         ids=[f"T{c[0]}-Hq{c[1]}-Hkv{c[2]}-K{c[3]}-V{c[4]}-{'gk+gv' if c[5] else 'gv'}-"
+                              f"{'h0' if c[6] else 'zero'}" for c in GV_CASES])
+def test_chunk_value_gates_match_naive(T, Hq, Hkv, K, V, gk, init):
+    x = make(2 if T < 64 else 1, T, Hq, Hkv, K, V, gk=gk, gv=True, init=init, seed=T + 1)
+    assert_match(run(chunk_gla_triton, x), run(naive_recurrent_gla, x), ratio=1e-5, atol=1e-5)
+
+
+def test_chunk_value_gates_varlen():
+    cu = torch.tensor([0, 0, 1, 66, 66, 73], device=DEV)
+    x = make(1, 73, 2, 1, 16, 16, gv=True, init=True, N=5, seed=21)
+    assert_match(run(chunk_gla_triton, x, cu=cu), run(naive_recurrent_gla, x, cu=cu), ratio=1e-5, atol=1e-5)
+
+
+def test_chunk_value_gates_strong_decay_and_exact_diagonal(monkeypatch):
+    # ~-20 per step on the value side: sub-chunk kernels, whose frames and elementwise diagonal keep exponents <= 0;
+    # SPAN_MAX < 0 also sends the key side's diagonal blocks through the elementwise sum.
+    monkeypatch.setattr(chunk_common, "SPAN_MAX", -1.0)
+    x = make(1, 40, 2, 1, 16, 16, gk=False, gv=True, init=True, gate_div=0.05, seed=22)
+    # d(gate) is a difference of O(1) terms around a tiny value here (fp32 cancellation, as for gk alone)
+    assert_match(run(chunk_gla_triton, x), run(naive_recurrent_gla, x), ratio=1e-5, ratio_dg=2e-4, atol=1e-5)
+
+
+def test_chunk_value_gates_sub_chunk_kernels(monkeypatch):
+    # FAST_SPAN < 0: every chunk through the sub-chunk kernels (chunk_gv), both gate sides
+    monkeypatch.setattr(chunk_common, "FAST_SPAN", -1.0)
+    x = make(1, 70, 2, 1, 16, 32, gv=True, init=True, seed=24)
+    assert_match(run(chunk_gla_triton, x), run(naive_recurrent_gla, x), ratio=1e-5, atol=1e-5)
+
+
+def test_chunk_value_gates_mixed_paths(monkeypatch):
+    # strong value decay in the middle chunk only: it goes to the sub-chunk kernels, the others stay on the
+    # one-reference path, within one call
+    from surgery.kernels.gla import chunk_fwd
+
+    counts = []
+    real = chunk_fwd.work_list
+    monkeypatch.setattr(chunk_fwd, "work_list", lambda *a: counts.append(int(real(*a)[0].item())) or real(*a))
+    x = make(1, 150, 2, 1, 16, 16, gv=True, init=True, gate_div=4.0, seed=25)
+    x["gv"][:, 64:128] *= 40.0
+    assert_match(run(chunk_gla_triton, x), run(naive_recurrent_gla, x), ratio=1e-5, ratio_dg=1e-4, atol=1e-5)
+    assert counts == [1]
+
+
+def test_chunk_value_gates_small_tiles(monkeypatch):
+    for key in ("bki", "bv_o", "bv_dv", "bk_dqk", "bvi_dqk", "bk_u", "bv_u", "bk_s", "bv_s"):
+        monkeypatch.setitem(chunk_mod.CONFIG, key, 16)
+    x = make(1, 80, 2, 1, 32, 48, gv=True, init=True, seed=23)
+    assert_match(run(chunk_gla_triton, x), run(naive_recurrent_gla, x), ratio=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------- GPU: real head sizes
@@ -264,12 +332,55 @@ def test_gpu_chunk_exact_diagonal_and_strong_decay(monkeypatch):
     want = cast_like(reference(x), x)
     want["o"] = want["o"].to(torch.bfloat16)
     assert_match(run(chunk_gla_triton, x), want, *TOL["bf16"])
-    monkeypatch.setattr(chunk_mod, "FAST_SPAN", -1.0)
+    monkeypatch.setattr(chunk_common, "FAST_SPAN", -1.0)
     y = make(1, 200, 4, 1, 64, 64, init=True, seed=13)
     assert_match(run(chunk_gla_triton, y), reference(y), *TOL["fp32"])
-    monkeypatch.setattr(chunk_mod, "SPAN_MAX", -1.0)
+    monkeypatch.setattr(chunk_common, "SPAN_MAX", -1.0)
     assert_match(run(chunk_gla_triton, y), reference(y), *TOL["fp32"])
 
+
+GV_GPU_CASES = [  # dtype, T, K, gk too; V = 64 (GSA's slots)
+    ("bf16", 63, 128, False),
+    ("fp32", 64, 64, True),
+    ("bf16", 65, 128, True),
+    ("bf16", 1000, 128, False),
+    ("fp32", 1000, 64, True),
+    ("bf16", 4096, 128, True),
+    ("fp32", 4096, 64, False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("dtype", "T", "K", "gk"), GV_GPU_CASES,
+                         ids=[f"{c[0]}-T{c[1]}-K{c[2]}-{'gk+gv' if c[3] else 'gv'}" for c in GV_GPU_CASES])
+def test_gpu_chunk_value_gates(dtype, T, K, gk):
+    x = make(1, T, 4, 2, K, 64, gk=gk, gv=True, init=True, dtype=DT[dtype], seed=T + K)
+    got = run(chunk_gla_triton, x)
+    want = cast_like(reference(x), x)
+    want["o"] = want["o"].to(got["o"].dtype)
+    assert_match(got, want, *TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("save_states", [False, True])
+def test_gpu_chunk_value_gates_varlen(save_states):
+    cu = torch.tensor([0, 0, 1, 300, 300, 301, 1500], device="cuda")
+    x = make(1, 1500, 4, 1, 128, 64, gv=True, init=True, N=6, dtype=torch.bfloat16, seed=16)
+    got = run(functools.partial(chunk_gla_triton, save_states=save_states), x, cu=cu)
+    want = cast_like(reference(x, cu), x)
+    want["o"] = want["o"].to(got["o"].dtype)
+    assert_match(got, want, *TOL["bf16"])
+
+
+@pytest.mark.gpu
+def test_gpu_chunk_value_gates_sub_chunk_path_and_strong_decay(monkeypatch):
+    x = make(1, 1000, 4, 2, 128, 64, gv=True, init=True, gate_div=0.05, dtype=torch.bfloat16, seed=17)
+    want = cast_like(reference(x), x)
+    want["o"] = want["o"].to(torch.bfloat16)
+    assert_match(run(chunk_gla_triton, x), want, *TOL["bf16"])
+    monkeypatch.setattr(chunk_common, "FAST_SPAN", -1.0)  # every chunk on the sub-chunk kernels
+    y = make(1, 1000, 4, 2, 128, 64, gv=True, init=True, dtype=torch.float32, seed=18)
+    assert_match(run(chunk_gla_triton, y), reference(y), *TOL["fp32"])
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
@@ -299,8 +410,8 @@ def test_gpu_decode_step_in_cuda_graph():
     assert rel_rmse(state, s_ref) < 1e-5
 
 
-def test_auto_routes_value_gates_to_the_fused_recurrent_kernel(monkeypatch):
-    """The chunk kernel refuses gv; on a GPU (here: the interpreter standing in) the call must stay in Triton."""
+def test_auto_keeps_value_gates_on_the_chunk_kernel(monkeypatch):
+    """GSA's first pass (gv only) must run on the chunked Triton kernel, not fall back to the token loop."""
     import surgery.kernels.gla as gla
 
     calls = []
@@ -308,13 +419,13 @@ def test_auto_routes_value_gates_to_the_fused_recurrent_kernel(monkeypatch):
 
     def spy(module, name):
         fn, why = real(module, name)
-        return ((lambda *a: calls.append(module) or fn(*a)) if fn else None), why
+        return ((lambda *a, **kw: calls.append(module) or fn(*a, **kw)) if fn else None), why
 
     monkeypatch.setattr(gla, "auto_uses_triton", lambda q: True)
     monkeypatch.setattr(gla, "load_triton", spy)
-    x = make(1, 20, 2, 1, 16, 16, gv=True, init=True, dtype=torch.float32, seed=3)
+    x = make(1, 20, 2, 1, 16, 16, gk=False, gv=True, init=True, dtype=torch.float32, seed=3)
     o, ht = gla.chunk_gla(x["q"], x["k"], x["v"], x["gk"], x["gv"], 1.0, x["h0"], True)
     ref_o, ref_ht = naive_recurrent_gla(x["q"], x["k"], x["v"], x["gk"], x["gv"], 1.0, x["h0"], True)
-    assert calls == ["chunk", "fused_recurrent"]
+    assert calls == ["chunk"]
     torch.testing.assert_close(o, ref_o, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ht, ref_ht, rtol=1e-4, atol=1e-5)

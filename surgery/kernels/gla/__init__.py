@@ -7,9 +7,9 @@ optional initial/final states and ``cu_seqlens`` packing.
 Backends (``backend=``):
 
 - ``"auto"`` (default): the Triton kernels for CUDA tensors when they load and support the call; otherwise, and
-  always on CPU, the PyTorch forms (``torch_ops.py``). When the Triton chunk kernel raises ``NotImplementedError``
-  (value-side gates ``gv``, or K/V > 256) the call goes to the Triton fused-recurrent kernel, which takes both;
-  only what neither Triton kernel supports falls back to PyTorch.
+  always on CPU, the PyTorch forms (``torch_ops.py``). The Triton chunk kernel takes key- and value-side gates
+  (GSA's two passes both run on it); when it raises ``NotImplementedError`` (K or V > 256) the call goes to the
+  Triton fused-recurrent kernel, and only what neither Triton kernel supports falls back to PyTorch.
 - ``"torch"``: the PyTorch forms (the CPU training path; autograd gives the gradients).
 - ``"triton"``: the Triton kernels only. Needs CUDA tensors, or ``TRITON_INTERPRET=1`` (Triton's interpreter, slow,
   for tests). Any failure is raised, never hidden by a fallback.
@@ -75,8 +75,11 @@ def _dispatch(
     q: Tensor,
     args: tuple,
     torch_fn: Callable[..., GlaResult],
+    triton_kwargs: dict | None = None,
 ) -> GlaResult:
-    """Run one GLA call on the chosen backend; ``args`` are the nine positional arguments of the spec."""
+    """Run one GLA call on the chosen backend; ``args`` are the nine positional arguments of the spec, and
+    ``triton_kwargs`` go to the Triton function of ``which`` only."""
+    kw = triton_kwargs or {}
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "naive":
@@ -92,18 +95,18 @@ def _dispatch(
                 f"backend='triton' needs CUDA tensors, got q on {q.device} (set TRITON_INTERPRET=1 to use "
                 "Triton's interpreter, or use backend='auto' or 'torch')"
             )
-        return fn(*args)
+        return fn(*args, **kw)
     if fn is None:
         if which not in _warned:  # once per process: a slow fallback on GPU deserves one loud line, not one per layer
             _warned.add(which)
             logger.warning("Triton %s_gla unavailable (%s); using the PyTorch form on %s", which, why, q.device)
         return torch_fn(*args)
     try:
-        return fn(*args)
+        return fn(*args, **kw)
     except NotImplementedError as exc:
         if which == "chunk":
-            # The token-loop Triton kernel takes what the chunk kernel does not (value-side gates, which GSA's first
-            # pass needs, and K or V > 256): it keeps the call on the GPU, with its own backward.
+            # The token-loop Triton kernel takes what the chunk kernel does not (K or V > 256): it keeps the call on
+            # the GPU, with its own backward.
             step_fn, _ = load_triton("fused_recurrent", "fused_recurrent_gla_triton")
             if step_fn is not None:
                 try:
@@ -125,6 +128,8 @@ def chunk_gla(
     output_final_state: bool = False,
     cu_seqlens: Tensor | None = None,
     backend: str = "auto",
+    *,
+    save_states: bool = False,
 ) -> GlaResult:
     """Gated linear attention in chunked parallel form: prefill and training.
 
@@ -139,6 +144,9 @@ def chunk_gla(
         output_final_state: also return the state after each sequence/segment.
         cu_seqlens: ``[N + 1]`` int segment boundaries along T (B must be 1); empty segments are allowed.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"naive"`` (see the module docstring).
+        save_states: Triton chunk kernel only: keep the per-chunk states from the forward for the backward
+            (faster backward, more activation memory) instead of recomputing them (the default; see
+            ``chunk_gla_triton``).
 
     Returns:
         ``o`` ``[B, T, Hq, V]`` in v's dtype, and the final state ``[N, Hkv, K, V]`` in fp32 (fp64 for fp64
@@ -149,7 +157,7 @@ def chunk_gla(
     """
     check_gla_inputs(q, k, v, gk, gv, initial_state, cu_seqlens)
     args = (q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens)
-    return _dispatch("chunk", backend, q, args, torch_chunk_gla)
+    return _dispatch("chunk", backend, q, args, torch_chunk_gla, {"save_states": save_states})
 
 
 def fused_recurrent_gla(
