@@ -32,7 +32,12 @@ from surgery.cache import State, mixer_cache
 from surgery.kernels.gla import chunk_gla, fused_recurrent_gla
 from surgery.mixer import MixContext, Mixer
 
-__all__ = ["RecurrentMixer", "State", "identity_on_padding", "run_gla"]
+__all__ = ["GLAForm", "RecurrentMixer", "State", "identity_on_padding", "run_gla"]
+
+#: One GLA call: ``(q, k, v, gk, gv)`` with q ``[B, T, Hq, K]`` fp32 (features, scale folded in), k and gk
+#: ``[B, T, Hkv, K]``, v and gv ``[B, T, Hkv, V]`` (gk/gv natural-log decays <= 0, or None); padding already an
+#: identity step.
+GLAForm = tuple[Tensor, Tensor, Tensor, "Tensor | None", "Tensor | None"]
 
 
 def identity_on_padding(valid: Tensor | None, *xs: Tensor) -> tuple[Tensor, ...]:
@@ -90,6 +95,14 @@ class RecurrentMixer(Mixer):
             else None
         )
 
+    def gla_form(self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor, valid: Tensor | None) -> GLAForm | None:
+        """The recurrence as the inputs of one GLA call, when it is one (gla, hgrn2); None otherwise (gsa, mom).
+
+        A mixer that returns it gets ``recur`` for free, and a parent (Liger Attention) can fuse it with its window
+        in one kernel on the GPU.
+        """
+        return None
+
     def recur(
         self,
         q: Tensor,
@@ -103,6 +116,9 @@ class RecurrentMixer(Mixer):
     ) -> tuple[Tensor, State | None]:
         """The recurrence: pre-RoPE ``q`` ``[B, T, Hq, D]``, ``k``/``v``/``gate`` ``[B, T, Hkv, D]`` -> fp32 output.
 
+        The default runs ``gla_form`` through the GLA kernels with one state ``[N, Hkv, K, V]``; mixers whose
+        recurrence is not one GLA call override it.
+
         Args:
             valid: ``[B, T]`` bool (False: left padding) or None.
             state: the state tuple to start from (what this method returned before), or None for zeros.
@@ -113,7 +129,11 @@ class RecurrentMixer(Mixer):
         Returns:
             ``o`` ``[B, T, Hq, D]`` fp32, and the state tuple or None.
         """
-        raise NotImplementedError
+        form = self.gla_form(q, k, v, gate, valid)
+        if form is None:
+            raise NotImplementedError(f"{type(self).__name__} implements neither gla_form nor recur")
+        o, s = run_gla(*form, state[0] if state else None, want_state, cu_seqlens)
+        return o, ((s,) if want_state else None)
 
     def gate_source(self, x: Tensor, k: Tensor) -> Tensor:
         """The gate input ``[B, T, Hkv, D]``: the key itself, or ``g_proj(x)``."""

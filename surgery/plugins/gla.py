@@ -19,7 +19,7 @@ from torch import Tensor
 
 from surgery.hookspecs import hookimpl
 from surgery.mixer import Mixer
-from surgery.recurrent import RecurrentMixer, State, identity_on_padding, run_gla
+from surgery.recurrent import GLAForm, RecurrentMixer, identity_on_padding
 
 
 class GLA(RecurrentMixer):
@@ -33,22 +33,11 @@ class GLA(RecurrentMixer):
     class Options(RecurrentMixer.Options):
         gate_normalizer: float = Field(16.0, gt=0, description="log alpha = logsigmoid(gate) / gate_normalizer")
 
-    def recur(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        gate: Tensor,
-        valid: Tensor | None,
-        state: State | None,
-        want_state: bool,
-        cu_seqlens: Tensor | None = None,
-    ) -> tuple[Tensor, State | None]:
+    def gla_form(self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor, valid: Tensor | None) -> GLAForm:
         fq, fk = q.float().softmax(-1), k.float().softmax(-1)
         gk = F.logsigmoid(gate.float()) / self.options.gate_normalizer
         fk, gk = identity_on_padding(valid, fk, gk)
-        o, s = run_gla(fq, fk, v.float(), gk, None, state[0] if state else None, want_state, cu_seqlens)
-        return o, ((s,) if want_state else None)
+        return fq, fk, v.float(), gk, None
 
 
 @hookimpl

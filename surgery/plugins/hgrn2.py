@@ -21,7 +21,7 @@ from torch import Tensor
 
 from surgery.hookspecs import hookimpl
 from surgery.mixer import Mixer
-from surgery.recurrent import RecurrentMixer, State, identity_on_padding, run_gla
+from surgery.recurrent import GLAForm, RecurrentMixer, identity_on_padding
 
 
 class HGRN2(RecurrentMixer):
@@ -37,17 +37,7 @@ class HGRN2(RecurrentMixer):
             0.0, ge=0.0, lt=1.0, description="alpha = lower_bound + (1 - lower_bound) sigmoid(gate)"
         )
 
-    def recur(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        gate: Tensor,
-        valid: Tensor | None,
-        state: State | None,
-        want_state: bool,
-        cu_seqlens: Tensor | None = None,
-    ) -> tuple[Tensor, State | None]:
+    def gla_form(self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor, valid: Tensor | None) -> GLAForm:
         g, lb = gate.float(), self.options.lower_bound
         log_alpha = F.logsigmoid(g)
         kt = torch.sigmoid(-g)
@@ -55,9 +45,7 @@ class HGRN2(RecurrentMixer):
             log_alpha = torch.logaddexp(torch.full_like(g, math.log(lb)), math.log1p(-lb) + log_alpha)
             kt = (1.0 - lb) * kt
         kt, log_alpha = identity_on_padding(valid, kt, log_alpha)
-        fq = q.float().softmax(-1)
-        o, s = run_gla(fq, kt, v.float(), log_alpha, None, state[0] if state else None, want_state, cu_seqlens)
-        return o, ((s,) if want_state else None)
+        return q.float().softmax(-1), kt, v.float(), log_alpha, None
 
 
 @hookimpl

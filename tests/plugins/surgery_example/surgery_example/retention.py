@@ -2,7 +2,7 @@
 
     S_t = gamma S_{t-1} + k_t^T v_t,    o_t = (q_t / sqrt(D)) S_t,    y = o_proj(o)
 
-Only ``recur`` is written here; projections, cache, padding and the Liger branch come from ``RecurrentMixer``.
+Only the formula (``gla_form``: the inputs of one GLA call) is written here; projections, cache, padding and the Liger branch come from ``RecurrentMixer``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from surgery.recurrent import RecurrentMixer, State, identity_on_padding, run_gla
+from surgery.recurrent import GLAForm, RecurrentMixer, identity_on_padding
 
 
 class Retention(RecurrentMixer):
@@ -27,19 +27,8 @@ class Retention(RecurrentMixer):
     class Options(RecurrentMixer.Options):
         gamma: float = Field(0.9, gt=0, lt=1)
 
-    def recur(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        gate: Tensor,
-        valid: Tensor | None,
-        state: State | None,
-        want_state: bool,
-        cu_seqlens: Tensor | None = None,
-    ) -> tuple[Tensor, State | None]:
+    def gla_form(self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor, valid: Tensor | None) -> GLAForm:
+        # One GLA call: the base turns it into recur (and Liger Attention can fuse it with its window on a GPU).
         gk = torch.full_like(k, math.log(self.options.gamma), dtype=torch.float32)
         kf, gk = identity_on_padding(valid, k.float(), gk)
-        qf = q.float() / math.sqrt(q.shape[-1])
-        o, s = run_gla(qf, kf, v.float(), gk, None, state[0] if state else None, want_state, cu_seqlens)
-        return o, ((s,) if want_state else None)
+        return q.float() / math.sqrt(q.shape[-1]), kf, v.float(), gk, None
