@@ -393,3 +393,45 @@ def custom_generate(
     if streamer is not None:
         streamer.end()
     return res.sequences
+
+
+def model_dir(run_dir: str | Any) -> Any:
+    """The saved model of ``run_dir``: the directory itself, or its ``model/`` (recovered) or ``convert/``."""
+    from pathlib import Path
+
+    root = Path(run_dir)
+    for cand in (root, root / "model", root / "convert"):
+        if (cand / "config.json").exists():
+            return cand
+    raise FileNotFoundError(f"{root}: no saved model (config.json) in it, nor in its model/ or convert/")
+
+
+def run_generate(run_dir: str, prompts: list[str], max_new_tokens: int = 64, capture: str = "graph",
+                 device: str | None = None, dtype: str | None = None, write: Callable[[str], Any] = print,
+                 ) -> GenerateResult:  # fmt: skip
+    """``surgery generate``: load a saved model and its tokenizer, stream the first prompt's continuation."""
+    from transformers import AutoTokenizer
+
+    import surgery
+
+    path = model_dir(run_dir)
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = surgery.load(path, dtype=dtype, device=dev)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    if tok.pad_token is None:
+        tok.pad_token_id = pad
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    streamed: list[int] = []
+    shown = [0]
+
+    def on_tokens(step: Tensor) -> None:
+        streamed.append(int(step[0]))
+        text = tok.decode(streamed, skip_special_tokens=True)
+        write(text[shown[0] :])
+        shown[0] = len(text)
+
+    res = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+                   eos_token_id=tok.eos_token_id, pad_token_id=pad, capture=capture, on_tokens=on_tokens)  # fmt: skip
+    return res
