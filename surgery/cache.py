@@ -109,6 +109,14 @@ class MixerCacheLayer(CacheLayerMixin):
         self.seen += num_tokens
         self.is_initialized = True
 
+    def bind(self, layer_idx: int, window: int) -> None:
+        """Called by ``mixer_cache`` on every use: the mixer says which window it needs (the cache contract).
+
+        A layer built by someone else (a static cache allocated before the mixers ran) may adopt it here.
+        """
+        if self.window != window:
+            raise ValueError(f"layer {layer_idx}: cache window is {self.window}, the mixer needs {window}")
+
     # -- the transformers layer protocol ------------------------------------------------------------------
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -198,8 +206,7 @@ def mixer_cache(cache: Any, layer_idx: int, window: int = 0) -> MixerCacheLayer 
         return layers[layer_idx]
     layer = layers[layer_idx]
     if isinstance(layer, MixerCacheLayer):
-        if layer.window != window:
-            raise ValueError(f"layer {layer_idx}: cache window is {layer.window}, the mixer needs {window}")
+        layer.bind(layer_idx, window)
         return layer
     if getattr(layer, "is_initialized", False) and layer.get_seq_length() > 0:
         raise ValueError(

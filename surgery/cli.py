@@ -123,6 +123,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from surgery.generate import run_generate
+
+    write = lambda text: print(text, end="", flush=True)  # noqa: E731
+    res = run_generate(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens, capture=args.capture,
+                       device=args.device, dtype=args.dtype, write=write)  # fmt: skip
+    if len(args.prompt) > 1:
+        print("\n(streamed the first prompt; all rows were decoded together)", end="")
+    print(f"\n[{res.new_tokens.numel()} new tokens, batch {res.new_tokens.shape[0]}: {res.tokens_per_s:.1f} tok/s "
+          f"decoding ({res.mode}), prefill {1000 * res.prefill_s:.0f} ms]")
+    return 0
+
+
 def cmd_lm_eval(args: argparse.Namespace) -> int:
     from surgery.lm_eval_cli import main as lm_eval_main
 
@@ -152,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("eval", cmd_eval, "lm-eval: base and converted model side by side").add_argument("--limit", type=float)
     add("run", cmd_run, "convert -> recover -> eval -> save into the plan's output directory").add_argument(
         "--force", action="store_true", help=force)  # fmt: skip
+    gen = add("generate", cmd_generate, "greedy decoding of a saved model over the static cache; streams, prints tok/s",
+              plan=False)  # fmt: skip
+    gen.add_argument("run_dir", help="a saved model directory, or a run directory with model/ or convert/")
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--capture", choices=["graph", "compile", "eager"], default="graph",
+                     help="decode step as a CUDA graph (default), torch.compile reduce-overhead, or eager")
+    gen.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    gen.add_argument("--dtype", help="float32, bfloat16, ... (default: the plan's)")
     add("fetch-demo", cmd_fetch_demo, "build the offline demo model and data", plan=False).add_argument("--root")
     (lm := sub.add_parser("lm-eval", help="lm-eval's own CLI; --model_args pretrained=DIR reads saved models", prefix_chars="\0", add_help=False)).set_defaults(fn=cmd_lm_eval) or lm.add_argument("args", nargs=argparse.REMAINDER)  # every argument, even -h, goes to lm-eval  # fmt: skip
     plugins = sub.add_parser("plugins", help="plugin commands").add_subparsers(dest="sub", required=True)

@@ -119,6 +119,10 @@ class Mixer(nn.Module):
     description: ClassVar[str] = ""
     default_weights: ClassVar[str]
     test_options: ClassVar[tuple[dict[str, Any], ...]] = ({},)
+    #: Whether the decode step (one token per sequence, over ``surgery.static_cache``) may be captured in a CUDA
+    #: graph: no host synchronisation, no shapes that depend on data, every cache write through ``commit``.
+    #: A mixer that cannot promise this sets False and decodes eagerly (``surgery.generate`` warns).
+    capturable: ClassVar[bool] = True
     #: A scalar a mixer may set during a training forward (e.g. a load-balancing loss); recovery adds it to the
     #: stage's loss and clears it.
     aux_loss: Tensor | None = None
