@@ -127,8 +127,10 @@ def time_base(model: Any, batch: int, context: int, new: int, mode: str, device:
     else:
         kw["disable_compile"] = True
     with torch.no_grad():
-        if mode == "compile":  # compile and capture at this shape first
-            model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+        if mode == "compile":
+            # Compile and capture with exactly the timed call's arguments: a warm-up of another length gives the
+            # static cache another size, and the timed call would recompile (seconds per step).
+            model.generate(ids, logits_processor=LogitsProcessorList([_StepClock(device)]), **kw)
         clock = _StepClock(device)
         model.generate(ids, logits_processor=LogitsProcessorList([clock]), **kw)
     steps = len(clock.times) - 1  # first timestamp: after the prefill
