@@ -30,6 +30,7 @@ DEFAULT_PLUGINS = (
     "surgery.plugins.gsa",
     "surgery.plugins.liger",
     "surgery.plugins.swa",
+    "surgery.plugins.mom",
     "surgery.plugins.pooled_key_gate",
     "surgery.recovery.stages.attention_transfer",
     "surgery.recovery.stages.lora",

@@ -1,0 +1,338 @@
+"""The ``mom`` mixer and ``mom_from_attention``: routing, bucketed dispatch, the M = 1 reduction, decoding, padding.
+
+The dispatch is checked against a reference that loops over memories: memory m run on the whole sequence with every
+token not routed to it made an identity step (``valid`` False), which is what "memory m sees only its tokens" means.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import surgery
+from surgery.attention import find_attention
+from surgery.cache import MixerCacheLayer
+from surgery.plan import PlanError
+from surgery.plugins.gla import GLA
+from surgery.plugins.mom import MoM
+from surgery.plugins.mom_dispatch import Routing, dispatch, load_balancing_loss, route, tokens_per_memory
+from tests.models import tiny_model
+
+TOL = dict(rtol=1e-4, atol=2e-5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Any:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def convert(arch: str, mixer: str, options: dict[str, Any], registry: Any, weights: str | None = None,
+            weight_options: dict[str, Any] | None = None, **kw: Any) -> Any:  # fmt: skip
+    rule: dict[str, Any] = {"layers": "all", "mixer": mixer, "options": options}
+    if weights is not None:
+        rule["weights"] = weights
+    if weight_options is not None:
+        rule["weight_options"] = weight_options
+    plan = {"version": 1, "model": "unused/hub-id", "convert": [rule]}
+    return surgery.convert(surgery.load_plan(plan, registry), tiny_model(arch, **kw), registry=registry)
+
+
+def ids(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 160, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def moms(model: Any) -> list[MoM]:
+    return [m for m in model.modules() if isinstance(m, MoM)]
+
+
+# -- routing ----------------------------------------------------------------------------------------------------
+
+
+def test_routing_invariants() -> None:
+    logits = torch.randn(3, 11, 5, generator=torch.Generator().manual_seed(0))
+    r = route(logits, 2)
+    assert r.experts.shape == (3, 11, 2) and r.weights.dtype == torch.float32
+    assert (r.experts[..., 0] != r.experts[..., 1]).all()  # exactly k distinct memories per token
+    torch.testing.assert_close(r.weights.sum(-1), torch.ones(3, 11))
+    assert (r.weights > 0).all()
+    counts = tokens_per_memory(r, None, 5)
+    assert counts.sum() == 3 * 11 * 2
+    aux = load_balancing_loss(r, None, counts)
+    assert torch.isfinite(aux) and aux >= 1 - 1e-6
+
+
+def test_load_balancing_loss_is_one_when_uniform_and_m_when_collapsed() -> None:
+    uniform = route(torch.zeros(2, 9, 4), 2)
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, :4] = False
+    for v in (None, valid):
+        aux = load_balancing_loss(uniform, v, tokens_per_memory(uniform, v, 4))
+        torch.testing.assert_close(aux, torch.tensor(1.0))
+    collapsed = route(torch.tensor([50.0, 0, 0, 0]).expand(2, 9, 4), 1)
+    aux = load_balancing_loss(collapsed, None, tokens_per_memory(collapsed, None, 4))
+    torch.testing.assert_close(aux, torch.tensor(4.0), rtol=1e-4, atol=1e-4)
+    # Padded tokens route nowhere: they are not counted.
+    assert tokens_per_memory(uniform, valid, 4).sum() == valid.sum() * 2
+
+
+# -- dispatch against a per-memory masked reference ---------------------------------------------------------------
+
+
+def _masked_reference(recur: Any, q, keys, values, routing: Routing, valid, state):  # noqa: ANN001, ANN202
+    M = keys.shape[2]
+    out, finals = 0.0, []
+    for m in range(M):
+        chosen = routing.experts == m  # [B, T, k]
+        mine = chosen.any(-1) if valid is None else chosen.any(-1) & valid
+        init = None if state is None else tuple(s[:, m] for s in state)
+        o, s = recur(q, keys[:, :, m], values[:, :, m], keys[:, :, m], mine, init, True)
+        out = out + (routing.weights * chosen).sum(-1)[..., None, None] * o
+        finals.append(s)
+    return out, tuple(torch.stack([f[i] for f in finals], 1) for i in range(len(finals[0])))
+
+
+@pytest.mark.parametrize("T", [13, 1], ids=["varlen", "decode-step"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_dispatch_equals_masked_reference(T: int, padded: bool, registry: Any) -> None:
+    """Bucketed dispatch == one masked recurrence per memory, outputs, final states and gradients."""
+    site = find_attention(tiny_model("llama"))[0]
+    cell = GLA(site, GLA.Options(), None, projections=False)
+    B, M, k, Hq, Hkv, D = 3, 4, 2, 4, 2, 16
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, T, Hq, D, generator=g, requires_grad=True)
+    keys = torch.randn(B, T, M, Hkv, D, generator=g, requires_grad=True)
+    values = torch.randn(B, T, M, Hkv, D, generator=g, requires_grad=True)
+    logits = torch.randn(B, T, M, generator=g, requires_grad=True)
+    state = (torch.randn(B, M, Hkv, D, D, generator=g) * 0.1,)
+    valid = None
+    if padded:
+        valid = torch.ones(B, T, dtype=torch.bool)
+        valid[1, : max(T - 1, 1) // 2] = False
+        if T == 1:
+            valid[2, 0] = False
+    routing = route(logits, k)
+    got, got_state = dispatch(cell.recur, q, keys, values, None, routing, valid, state, True)
+    ref, ref_state = _masked_reference(cell.recur, q, keys, values, routing, valid, state)
+    torch.testing.assert_close(got, ref, **TOL)
+    torch.testing.assert_close(got_state[0], ref_state[0], **TOL)
+    probe = torch.randn(got.shape, generator=g)
+    grads = torch.autograd.grad((got * probe).sum() + got_state[0].sum(), (q, keys, values, logits), retain_graph=True)
+    ref_grads = torch.autograd.grad((ref * probe).sum() + ref_state[0].sum(), (q, keys, values, logits))
+    for name, a, b in zip(("q", "keys", "values", "router logits"), grads, ref_grads):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, **TOL, msg=name)
+
+
+def test_decode_step_touches_only_the_chosen_memories(registry: Any) -> None:
+    site = find_attention(tiny_model("llama"))[0]
+    cell = GLA(site, GLA.Options(), None, projections=False)
+    B, M, Hkv, D = 2, 4, 2, 16
+    g = torch.Generator().manual_seed(2)
+    q, keys, values = torch.randn(B, 1, 4, D, generator=g), torch.randn(B, 1, M, Hkv, D, generator=g), \
+        torch.randn(B, 1, M, Hkv, D, generator=g)  # fmt: skip
+    routing = route(torch.randn(B, 1, M, generator=g), 2)
+    before = torch.randn(B, M, Hkv, D, D, generator=g)
+    with torch.no_grad():
+        _, (after,) = dispatch(cell.recur, q, keys, values, None, routing, None, (before.clone(),), True)
+    for b in range(B):
+        for m in range(M):
+            changed = not torch.equal(after[b, m], before[b, m])
+            assert changed == (m in routing.experts[b, 0].tolist()), (b, m)
+
+
+# -- in converted models -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_one_memory_without_sharing_is_gla(arch: str, registry: Any) -> None:
+    """M = 1, k = 1, no shared memory, no noise: exactly the ``gla`` conversion (keys, biases, k norm, padding)."""
+    x = ids(2, 21, seed=3)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    gla = convert(arch, "gla", {}, registry)
+    mom = convert(arch, "mom", {"num_memories": 1, "topk": 1, "shared_memory": False}, registry)
+    with torch.no_grad():
+        torch.testing.assert_close(mom(x, attention_mask=mask).logits, gla(x, attention_mask=mask).logits, **TOL)
+
+
+OPTIONS = [
+    ("default", {}),
+    ("gsa-projection", {"num_memories": 3, "recurrence": "gsa", "recurrence_options": {"num_slots": 4},
+                        "gate": "projection"}),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("name,options", OPTIONS, ids=[o[0] for o in OPTIONS])
+def test_cached_decoding_equals_full_forward(arch: str, name: str, options: dict, registry: Any) -> None:
+    """Prefill, a 4-token chunk, then token-by-token decoding == one forward; the cache layout and its size."""
+    model = convert(arch, "mom", options, registry, weight_options={"noise": 0.1})
+    x = ids(2, 17)
+    cache = DynamicCache(config=model.config)
+    sizes = []
+    with torch.no_grad():
+        full = model(x).logits
+        parts = [model(x[:, :6], cache=cache, use_cache=True).logits]
+        parts.append(model(x[:, 6:10], cache=cache, use_cache=True).logits)
+        for t in range(10, 17):
+            parts.append(model(x[:, t : t + 1], cache=cache, use_cache=True).logits)
+            sizes.append(sum(s.numel() for layer in cache.layers for s in layer.states))
+    torch.testing.assert_close(torch.cat(parts, 1), full, **TOL)
+    assert len(set(sizes)) == 1
+    dims = find_attention(tiny_model(arch))[0].dims
+    M, hkv, d = options.get("num_memories", 4), dims.num_kv_heads, dims.head_dim
+    for layer in cache.layers:
+        assert isinstance(layer, MixerCacheLayer) and layer.seen == 17
+        if name == "default":
+            assert [tuple(s.shape) for s in layer.states] == [(2, M, hkv, d, d), (2, hkv, d, d)]
+        else:
+            assert [tuple(s.shape) for s in layer.states] == [(2, M, hkv, d, 4), (2, M, hkv, 4, d),
+                                                              (2, hkv, d, 4), (2, hkv, 4, d)]  # fmt: skip
+
+
+def _greedy_by_full_forwards(model: Any, x: torch.Tensor, n: int) -> torch.Tensor:
+    with torch.no_grad():
+        for _ in range(n):
+            x = torch.cat([x, model(x).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return x
+
+
+@pytest.mark.parametrize(
+    "mixer,options",
+    [("mom", {}), ("liger_attention", {"window": 4, "recurrent": {"mixer": "mom", "options": {"num_memories": 3}}})],
+    ids=["mom", "liger-mom"],
+)
+def test_generate_left_padding_and_batching(mixer: str, options: dict, registry: Any) -> None:
+    """greedy generate() == argmax of full forwards; a left-padded batch == each row on its own."""
+    model = convert("llama", mixer, options, registry, weights="mom_from_attention", weight_options={"noise": 0.1})
+    gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    a, b = ids(1, 9, seed=1), ids(1, 4, seed=2)
+    with torch.no_grad():
+        out_a = model.generate(a, **gen, output_logits=True, return_dict_in_generate=True)
+        out_b = model.generate(b, **gen, output_logits=True, return_dict_in_generate=True)
+        assert torch.equal(out_a.sequences, _greedy_by_full_forwards(model, a, 6))
+        batch = torch.cat([a, torch.cat([ids(1, 5, seed=9), b], 1)])
+        mask = torch.ones_like(batch)
+        mask[1, :5] = 0
+        out = model.generate(batch, attention_mask=mask, **gen, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences[0], out_a.sequences[0])
+    assert torch.equal(out.sequences[1, 5:], out_b.sequences[0])
+    for step, (both, row_a, row_b) in enumerate(zip(out.logits, out_a.logits, out_b.logits)):
+        torch.testing.assert_close(both[0], row_a[0], **TOL, msg=f"row 0, step {step}")
+        torch.testing.assert_close(both[1], row_b[0], **TOL, msg=f"row 1, step {step}")
+
+
+def test_liger_attention_over_mom_decodes_exactly(registry: Any) -> None:
+    opts = {"window": 3, "recurrent": {"mixer": "mom", "options": {"num_memories": 2, "topk": 1}}}
+    model = convert("qwen3", "liger_attention", opts, registry, weights="mom_from_attention")
+    rec = model.surgery.manifest[0]
+    assert "recurrent.k_mem.weight" in rec.reshaped and "recurrent.k_mem_norm.weight" in rec.reshaped
+    layer = model.model.layers[0].self_attn
+    assert isinstance(layer.recurrent, MoM) and not hasattr(layer.recurrent, "k_proj")
+    x = ids(2, 12, seed=4)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        full = model(x).logits
+        parts = [model(x[:, :5], cache=cache, use_cache=True).logits]
+        parts += [model(x[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, **TOL)
+    # The short form puts mom's own knobs beside liger's.
+    short = convert("llama", "liger_attention", {"window": 3, "recurrent": "mom", "num_memories": 2}, registry,
+                    weights="mom_from_attention")
+    assert short.model.layers[0].self_attn.recurrent.options.num_memories == 2
+
+
+def test_gradients_and_aux_loss(registry: Any) -> None:
+    """A training step reaches the router and every memory's projections; the aux loss is set, scaled, finite."""
+    model = convert("qwen2", "mom", {"gate": "projection", "aux_loss_scale": 0.01}, registry).train()
+    x = ids(2, 24)
+    loss = model(x, labels=x).loss
+    aux = [m.aux_loss for m in moms(model)]
+    assert all(a is not None and torch.isfinite(a) and a >= 0.01 * (1 - 1e-4) for a in aux)
+    (loss + sum(aux)).backward()
+    for m in moms(model):
+        for name in ("router.weight", "k_mem.weight", "v_mem.weight", "k_mem.bias", "g_mem.weight", "q_proj.weight",
+                     "k_proj.weight", "g_proj.weight", "o_proj.weight"):  # fmt: skip
+            grad = m.get_parameter(name).grad
+            assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, (m.layer_idx, name)
+    model.eval()
+    for m in moms(model):
+        m.aux_loss = None
+    with torch.no_grad():
+        model(x)
+    assert all(m.aux_loss is None for m in moms(model))  # only training forwards set it
+
+
+def test_routing_counts_and_state_dict(registry: Any) -> None:
+    model = convert("llama", "mom", {"num_memories": 3}, registry)
+    for m in moms(model):
+        m.reset_routing_counts()
+    x = ids(2, 10)
+    mask = torch.ones_like(x)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        model(x, attention_mask=mask)
+    for m in moms(model):
+        counts = m.routing_counts()
+        assert counts.shape == (3,) and counts.sum() == (20 - 4) * 2
+        assert "token_counts" not in m.state_dict()
+
+
+def test_weight_map(registry: Any) -> None:
+    base = tiny_model("qwen2")
+    src = base.model.layers[1].self_attn
+    model = convert("qwen2", "mom", {}, registry, weight_options={"noise": 0.05, "seed": 7})
+    m = model.model.layers[1].self_attn
+    assert torch.equal(m.k_proj.weight, src.k_proj.weight) and torch.equal(m.v_proj.bias, src.v_proj.bias)
+    w = m.k_mem.weight
+    assert not torch.equal(w[0], w[1])  # memories differ, so they can specialise
+    rel = (w - src.k_proj.weight).abs() / src.k_proj.weight.abs().clamp(min=1e-12)
+    assert rel.max() <= 0.05 + 1e-6
+    assert torch.equal(m.k_mem.bias, src.k_proj.bias.expand(4, -1))
+    assert m.router.weight.abs().max() < 0.01  # near-uniform routing at the start
+    again = convert("qwen2", "mom", {}, registry, weight_options={"noise": 0.05, "seed": 7})
+    assert torch.equal(again.model.layers[1].self_attn.k_mem.weight, w)
+    exact = convert("qwen2", "mom", {}, registry).model.layers[1].self_attn
+    assert torch.equal(exact.v_mem.weight, src.v_proj.weight.expand(4, -1, -1))
+    with pytest.raises(PlanError, match="router"):
+        convert("llama", "gla", {}, registry, weights="mom_from_attention")
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"num_memories": 2, "topk": 3}, "topk=3 must not exceed num_memories=2"),
+        ({"recurrence": "softmax"}, "not a recurrent mixer"),
+        ({"recurrence": "mom"}, "cannot be its own memory"),
+        ({"recurrence_options": {"gate": "projection"}}, "set 'gate' on mom itself"),
+        ({"recurrence": "gsa", "recurrence_options": {"num_slot": 4}}, "recurrence_options for 'gsa'"),
+    ],
+)
+def test_option_errors(options: dict, match: str, registry: Any) -> None:
+    plan = {"version": 1, "model": "unused/hub-id", "convert": [{"layers": "all", "mixer": "mom", "options": options}]}
+    with pytest.raises(Exception, match=match):
+        surgery.load_plan(plan, registry)
+
+
+def test_gsa_slots_that_do_not_divide_the_head_dim_are_located(registry: Any) -> None:
+    with pytest.raises(PlanError, match="num_slots=5 must divide head_dim"):
+        convert("llama", "mom", {"recurrence": "gsa", "recurrence_options": {"num_slots": 5}}, registry)
+
+
+def test_liger_over_mom_saves_and_loads(registry: Any, tmp_path: Any) -> None:
+    """The stored plan (mom's options nested in liger's, the recurrence's options inside mom's) rebuilds the model."""
+    opts = {"window": 3, "recurrent": {"mixer": "mom", "options": {"num_memories": 3, "recurrence": "hgrn2"}}}
+    model = convert("llama", "liger_attention", opts, registry, weights="mom_from_attention",
+                    weight_options={"noise": 0.1})  # fmt: skip
+    surgery.save(model, tmp_path / "m")
+    loaded = surgery.load(tmp_path / "m")
+    x = ids(2, 9, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+    assert loaded.model.layers[0].self_attn.recurrent.options.recurrence == "hgrn2"
