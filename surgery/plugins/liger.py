@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from pydantic import Field, PrivateAttr, SerializeAsAny, ValidationError, ValidationInfo, model_validator
 from torch import Tensor
 
@@ -92,11 +93,18 @@ class LigerAttention(Mixer):
         {"window": 4, "recurrent": "hgrn2"},
         {"window": 4, "recurrent": "gsa", "num_slots": 4},  # the short form with the branch's own knob
         {"window": 4, "recurrent": {"mixer": "gla", "options": {"gate": "projection"}}, "w_swa": 0.3, "w_rec": 0.9},
+        {"window": 4, "sinks": 2},
+        {"window": 2, "sinks": 3, "window_dropout": 0.5},
     )
 
     class Options(Mixer.Options):
         recurrent: RecurrentBranch = Field(default_factory=RecurrentBranch, description="the recurrent branch")
         window: int = Field(64, ge=0, description="previous tokens each query sees in the softmax branch")
+        sinks: int = Field(0, ge=0, description="first real tokens of each sequence the softmax branch always sees")
+        window_dropout: float = Field(
+            0.0, ge=0, le=1,
+            description="training only: probability of dropping the window branch for a sequence (its weight goes "
+                        "to the recurrent branch), so the recurrence learns to carry context (arXiv 2510.05901)")
         w_swa: float = Field(0.5, description="weight of the sliding-window branch")
         w_rec: float = Field(0.5, description="weight of the recurrent branch")
 
@@ -150,10 +158,15 @@ class LigerAttention(Mixer):
         layer = mixer_cache(ctx.cache, self.layer_idx, window=opts.window)
         state = layer.states if layer is not None else None
         rec, state = self.recurrent.recurrent_output(x, q, k, v, ctx.padding_mask, state, layer is not None)
-        swa, (kw, vw, valid) = swa_branch(q, k, v, ctx, layer, opts.window, self.scaling, self.site.dims.softcap)
+        swa, (kw, vw, valid), aux = swa_branch(q, k, v, ctx, layer, opts.window, self.scaling,
+                                               self.site.dims.softcap, sinks=opts.sinks)
         if layer is not None:
-            layer.commit(T, states=state, keys=kw, values=vw, valid=valid)
-        o = opts.w_swa * swa.float() + opts.w_rec * rec
+            layer.commit(T, states=state, keys=kw, values=vw, valid=valid, aux=aux)
+        if self.training and opts.window_dropout > 0:
+            drop = (torch.rand(B, 1, 1, 1, device=x.device) < opts.window_dropout).float()
+            o = (1 - drop) * (opts.w_swa * swa.float() + opts.w_rec * rec) + drop * (opts.w_swa + opts.w_rec) * rec
+        else:
+            o = opts.w_swa * swa.float() + opts.w_rec * rec
         return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
 
 
