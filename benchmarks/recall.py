@@ -166,28 +166,38 @@ def _selected(k: int) -> list[int]:
 
 
 #: row name -> (plan transform of examples/demo.yaml, inference-time option changes, the row whose recovery it
-#: reuses). A plan without ``recover`` is training-free.
-ROWS: dict[str, tuple[Callable[[dict], dict] | None, dict[str, Any], str | None]] = {
-    "base": (None, {}, None),
-    "swa64": (_training_free("swa", window=64), {}, None),
-    "swa64_sinks4": (_training_free("swa", window=64, sinks=4), {}, None),
-    "default": (lambda raw: raw, {}, None),
-    "default_sinks4_inf": (lambda raw: raw, {"sinks": 4}, "default"),
-    "sinks4": (lambda raw: _liger_options(raw, sinks=4), {}, None),
-    "memory64_inf": (lambda raw: _liger_options(raw, sinks=4), {"memory": 64}, "sinks4"),
-    "memory64": (lambda raw: _liger_options(raw, sinks=4, memory=64), {}, None),
-    "wdrop": (lambda raw: _liger_options(raw, sinks=4, window_dropout=0.25), {}, None),
-    "wdrop_memory64_inf": (lambda raw: _liger_options(raw, sinks=4, window_dropout=0.25), {"memory": 64}, "wdrop"),
-    "hybrid2_selected": (lambda raw: _keep_softmax(_selected(2))(raw), {}, None),
-    "hybrid2_even": (_keep_softmax(evenly_spaced(2)), {}, None),
-    "hybrid4_selected": (lambda raw: _keep_softmax(_selected(4))(raw), {}, None),
-    "hybrid4_even": (_keep_softmax(evenly_spaced(4)), {}, None),
+#: reuses, layers swapped back to the base's softmax attention after recovery). A plan without ``recover`` is
+#: training-free.
+Row = tuple[Callable[[dict], dict] | None, dict[str, Any], str | None, Callable[[], list[int]] | None]
+_same = lambda raw: raw  # noqa: E731
+ROWS: dict[str, Row] = {
+    "base": (None, {}, None, None),
+    "swa64": (_training_free("swa", window=64), {}, None, None),
+    "swa64_sinks4": (_training_free("swa", window=64, sinks=4), {}, None, None),
+    "default": (_same, {}, None, None),
+    "default_sinks4_inf": (_same, {"sinks": 4}, "default", None),
+    "default_mem64_inf": (_same, {"sinks": 4, "memory": 64}, "default", None),
+    "sinks4": (lambda raw: _liger_options(raw, sinks=4), {}, None, None),
+    "memory64": (lambda raw: _liger_options(raw, sinks=4, memory=64), {}, None, None),
+    "wdrop": (lambda raw: _liger_options(raw, sinks=4, window_dropout=0.25), {}, None, None),
+    "wdrop_mem64_inf": (lambda raw: _liger_options(raw, sinks=4, window_dropout=0.25), {"memory": 64}, "wdrop",
+                        None),
+    # Hybrids: the default recovery with K layers given back their base softmax attention (no training), ...
+    "hybrid2_selected_inf": (_same, {}, "default", lambda: _selected(2)),
+    "hybrid2_even_inf": (_same, {}, "default", lambda: evenly_spaced(2)),
+    "hybrid4_selected_inf": (_same, {}, "default", lambda: _selected(4)),
+    "hybrid4_even_inf": (_same, {}, "default", lambda: evenly_spaced(4)),
+    # ... and recovered as hybrids.
+    "hybrid2_selected": (lambda raw: _keep_softmax(_selected(2))(raw), {}, None, None),
+    "hybrid2_even": (_keep_softmax(evenly_spaced(2)), {}, None, None),
+    "hybrid4_selected": (lambda raw: _keep_softmax(_selected(4))(raw), {}, None, None),
+    "hybrid4_even": (_keep_softmax(evenly_spaced(4)), {}, None, None),
 }
 
 
 def build(name: str, raw: dict[str, Any], base: torch.nn.Module, tokenizer: Any, out: Path) -> tuple[Any, dict]:
-    """The row's model, recovered (or reloaded) as its plan says, with inference-time option changes applied."""
-    transform, at_inference, reuse = ROWS[name]
+    """The row's model, recovered (or reloaded) as its plan says, with inference-time changes applied."""
+    transform, at_inference, reuse, softmax_layers = ROWS[name]
     if transform is None:
         return base, {"plan": "base"}
     plan_raw = transform(raw)
@@ -205,6 +215,11 @@ def build(name: str, raw: dict[str, Any], base: torch.nn.Module, tokenizer: Any,
             if getattr(m, "name", None) == LIGER and hasattr(m, "options"):
                 m.options = m.options.model_copy(update=at_inference)
         info["at_inference"] = at_inference
+    if softmax_layers is not None:
+        keep = softmax_layers()
+        for i in keep:  # LoRA targets only the attention projections: the rest of the layer is the base's
+            model.model.layers[i].self_attn = copy.deepcopy(base.model.layers[i].self_attn)
+        info["softmax_layers"] = keep
     return model.eval(), info
 
 
