@@ -9,7 +9,9 @@ A ``MixerCacheLayer`` holds, per sequence of the batch:
 - the recurrent state(s), fp32, one per key/value head (``[B, Hkv, K, V]``; GSA keeps two);
 - the last ``window`` post-RoPE keys and values ``[B, Hkv, W, D]`` and their validity ``[B, W]`` (False for left
   padding), for the sliding-window branch;
-- the number of tokens seen, which is what ``get_seq_length`` returns (models derive positions from it).
+- the number of tokens seen, which is what ``get_seq_length`` returns (models derive positions from it);
+- ``aux``: named per-sequence tensors of constant size that a window branch keeps besides its window (attention
+  sinks, a sparse retrieval memory; ``surgery.window``), batch dim first, edited with everything else.
 
 Memory is constant in the sequence length. The official Liger code kept no window at all, so at decode its
 sliding-window branch saw only the current token, and it counted heads instead of tokens (liger.md section 6).
@@ -50,6 +52,7 @@ class MixerCacheLayer(CacheLayerMixin):
         self.valid: Tensor | None = None  # [B, W] bool; None = every cached key is a real token
         self.seen = 0
         self.device: torch.device | None = None
+        self.aux: dict[str, Tensor] = {}  # constant-size extras of a window branch (sinks, memory), [B, ...]
 
     def __repr__(self) -> str:
         shapes = [tuple(s.shape) for s in self.states] if self.states is not None else None
@@ -88,6 +91,7 @@ class MixerCacheLayer(CacheLayerMixin):
         keys: Tensor | None = None,
         values: Tensor | None = None,
         valid: Tensor | None = None,
+        aux: dict[str, Tensor] | None = None,
     ) -> None:
         """Store this call's results and count its ``num_tokens`` tokens.
 
@@ -96,7 +100,10 @@ class MixerCacheLayer(CacheLayerMixin):
             states: the recurrent state(s) after the last token, e.g. ``([B, Hkv, K, V],)``.
             keys, values: ``[B, Hkv, S, D]``, typically ``window_with``'s output; only the last ``window`` are kept.
             valid: ``[B, S]`` bool or None.
+            aux: tensors that replace the stored ``aux`` entries of the same names (constant size, batch first).
         """
+        if aux:
+            self.aux.update(aux)
         if states is not None:
             self.states = tuple(states)
             self.device = states[0].device
@@ -150,10 +157,12 @@ class MixerCacheLayer(CacheLayerMixin):
             self.states = tuple(fn(s) for s in self.states)
         for name in self._tensors():
             setattr(self, name, fn(getattr(self, name)))
+        self.aux = {name: fn(t) for name, t in self.aux.items()}
 
     def reset(self) -> None:
         self.states = self.keys = self.values = self.valid = None
         self.seen = 0
+        self.aux = {}
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

@@ -136,6 +136,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_select(args: argparse.Namespace) -> int:
+    from surgery.select import select
+
+    damage, _ = select(args.plan, args.keep, tokens=args.tokens, out=args.out)
+    rows = [[str(i), f"{damage.kl[i]:.4f}", "softmax" if i in damage.keep(args.keep) else ""] for i in damage.ranking]
+    print(_table(rows, ["layer", "KL to base (nats/token)", "kept"]))
+    if args.out:
+        print(f"hybrid plan written to {args.out}")
+    return 0
+
+
 def cmd_lm_eval(args: argparse.Namespace) -> int:
     from surgery.lm_eval_cli import main as lm_eval_main
 
@@ -174,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="decode step as a CUDA graph (default), torch.compile reduce-overhead, or eager")
     gen.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     gen.add_argument("--dtype", help="float32, bfloat16, ... (default: the plan's)")
+    sel = add("select", cmd_select, "rank layers by how much converting each alone moves the output; write a hybrid "
+              "plan keeping the K worst as softmax attention")  # fmt: skip
+    sel.add_argument("--keep", type=int, required=True, help="layers to keep as softmax attention")
+    sel.add_argument("--tokens", type=int, default=2048, help="calibration tokens (default 2048)")
+    sel.add_argument("-o", "--out", help="write the hybrid plan here (YAML; the ranking next to it as .json)")
     add("fetch-demo", cmd_fetch_demo, "build the offline demo model and data", plan=False).add_argument("--root")
     (lm := sub.add_parser("lm-eval", help="lm-eval's own CLI; --model_args pretrained=DIR reads saved models", prefix_chars="\0", add_help=False)).set_defaults(fn=cmd_lm_eval) or lm.add_argument("args", nargs=argparse.REMAINDER)  # every argument, even -h, goes to lm-eval  # fmt: skip
     plugins = sub.add_parser("plugins", help="plugin commands").add_subparsers(dest="sub", required=True)

@@ -5,6 +5,12 @@ A query at position p sees the keys at positions p - window ... p: ``window`` pr
 section 3). Queries are processed in blocks of ``block`` rows; block b needs only the keys from
 ``b * block - window`` to ``(b + 1) * block - 1``, so each block scores ``block x (block + window)`` entries and
 the whole call ``T x (block + window)``: linear in T.
+
+Attention sinks (``sinks: N``, StreamingLLM; the training-free "window of 64 + 4 sinks" baseline of
+research/recall.md section 1): the first N real tokens of each sequence stay visible to every later query. They are
+passed as extra keys with a per-query visibility mask (visible only once outside the band, so no key counts twice)
+and kept in the cache at constant size (``MixerCacheLayer.aux``); with left padding they are the first N *real*
+tokens of each row.
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ def sliding_window_attention(
     key_valid: Tensor | None = None,
     softcap: float | None = None,
     block: int = 64,
+    extra: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """Causal softmax attention restricted to the last ``window + 1`` keys, GQA-native.
+    """Causal softmax attention restricted to the last ``window + 1`` keys (plus extra keys), GQA-native.
 
     The T queries are the last T positions of the S keys (S - T earlier keys come from a cache).
 
@@ -51,6 +58,8 @@ def sliding_window_attention(
             so a padding query has a finite (and ignored) output.
         softcap: Gemma-2-style logit soft-capping ``softcap * tanh(s / softcap)``, or None.
         block: query rows per block (memory is ``O(T * (block + window))``).
+        extra: ``(keys [B, Hkv, M, D], values [B, Hkv, M, Dv], visible [B, T, M] bool)``: keys outside the band
+            (sinks, a retrieval memory) that query t sees where ``visible[:, t]`` is True; None: none.
 
     Returns:
         ``[B, Hq, T, Dv]``.
@@ -63,6 +72,12 @@ def sliding_window_attention(
         mask = None if key_valid is None else key_valid.to(torch.bool)[:, None, None, :].clone()
         if mask is not None:
             mask[..., -1] = True  # the query itself, as in the general path
+        if extra is not None:
+            ek, ev, eok = extra
+            if mask is None:
+                mask = torch.ones(B, 1, 1, S, dtype=torch.bool, device=q.device)
+            mask = torch.cat([eok[:, None].to(torch.bool), mask], dim=-1)
+            k, v = torch.cat([ek.to(k.dtype), k], dim=2), torch.cat([ev.to(v.dtype), v], dim=2)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
     off = S - T  # absolute position of query 0
     bq = max(1, min(block, T))
@@ -81,6 +96,14 @@ def sliding_window_attention(
     band = band_mask(bq, window, device)
     itself = torch.eye(bq, L, dtype=torch.bool, device=device).roll(window, dims=1)  # c == r + window
     mask = (band & ok[:, :, None, :]) | itself  # [B, nb, bq, L]
+    if extra is not None:
+        ek, ev, eok = extra
+        M = ek.shape[2]
+        eok = F.pad(eok.to(torch.bool), (0, 0, 0, nb * bq - T)).view(B, nb, bq, M)
+        mask = torch.cat([eok, mask], dim=-1)
+        kb = torch.cat([ek.to(kb.dtype).repeat_interleave(nb, dim=0), kb], dim=2)
+        vb = torch.cat([ev.to(vb.dtype).repeat_interleave(nb, dim=0), vb], dim=2)
+        L = L + M
     mask = mask.reshape(B * nb, 1, bq, L)
     qb = F.pad(q, (0, 0, 0, nb * bq - T))  # [B, Hq, nb*bq, D]
     qb = qb.view(B, Hq, nb, bq, D).transpose(1, 2).reshape(B * nb, Hq, bq, D)
@@ -105,6 +128,46 @@ def rope(q: Tensor, k: Tensor, position_embeddings: tuple[Tensor, Tensor] | None
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
+def update_sinks(
+    layer_aux: dict[str, Tensor] | None,
+    keys: Tensor,
+    values: Tensor,
+    valid: Tensor | None,
+    seen: int,
+    n: int,
+) -> dict[str, Tensor]:
+    """The first ``n`` real tokens of each row so far: the cached sinks completed from this call's tokens.
+
+    Args:
+        layer_aux: the cache's ``aux`` (keys ``sink_k``/``sink_v`` ``[B, Hkv, n, D]``, ``sink_pos`` ``[B, n]``
+            absolute positions, ``sink_ok`` ``[B, n]`` filled) or None (no cache, or nothing cached yet).
+        keys, values: ``[B, Hkv, T, D]`` post-RoPE keys and values of this call; valid: ``[B, T]`` or None.
+        seen: absolute position of this call's first token.
+
+    Returns:
+        The new ``sink_k``, ``sink_v``, ``sink_pos``, ``sink_ok``.
+    """
+    B, H, T, D = keys.shape
+    dev = keys.device
+    if layer_aux and "sink_k" in layer_aux:
+        sk, sv, spos, sok = (layer_aux[n_] for n_ in ("sink_k", "sink_v", "sink_pos", "sink_ok"))
+    else:
+        sk, sv = keys.new_zeros(B, H, n, D), values.new_zeros(B, H, n, values.shape[-1])
+        spos, sok = torch.zeros(B, n, dtype=torch.long, device=dev), torch.zeros(B, n, dtype=torch.bool, device=dev)
+    if bool(sok.all()):
+        return {"sink_k": sk, "sink_v": sv, "sink_pos": spos, "sink_ok": sok}
+    real = valid.to(torch.bool) if valid is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
+    rank = sok.sum(1, keepdim=True) + real.long().cumsum(1) - 1  # slot of each real token
+    slot = torch.where(real & (rank < n), rank, torch.full_like(rank, n))  # n: a dump slot, dropped below
+    pos = seen + torch.arange(T, device=dev).expand(B, T)
+    idx = slot[:, None, :, None]
+    sk = torch.cat([sk, sk[:, :, :1]], 2).scatter(2, idx.expand(B, H, T, D), keys.to(sk.dtype))[:, :, :n]
+    sv = torch.cat([sv, sv[:, :, :1]], 2).scatter(2, idx.expand(B, H, T, sv.shape[-1]), values.to(sv.dtype))[:, :, :n]
+    spos = torch.cat([spos, spos[:, :1]], 1).scatter(1, slot, pos)[:, :n]
+    sok = torch.cat([sok, sok[:, :1]], 1).scatter(1, slot, torch.ones_like(real))[:, :n]
+    return {"sink_k": sk, "sink_v": sv, "sink_pos": spos, "sink_ok": sok}
+
+
 def swa_branch(
     q: Tensor,
     k: Tensor,
@@ -114,7 +177,8 @@ def swa_branch(
     window: int,
     scale: float,
     softcap: float | None = None,
-) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None]]:
+    sinks: int = 0,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None], dict[str, Tensor]]:
     """The pretrained softmax attention (RoPE, scale, GQA) restricted to a window, continuing a cached window.
 
     Args:
@@ -122,9 +186,11 @@ def swa_branch(
         k, v: ``[B, T, Hkv, D]``.
         ctx: the call's context (position embeddings, padding mask).
         layer: this layer's cache, or None.
+        sinks: the first ``sinks`` real tokens of each row stay visible to every query (0: none).
 
     Returns:
-        ``[B, T, Hq, D]``, and the ``(keys, values, valid)`` window to pass to ``layer.commit``.
+        ``[B, T, Hq, D]``, the ``(keys, values, valid)`` window to pass to ``layer.commit``, and the ``aux``
+        tensors to commit (the sinks; empty without sinks).
     """
     qr, kr = rope(q, k, ctx.position_embeddings)
     vt = v.transpose(1, 2)
@@ -132,5 +198,15 @@ def swa_branch(
         kw, vw, valid = layer.window_with(kr, vt, ctx.padding_mask)
     else:
         kw, vw, valid = kr, vt, ctx.padding_mask
-    o = sliding_window_attention(qr, kw, vw, window, scale, key_valid=valid, softcap=softcap)
-    return o.transpose(1, 2), (kw, vw, valid)
+    aux: dict[str, Tensor] = {}
+    extra = None
+    if sinks > 0:
+        seen = layer.seen if layer is not None else 0
+        aux = update_sinks(layer.aux if layer is not None else None, kr, vt, ctx.padding_mask, seen, sinks)
+        T = q.shape[1]
+        qpos = seen + torch.arange(T, device=q.device)
+        # Visible once the sink has left the band (inside it the band already shows it).
+        visible = aux["sink_ok"][:, None, :] & (aux["sink_pos"][:, None, :] < (qpos - window)[None, :, None])
+        extra = (aux["sink_k"], aux["sink_v"], visible)
+    o = sliding_window_attention(qr, kw, vw, window, scale, key_valid=valid, softcap=softcap, extra=extra)
+    return o.transpose(1, 2), (kw, vw, valid), aux

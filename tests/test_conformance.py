@@ -98,6 +98,7 @@ def test_prefill_then_decode_equals_one_forward(mixer: str, options: dict, arch:
 
 def _numel(layer: MixerCacheLayer) -> int:
     tensors = list(layer.states or ()) + [t for t in (layer.keys, layer.values, layer.valid) if t is not None]
+    tensors += list(getattr(layer, "aux", {}).values())
     return sum(t.numel() for t in tensors)
 
 

@@ -50,7 +50,7 @@ def test_default_weight_map_and_options_are_filled(registry) -> None:
     rule = plan.convert[0]
     assert rule.weights == registry.mixer("swa").default_weights
     assert rule.options == registry.mixer("swa").Options()  # validated once, into the mixer's own class
-    assert plan.to_dict()["convert"][0]["options"] == {"window": 64}
+    assert plan.to_dict()["convert"][0]["options"] == {"window": 64, "sinks": 0}
 
 
 def test_all_problems_are_reported_together(registry) -> None:

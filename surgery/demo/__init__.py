@@ -14,7 +14,9 @@ From the held-out articles we build the local lm-eval tasks (see ``surgery/tasks
   window 1 of all. About 450 SmolLM2 tokens per window, so
   one window is one lm-eval rolling window when ``max_length >= 512``.
 - ``nextsent.jsonl``: four-way next-sentence items (``surgery.tasks.nextsent_items``).
-- ``passkey_1k.jsonl`` / ``passkey_2k.jsonl``: passkey-in-a-haystack recall items (``surgery.tasks.passkey_items``).
+- ``passkey_1k.jsonl`` / ``passkey_2k.jsonl`` / ``passkey_4k.jsonl``: passkey-in-a-haystack recall items, 20 each,
+  depths stratified over the context (``surgery.demo.tasks.passkey_items``);
+- ``passkey_multi.jsonl``: 4 named keys in ~1K tokens, the question asks for one (``tasks.multikey_items``).
 
 Everything is deterministic (fixed seeds, no hub access) and cached: a finished directory is never rebuilt.
 """
@@ -42,7 +44,7 @@ N_HELDOUT = 20
 MIN_TRAIN = 40  # fewer means gensim's excerpt changed under us
 PPL_WINDOW_CHARS = 2000  # ~450 SmolLM2 tokens of Wikipedia prose (4.4 characters per token)
 PPL_WINDOWS_PER_ARTICLE = 2
-DATA_VERSION = 4  # bump when the builders or the task templates change: a data dir with another version is rebuilt
+DATA_VERSION = 5  # bump when the builders or the task templates change: a data dir with another version is rebuilt
 
 # Sections after which a Wikipedia article is only links and bibliography.
 _END_SECTIONS = re.compile(r"^=+\s*(see also|references|notes|further reading|external links|bibliography|"
@@ -59,6 +61,8 @@ class DataPaths:
     nextsent: Path
     passkey_1k: Path
     passkey_2k: Path
+    passkey_4k: Path
+    passkey_multi: Path
     tasks_dir: Path  # lm-eval task YAMLs pointing at the files above (``TaskManager(include_path=...)``)
     stats: Path
 
@@ -67,7 +71,8 @@ class DataPaths:
         d = Path(data_dir).resolve()
         return cls(root=d, train=d / "train.jsonl", heldout_ppl=d / "heldout_ppl.jsonl",
                    nextsent=d / "nextsent.jsonl", passkey_1k=d / "passkey_1k.jsonl",
-                   passkey_2k=d / "passkey_2k.jsonl", tasks_dir=d / "tasks", stats=d / "stats.json")
+                   passkey_2k=d / "passkey_2k.jsonl", passkey_4k=d / "passkey_4k.jsonl",
+                   passkey_multi=d / "passkey_multi.jsonl", tasks_dir=d / "tasks", stats=d / "stats.json")
 
 
 def default_root() -> Path:
@@ -216,7 +221,8 @@ def _data_complete(paths: DataPaths) -> bool:
         version = json.loads(paths.stats.read_text()).get("version")
     except (OSError, json.JSONDecodeError):
         return False
-    files = (paths.train, paths.heldout_ppl, paths.nextsent, paths.passkey_1k, paths.passkey_2k)
+    files = (paths.train, paths.heldout_ppl, paths.nextsent, paths.passkey_1k, paths.passkey_2k, paths.passkey_4k,
+             paths.passkey_multi)
     return version == DATA_VERSION and all(p.is_file() for p in files) and _tasks.tasks_written(paths.tasks_dir)
 
 
@@ -248,7 +254,8 @@ def build_data_at(data_dir: Path) -> DataPaths:
     ppl_rows = [{"title": t, "window": i, "text": w[i]}
                 for i in range(PPL_WINDOWS_PER_ARTICLE) for (t, _), w in zip(heldout, windows) if i < len(w)]
     nextsent = _tasks.nextsent_items(heldout)
-    passkeys = {n: _tasks.passkey_items(n_tokens=n) for n in (1024, 2048)}
+    passkeys = {n: _tasks.passkey_items(n_tokens=n) for n in (1024, 2048, 4096)}
+    multikey = _tasks.multikey_items(n_tokens=1024)
 
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}-", dir=root))
@@ -260,12 +267,15 @@ def build_data_at(data_dir: Path) -> DataPaths:
         _write_jsonl(t.nextsent, nextsent)
         _write_jsonl(t.passkey_1k, passkeys[1024])
         _write_jsonl(t.passkey_2k, passkeys[2048])
+        _write_jsonl(t.passkey_4k, passkeys[4096])
+        _write_jsonl(t.passkey_multi, multikey)
         # The YAMLs name the final directory: they are written for data_dir, not for tmp.
         _tasks.write_task_yamls(t.tasks_dir, paths)
         stats = {"version": DATA_VERSION, "source": GENSIM_WIKI, "articles": len(articles),
                  "train": [a for a, _ in train], "heldout": [a for a, _ in heldout],
                  "train_chars": sum(len(b) for _, b in train), "heldout_ppl_windows": len(ppl_rows),
-                 "nextsent_items": len(nextsent), "passkey_items": {str(k): len(v) for k, v in passkeys.items()}}
+                 "nextsent_items": len(nextsent), "passkey_items": {str(k): len(v) for k, v in passkeys.items()},
+                 "multikey_items": len(multikey)}
         t.stats.write_text(json.dumps(stats, indent=1))
         if data_dir.exists():
             shutil.rmtree(data_dir)  # incomplete or an older version: _data_complete said so

@@ -6,7 +6,8 @@ Four tasks run offline, on files that ``surgery.demo.build_data`` writes:
 |---|---|---|---|
 | ``wiki_ppl`` | loglikelihood_rolling | word_perplexity (lower is better) | ``{"title", "window", "text"}`` |
 | ``wiki_nextsent`` | multiple_choice | acc_norm | ``{"context", "choices": [4], "label", "title"}`` |
-| ``passkey_1k``, ``passkey_2k`` | loglikelihood | acc (greedy exact match) | ``{"prompt", "target", ...}`` |
+| ``passkey_1k``, ``passkey_2k``, ``passkey_4k`` | loglikelihood | acc (greedy exact match) | ``{"prompt", "target", ...}`` |
+| ``passkey_multi`` (4 keys, one asked, ~1K tokens) | loglikelihood | acc (greedy exact match) | same |
 
 The passkey probe is scored by teacher forcing, not by ``generate``: ``acc`` is 1 when every token of the key is
 the model's argmax given the prompt and the key's earlier tokens, which is exactly "greedy decoding writes the
@@ -47,6 +48,8 @@ LOCAL_TASKS: dict[str, LocalTask] = {
         LocalTask("wiki_nextsent", "nextsent", "acc_norm", True),
         LocalTask("passkey_1k", "passkey_1k", "acc", True),
         LocalTask("passkey_2k", "passkey_2k", "acc", True),
+        LocalTask("passkey_4k", "passkey_4k", "acc", True),
+        LocalTask("passkey_multi", "passkey_multi", "acc", True),
     )
 }
 
@@ -130,24 +133,35 @@ _PROMPT_HEAD = ("A pass key is hidden in the long text below. Read the text, rem
 _QUESTION = "\n\nWhat is the pass key? The pass key is"
 
 
+def _haystack(n_tokens: int, n_needles: int) -> tuple[list[str], int]:
+    """Filler sentences for a prompt of about ``n_tokens`` tokens that also holds ``n_needles`` needle sentences."""
+    if n_tokens < 200:
+        raise ValueError(f"passkey_items: n_tokens={n_tokens} leaves no room for a haystack (use >= 200)")
+    filler_sents = split_sentences(_FILLER)
+    overhead = len(_PROMPT_HEAD) + len(_QUESTION) + 80 * n_needles
+    n_sents = max(2, int((n_tokens * _FILLER_CHARS_PER_TOKEN - overhead) / (len(_FILLER) / len(filler_sents))))
+    return [filler_sents[i % len(filler_sents)] for i in range(n_sents)], n_sents
+
+
+def _depths(rng: random.Random, n_items: int) -> list[float]:
+    """One depth per item, stratified over [0.05, 0.95] (item i in the i-th of n equal strata), then shuffled."""
+    depths = [0.05 + 0.9 * (i + rng.random()) / n_items for i in range(n_items)]
+    rng.shuffle(depths)
+    return depths
+
+
 def passkey_items(n_tokens: int, n_items: int = 20, seed: int = 0) -> list[dict[str, Any]]:
     """Passkey-in-a-haystack items of about ``n_tokens`` tokens (SmolLM2 tokenizer), keys of 5 digits.
 
-    The haystack repeats neutral sentences; the sentence stating the key sits at a seeded random depth (fraction
-    of the filler before it, between 0.05 and 0.95); the prompt ends with the question and the target is
-    ``" " + key``.
+    The haystack repeats neutral sentences; the sentence stating the key sits at a depth (fraction of the filler
+    before it) stratified over 0.05 ... 0.95, so every part of the context is probed; the prompt ends with the
+    question and the target is ``" " + key``.
     """
-    if n_tokens < 200:
-        raise ValueError(f"passkey_items: n_tokens={n_tokens} leaves no room for a haystack (use >= 200)")
     rng = random.Random(seed * 1_000_003 + n_tokens)
-    filler_sents = split_sentences(_FILLER)
-    overhead = len(_PROMPT_HEAD) + len(_QUESTION) + 80
-    n_sents = max(2, int((n_tokens * _FILLER_CHARS_PER_TOKEN - overhead) / (len(_FILLER) / len(filler_sents))))
-    haystack = [filler_sents[i % len(filler_sents)] for i in range(n_sents)]
+    haystack, n_sents = _haystack(n_tokens, 1)
     items = []
-    for _ in range(n_items):
+    for depth in _depths(rng, n_items):
         key = str(rng.randrange(10_000, 100_000))
-        depth = rng.uniform(0.05, 0.95)
         at = round(depth * n_sents)
         needle = f"The pass key is {key}. Remember it. {key} is the pass key."
         text = " ".join(haystack[:at] + [needle] + haystack[at:])
@@ -155,6 +169,42 @@ def passkey_items(n_tokens: int, n_items: int = 20, seed: int = 0) -> list[dict[
                       "depth": round(at / n_sents, 3)})
     return items
 
+
+_COLOURS = ("red", "blue", "green", "yellow", "white", "black", "orange", "purple")
+
+
+def multikey_items(n_tokens: int = 1024, n_keys: int = 4, n_items: int = 20, seed: int = 0) -> list[dict[str, Any]]:
+    """Multi-key passkey items: ``n_keys`` named keys (``the red pass key is 12345``) at spread depths; the question
+    asks for one of them (its depth stratified over the items), the target is that key.
+    """
+    if not 2 <= n_keys <= len(_COLOURS):
+        raise ValueError(f"multikey_items: n_keys={n_keys} must be between 2 and {len(_COLOURS)}")
+    rng = random.Random(seed * 1_000_003 + n_tokens + 7919 * n_keys)
+    haystack, n_sents = _haystack(n_tokens, n_keys)
+    items = []
+    for depth in _depths(rng, n_items):
+        names = rng.sample(_COLOURS, n_keys)
+        keys = [str(k) for k in rng.sample(range(10_000, 100_000), n_keys)]
+        asked = rng.randrange(n_keys)
+        # The asked key at the item's depth; the others at random other places, never the same sentence slot.
+        slots = {round(depth * n_sents)}
+        while len(slots) < n_keys:
+            slots.add(rng.randrange(1, n_sents))
+        order = sorted(slots - {round(depth * n_sents)})
+        rng.shuffle(order)
+        at = {asked: round(depth * n_sents)} | {i: order.pop() for i in range(n_keys) if i != asked}
+        by_slot = {at[i]: f"The {names[i]} pass key is {keys[i]}. Remember it." for i in range(n_keys)}
+        parts = []
+        for j, sent in enumerate(haystack):
+            if j in by_slot:
+                parts.append(by_slot[j])
+            parts.append(sent)
+        head = _PROMPT_HEAD.replace("A pass key is", f"{n_keys} pass keys are").replace("the pass key", "them")
+        question = f"\n\nWhat is the {names[asked]} pass key? The {names[asked]} pass key is"
+        items.append({"prompt": head + " ".join(parts) + question, "target": " " + keys[asked],
+                      "passkey": keys[asked], "asked": names[asked], "keys": dict(zip(names, keys)),
+                      "depth": round(at[asked] / n_sents, 3)})
+    return items
 
 # ---------------------------------------------------------------------------------------------- YAMLs
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from pydantic import Field, PrivateAttr, SerializeAsAny, ValidationError, ValidationInfo, model_validator
 from torch import Tensor
 
@@ -28,7 +29,8 @@ from surgery.cache import mixer_cache
 from surgery.hookspecs import hookimpl
 from surgery.mixer import MixContext, Mixer, Options
 from surgery.recurrent import RecurrentMixer
-from surgery.window import swa_branch
+from surgery.retrieval import memory_branch
+from surgery.window import rope, swa_branch, update_sinks
 
 
 def _registry(info: ValidationInfo) -> Any:
@@ -92,11 +94,25 @@ class LigerAttention(Mixer):
         {"window": 4, "recurrent": "hgrn2"},
         {"window": 4, "recurrent": "gsa", "num_slots": 4},  # the short form with the branch's own knob
         {"window": 4, "recurrent": {"mixer": "gla", "options": {"gate": "projection"}}, "w_swa": 0.3, "w_rec": 0.9},
+        {"window": 4, "sinks": 2},
+        {"window": 2, "sinks": 3, "window_dropout": 0.5},
+        {"window": 2, "memory": 3, "memory_chunk": 2},
+        {"window": 3, "memory": 2, "memory_chunk": 3, "sinks": 2},
     )
 
     class Options(Mixer.Options):
         recurrent: RecurrentBranch = Field(default_factory=RecurrentBranch, description="the recurrent branch")
         window: int = Field(64, ge=0, description="previous tokens each query sees in the softmax branch")
+        sinks: int = Field(0, ge=0, description="first real tokens of each sequence the softmax branch always sees")
+        memory: int = Field(
+            0, ge=0,
+            description="retrieval memory: past key/value pairs the recurrent state recalls worst, kept and attended "
+                        "next to the window (LoLA-like; gla branch only; surgery.retrieval)")
+        memory_chunk: int = Field(64, ge=1, description="tokens per memory consolidation (memory > 0)")
+        window_dropout: float = Field(
+            0.0, ge=0, le=1,
+            description="training only: probability of dropping the window branch for a sequence (its weight goes "
+                        "to the recurrent branch), so the recurrence learns to carry context (arXiv 2510.05901)")
         w_swa: float = Field(0.5, description="weight of the sliding-window branch")
         w_rec: float = Field(0.5, description="weight of the recurrent branch")
 
@@ -123,6 +139,13 @@ class LigerAttention(Mixer):
             data["recurrent"] = branch
             return data
 
+        @model_validator(mode="after")
+        def _memory_branch(self) -> Any:
+            if self.memory > 0 and self.recurrent.mixer != "gla":
+                raise ValueError(f"memory: {self.memory} needs recurrent: gla (it scores pairs with GLA's key features); "
+                                 f"got recurrent: {self.recurrent.mixer}")
+            return self
+
     def __init__(self, site: AttentionSite, options: Options, config: Any, *, projections: bool = True) -> None:
         super().__init__(site, options, config, projections=projections)
         branch = options.recurrent
@@ -147,13 +170,47 @@ class LigerAttention(Mixer):
         B, T, _ = x.shape
         opts = self.options
         q, k, v = self.project(x)
+        if opts.memory > 0:
+            return self._mix_with_memory(x, q, k, v, ctx)
         layer = mixer_cache(ctx.cache, self.layer_idx, window=opts.window)
         state = layer.states if layer is not None else None
         rec, state = self.recurrent.recurrent_output(x, q, k, v, ctx.padding_mask, state, layer is not None)
-        swa, (kw, vw, valid) = swa_branch(q, k, v, ctx, layer, opts.window, self.scaling, self.site.dims.softcap)
+        swa, (kw, vw, valid), aux = swa_branch(q, k, v, ctx, layer, opts.window, self.scaling,
+                                               self.site.dims.softcap, sinks=opts.sinks)
         if layer is not None:
-            layer.commit(T, states=state, keys=kw, values=vw, valid=valid)
-        o = opts.w_swa * swa.float() + opts.w_rec * rec
+            layer.commit(T, states=state, keys=kw, values=vw, valid=valid, aux=aux)
+        if self.training and opts.window_dropout > 0:
+            drop = (torch.rand(B, 1, 1, 1, device=x.device) < opts.window_dropout).float()
+            o = (1 - drop) * (opts.w_swa * swa.float() + opts.w_rec * rec) + drop * (opts.w_swa + opts.w_rec) * rec
+        else:
+            o = opts.w_swa * swa.float() + opts.w_rec * rec
+        return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
+
+    def _mix_with_memory(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: MixContext) -> Tensor:
+        """``mix`` with the retrieval memory: the recurrence runs span by span between consolidations."""
+        B, T, _ = x.shape
+        opts = self.options
+        layer = mixer_cache(ctx.cache, self.layer_idx, window=opts.window + opts.memory_chunk)
+        state = layer.states if layer is not None else None
+        qr, kr = rope(q, k, ctx.position_embeddings)
+        vt = v.transpose(1, 2)
+        fk = k.float().softmax(-1).transpose(1, 2)  # GLA's key features, what its state is read with
+        valid = ctx.padding_mask
+        sinks = None
+        if opts.sinks > 0:
+            seen = layer.seen if layer is not None else 0
+            sinks = update_sinks(layer.aux if layer is not None else None, kr, vt, valid, seen, opts.sinks)
+
+        def recur(lo: int, hi: int, st: Any) -> tuple[Tensor, Any]:
+            sub = None if valid is None else valid[:, lo:hi]
+            return self.recurrent.recurrent_output(x[:, lo:hi], q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], sub, st, True)
+
+        swa, rec, state, (kw, vw, vb), aux = memory_branch(
+            qr, kr, vt, fk, valid, layer, opts.window, opts.memory_chunk, opts.memory, self.scaling,
+            self.site.dims.softcap, sinks, state, recur)
+        if layer is not None:
+            layer.commit(T, states=state, keys=kw, values=vw, valid=vb, aux=aux | (sinks or {}))
+        o = opts.w_swa * swa.transpose(1, 2) + opts.w_rec * rec
         return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
 
 

@@ -1,7 +1,8 @@
 """The ``swa`` mixer: the pretrained softmax attention restricted to a sliding window (Liger's SWA branch alone).
 
 Each query sees itself and the ``window`` previous tokens, with the layer's RoPE, scale, GQA and soft-cap
-(``surgery.window``). The cache keeps the last ``window`` post-RoPE keys and values: constant memory.
+(``surgery.window``), and optionally the first ``sinks`` real tokens of each sequence (attention sinks). The cache
+keeps the last ``window`` post-RoPE keys and values and the sinks: constant memory.
 """
 
 from __future__ import annotations
@@ -21,19 +22,21 @@ class SlidingWindowAttention(Mixer):
     name = "swa"
     description = "Sliding-window softmax attention with the pretrained q/k/v/o (Liger's SWA branch alone)."
     default_weights = "copy_qkvo"
-    test_options = ({"window": 4},)
+    test_options = ({"window": 4}, {"window": 4, "sinks": 2}, {"window": 2, "sinks": 3})
 
     class Options(Mixer.Options):
         window: int = Field(64, ge=0, description="previous tokens each query sees")
+        sinks: int = Field(0, ge=0, description="first real tokens of each sequence every query also sees")
 
     def mix(self, x: Tensor, ctx: MixContext) -> Tensor:
         """``x`` ``[B, T, C]`` -> ``[B, T, C]``; the cache keeps only the last ``window`` keys and values."""
         B, T, _ = x.shape
         q, k, v = self.project(x)
         layer = mixer_cache(ctx.cache, self.layer_idx, window=self.options.window)
-        o, (kw, vw, valid) = swa_branch(q, k, v, ctx, layer, self.options.window, self.scaling, self.site.dims.softcap)
+        o, (kw, vw, valid), aux = swa_branch(q, k, v, ctx, layer, self.options.window, self.scaling,
+                                             self.site.dims.softcap, sinks=self.options.sinks)
         if layer is not None:
-            layer.commit(T, keys=kw, values=vw, valid=valid)
+            layer.commit(T, keys=kw, values=vw, valid=valid, aux=aux)
         return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
 
 

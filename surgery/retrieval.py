@@ -1,0 +1,174 @@
+"""A constant-size retrieval memory for Liger Attention's softmax branch (LoLA-like, arXiv 2505.23666).
+
+Besides its window, the softmax branch attends to at most ``N`` past key/value pairs per key/value head, the ones
+the recurrent state reconstructs worst: a pair's score is ``1 - cos(v, phi(k) S)`` where ``S`` is the recurrent
+state and ``phi`` the recurrent branch's key feature map, so a pair the state already recalls stays out.
+
+Selection is per chunk, at positions fixed in the sequence, so prefill and token-by-token decoding select the
+same pairs. With window ``W`` and chunk ``C``, tokens are grouped in aligned blocks ``[jC, (j+1)C)``; block j is
+*consolidated* before the query at position ``(j+1)C + W`` runs: its pairs and the memory's are scored with the
+state after every earlier token, and the best ``N`` stay. A query at position p sees the memory, and densely every
+token from the start of the oldest unconsolidated block, ``C * floor((p - W) / C)``, to itself: between ``W + 1``
+and ``W + C`` keys, so never less than the plain window. Between consolidations the memory is fixed, so each span
+of up to C queries is one attention call and the recurrence runs span by span (its state at each consolidation is
+the span's final state): a loop per chunk, never per token.
+
+The cache keeps the recurrent state, the last ``W + C`` keys/values (and their key features, for scoring), the
+memory, and the sinks: constant in the sequence length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from surgery.cache import MixerCacheLayer, State
+
+NEG = float("-inf")
+
+
+def consolidate(
+    mem: dict[str, Tensor], cand: dict[str, Tensor], state: Tensor, n: int
+) -> dict[str, Tensor]:
+    """Keep the ``n`` pairs of ``mem`` and ``cand`` that ``state`` reconstructs worst, per key/value head.
+
+    Args:
+        mem, cand: ``k`` (post-RoPE) and ``v`` ``[B, H, M, D]``, ``fk`` (key features) ``[B, H, M, K]``, ``ok``
+            ``[B, H, M]`` bool (False: empty slot, padding, or a sink).
+        state: ``[B, H, K, V]`` fp32 recurrent state.
+
+    Returns:
+        The new memory, ``n`` slots.
+    """
+    both = {name: torch.cat([mem[name], cand[name]], dim=2) for name in ("k", "v", "fk", "ok")}
+    recon = torch.einsum("bhmk,bhkv->bhmv", both["fk"].float(), state.float())
+    score = 1 - torch.nn.functional.cosine_similarity(recon, both["v"].float(), dim=-1, eps=1e-6)
+    score = score.masked_fill(~both["ok"], NEG)
+    top = score.topk(n, dim=2).indices.sort(dim=2).values  # sorted: slot order follows arrival, for readability
+    out = {name: both[name].gather(2, top[..., None].expand(-1, -1, -1, both[name].shape[-1]))
+           for name in ("k", "v", "fk")}  # fmt: skip
+    out["ok"] = both["ok"].gather(2, top)
+    return out
+
+
+def empty_memory(B: int, H: int, n: int, D: int, K: int, like: Tensor) -> dict[str, Tensor]:
+    z = like.new_zeros
+    return {"k": z(B, H, n, D), "v": z(B, H, n, D), "fk": z(B, H, n, K, dtype=torch.float32),
+            "ok": torch.zeros(B, H, n, dtype=torch.bool, device=like.device)}  # fmt: skip
+
+
+def attend(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale: float, softcap: float | None) -> Tensor:
+    """Softmax attention, GQA by grouping: ``q`` ``[B, Hq, t, D]``, keys/values ``[B, H, L, D]``, ``visible``
+    ``[B, H, t, L]`` bool (every query sees at least itself) -> ``[B, Hq, t, D]`` fp32."""
+    B, Hq, t, D = q.shape
+    H = keys.shape[1]
+    G = Hq // H
+    s = torch.einsum("bhgtd,bhld->bhgtl", q.float().view(B, H, G, t, D), keys.float()) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~visible[:, :, None], NEG).softmax(-1)
+    return torch.einsum("bhgtl,bhld->bhgtd", s, values.float()).reshape(B, Hq, t, -1)
+
+
+def memory_branch(
+    qr: Tensor,
+    kr: Tensor,
+    vt: Tensor,
+    fk: Tensor,
+    valid: Tensor | None,
+    layer: MixerCacheLayer | None,
+    window: int,
+    chunk: int,
+    n: int,
+    scale: float,
+    softcap: float | None,
+    sinks: dict[str, Tensor] | None,
+    state: State | None,
+    recur: Callable[[int, int, State | None], tuple[Tensor, State]],
+) -> tuple[Tensor, Tensor, State, tuple[Tensor, Tensor, Tensor | None], dict[str, Tensor]]:
+    """The softmax branch with window, sinks and memory, and the recurrent branch run span by span.
+
+    Args:
+        qr: ``[B, Hq, T, D]`` post-RoPE queries; kr, vt: ``[B, H, T, D]`` post-RoPE keys and values of this call.
+        fk: ``[B, H, T, K]`` the recurrent branch's key features of this call (what the state is read with).
+        valid: ``[B, T]`` bool or None. layer: the cache (window ``W + C``), or None.
+        sinks: ``update_sinks``'s output (all of the sequence's sinks so far) or None.
+        state: the recurrent state before this call. recur: ``(lo, hi, state) -> (o [B, hi - lo, Hq, D], state)``
+            runs the recurrent branch on this call's tokens ``lo:hi``.
+
+    Returns:
+        softmax output ``[B, Hq, T, D]`` fp32, recurrent output ``[B, T, Hq, D]`` fp32, the final state, the
+        ``(keys, values, valid)`` window to commit, and the ``aux`` tensors to commit (memory and key-feature
+        window; the caller adds the sinks).
+    """
+    B, Hq, T, D = qr.shape
+    H, K = kr.shape[1], fk.shape[-1]
+    dev = qr.device
+    seen = layer.seen if layer is not None else 0
+    aux = layer.aux if layer is not None else {}
+    if "mem_k" in aux:
+        mem = {name: aux[f"mem_{name}"] for name in ("k", "v", "fk", "ok")}
+    else:
+        mem = empty_memory(B, H, n, D, K, kr)
+    # The dense buffer: cached tokens (at most W + C) followed by this call's.
+    if layer is not None and layer.keys is not None:
+        kw, vw, vb = layer.window_with(kr, vt, valid)
+        fw = torch.cat([aux["win_fk"], fk.float()], dim=2)
+    else:
+        kw, vw, vb, fw = kr, vt, valid, fk.float()
+    S = kw.shape[2]
+    first = seen + T - S  # absolute position of buffer index 0
+    ok_buf = vb.to(torch.bool) if vb is not None else torch.ones(B, S, dtype=torch.bool, device=dev)
+    if sinks is not None:  # a sink is never a memory candidate: it is always visible anyway
+        pos = first + torch.arange(S, device=dev)
+        is_sink = ((sinks["sink_pos"][:, :, None] == pos) & sinks["sink_ok"][:, :, None]).any(1)
+        cand_ok = ok_buf & ~is_sink
+    else:
+        cand_ok = ok_buf
+    # Blocks are aligned to each row's real tokens (left padding shifts a row by its padding), so each row has its
+    # own consolidation points; spans split at the union of them, and a row consolidates only at its own.
+    real = (aux["mem_real"] if "mem_real" in aux else torch.zeros(B, dtype=torch.long, device=dev))
+    real = real + (valid.long().sum(1) if valid is not None else T)
+    pad = (seen + T - real).tolist()  # left padding of each row (one sync per call, not per token)
+    cuts = {p: [p - pb >= window + chunk and (p - pb - window) % chunk == 0 for pb in pad]
+            for p in range(seen, seen + T)}
+    cuts = {p: rows for p, rows in cuts.items() if any(rows)}
+    bounds = sorted(set([seen] + list(cuts) + [seen + T]))
+    outs, recs = [], []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if a in cuts:
+            lo = a - window - chunk - first  # the block's buffer indices (the same for every row cutting here)
+            sl = slice(lo, lo + chunk)
+            cand = {"k": kw[:, :, sl], "v": vw[:, :, sl], "fk": fw[:, :, sl],
+                    "ok": cand_ok[:, None, sl].expand(B, H, chunk)}  # fmt: skip
+            st = state[0] if state is not None else kr.new_zeros(B, H, K, vt.shape[-1], dtype=torch.float32)
+            new = consolidate(mem, cand, st, n)
+            rows = torch.tensor(cuts[a], device=dev)
+            mem = {name: torch.where(rows.view(B, *[1] * (t.dim() - 1)), new[name], t) for name, t in mem.items()}
+        rec, state = recur(a - seen, b - seen, state)
+        recs.append(rec)
+        # Each row's dense keys start at its oldest unconsolidated block (its own padding first).
+        base = torch.tensor([pb + (max(0, (a - pb - window) // chunk * chunk) if a - pb >= window else 0)
+                             for pb in pad], device=dev)  # fmt: skip
+        lo_all = int(base.min())
+        d0, d1 = lo_all - first, b - first  # dense keys: buffer indices d0 .. d1 - 1
+        qpos = torch.arange(a, b, device=dev)
+        kpos = torch.arange(lo_all, b, device=dev)
+        dense_vis = ((kpos[None, None, :] <= qpos[None, :, None]) & (kpos[None, None, :] >= base[:, None, None])
+                     & ok_buf[:, None, d0:d1])  # [B, t, L]  # fmt: skip
+        dense_vis = (dense_vis | (kpos[None, :] == qpos[:, None])[None])[:, None]  # a query always sees itself
+        keys = [mem["k"], kw[:, :, d0:d1]]
+        vals = [mem["v"], vw[:, :, d0:d1]]
+        vis = [mem["ok"][:, :, None, :].expand(B, H, b - a, n), dense_vis.expand(B, H, b - a, d1 - d0)]
+        if sinks is not None:
+            sv = sinks["sink_ok"] & (sinks["sink_pos"] < base[:, None])
+            keys.insert(0, sinks["sink_k"])
+            vals.insert(0, sinks["sink_v"])
+            vis.insert(0, sv[:, None, None, :].expand(B, H, b - a, sv.shape[1]))
+        outs.append(attend(qr[:, :, a - seen : b - seen], torch.cat(keys, 2).to(qr.dtype),
+                           torch.cat(vals, 2).to(qr.dtype), torch.cat(vis, 3), scale, softcap))  # fmt: skip
+    keep = window + chunk
+    new_aux = {f"mem_{name}": t for name, t in mem.items()} | {"win_fk": fw[:, :, -keep:].clone(), "mem_real": real}
+    return torch.cat(outs, 2), torch.cat(recs, 1), state, (kw, vw, vb), new_aux

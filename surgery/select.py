@@ -1,0 +1,158 @@
+"""Layer selection for hybrids: which layers to keep as softmax attention.
+
+Converting one layer alone moves the model's next-token distribution; the layers that move it most are the ones
+a hybrid should keep (the KL-guided selection of arXiv 2512.20569, here one layer at a time against the base,
+research/recall.md section 1). ``layer_damage`` measures, for every layer the plan converts, the mean
+``KL(base || base with only that layer converted)`` over calibration tokens; ``hybrid_plan`` writes the plan with
+the ``keep`` most damaging layers left out of every rule (a layer no rule selects stays the base's softmax
+attention). ``surgery select PLAN --keep K`` does both.
+
+Every layer is converted once (the plan's mixers and weight maps, no training); each is then swapped into the
+base model in turn, so the cost is one forward per layer and calibration chunk and two models in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from surgery.plan import Plan, select_layers
+
+__all__ = ["LayerDamage", "calibration_ids", "hybrid_plan", "layer_damage", "select"]
+
+
+@dataclass
+class LayerDamage:
+    """``kl[layer]``: mean KL (nats per token) of the base's next-token distribution to the one-layer conversion."""
+
+    kl: dict[int, float]
+    tokens: int
+    ranking: list[int] = field(default_factory=list)  # most damaging first
+
+    def keep(self, k: int) -> list[int]:
+        """The ``k`` layers to keep as softmax attention, sorted."""
+        if not 0 <= k <= len(self.ranking):
+            raise ValueError(f"keep={k}: the plan converts {len(self.ranking)} layers")
+        return sorted(self.ranking[:k])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _kl(base_logits: Tensor, logits: Tensor) -> Tensor:
+    """Sum over tokens of ``KL(p_base || p)``; logits ``[B, T, V]``."""
+    lp, lq = base_logits.float().log_softmax(-1), logits.float().log_softmax(-1)
+    return (lp.exp() * (lp - lq)).sum()
+
+
+def layer_damage(plan: Plan, base: nn.Module, ids: Tensor, registry: Any = None) -> LayerDamage:
+    """Per converted layer, the mean KL of the base to the base with only that layer converted.
+
+    Args:
+        plan: a loaded plan; its ``convert`` rules say which layers get which mixer (``recover`` is ignored).
+        base: the plan's pretrained model (left as it was).
+        ids: ``[N, T]`` calibration token ids (chunks of real text).
+
+    Returns:
+        A ``LayerDamage`` with the layers ranked, most damaging first.
+    """
+    from surgery.convert import convert
+
+    converted = convert(plan, copy.deepcopy(base), registry=registry).eval()
+    records = converted.surgery.manifest
+    mixers = {r.layer: (r.path, converted.get_submodule(r.path)) for r in records}
+    device = next(base.parameters()).device
+    totals = {layer: 0.0 for layer in mixers}
+    with torch.no_grad():
+        for chunk in ids:
+            x = chunk[None].to(device)
+            ref = base(x).logits
+            for layer, (path, mixer) in mixers.items():
+                parent_path, _, child = path.rpartition(".")
+                parent = base.get_submodule(parent_path) if parent_path else base
+                original = getattr(parent, child)
+                setattr(parent, child, mixer)
+                try:
+                    totals[layer] += _kl(ref, base(x).logits).item()
+                finally:
+                    setattr(parent, child, original)
+    n = ids.numel()
+    kl = {layer: total / n for layer, total in totals.items()}
+    return LayerDamage(kl=kl, tokens=n, ranking=sorted(kl, key=lambda i: -kl[i]))
+
+
+def hybrid_plan(raw: dict[str, Any], keep: list[int], n_layers: int) -> dict[str, Any]:
+    """The plan (as its YAML dict) with ``keep`` removed from every rule's layers (written as explicit lists).
+
+    A rule left with no layer is dropped; ``keep`` layers then stay the base's softmax attention.
+    """
+    from surgery.plan import Rule
+
+    raw = copy.deepcopy(raw)
+    rules = []
+    for rule in raw.get("convert") or []:
+        layers = select_layers(Rule.model_validate({**rule, "options": {}, "weight_options": {}}).layers, n_layers)
+        left = [i for i in layers if i < n_layers and i not in keep]
+        if left:
+            rules.append({**rule, "layers": left})
+    if not rules:
+        raise ValueError(f"keeping layers {keep} leaves nothing to convert")
+    raw["convert"] = rules
+    return raw
+
+
+def calibration_ids(plan: Plan, tokenizer: Any, tokens: int, seq_len: int | None = None) -> Tensor:
+    """``[N, seq_len]`` token ids, about ``tokens`` in all: from the plan's ``recover.data`` (chunks of its
+    ``seq_len`` unless given), else the demo's training text (chunks of 512)."""
+    from surgery.recovery.data import load_chunks
+    from surgery.recovery.spec import DataSpec
+
+    if plan.recover is not None and plan.recover.data is not None:
+        spec = plan.recover.data.model_copy(update={"seq_len": seq_len or plan.recover.data.seq_len})
+    else:
+        from surgery.demo import build_data
+
+        spec = DataSpec(source=str(build_data().train), seq_len=seq_len or 512)
+    chunks = load_chunks(spec, tokenizer)
+    n = max(1, min(len(chunks), round(tokens / spec.seq_len)))
+    # Spread over the data (every k-th chunk), not only its first documents.
+    step = max(1, len(chunks) // n)
+    return torch.stack([chunks[i * step]["input_ids"] for i in range(n)])
+
+
+def select(plan_path: str | Path, keep: int, tokens: int = 2048, out: str | Path | None = None,
+           seq_len: int | None = None) -> tuple[LayerDamage, dict[str, Any]]:  # fmt: skip
+    """``surgery select``: measure ``plan_path``'s layers, write the hybrid plan keeping the ``keep`` worst.
+
+    Returns the measurement and the hybrid plan (dict). With ``out``, writes ``out`` (YAML) and ``out`` with
+    suffix ``.json`` (the per-layer KL and the ranking).
+    """
+    import yaml
+    from transformers import AutoTokenizer
+
+    from surgery.convert import load_model, num_layers
+    from surgery.plan import load_plan
+
+    raw = yaml.safe_load(Path(plan_path).read_text())
+    plan = load_plan(raw)
+    base = load_model(plan)
+    tokenizer = AutoTokenizer.from_pretrained(plan.model)
+    ids = calibration_ids(plan, tokenizer, tokens, seq_len)
+    damage = layer_damage(plan, base, ids)
+    hybrid = hybrid_plan(raw, damage.keep(keep), num_layers(base))
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        head = (f"# {Path(plan_path).name} with layers {damage.keep(keep)} kept as softmax attention: the {keep} "
+                f"whose conversion alone moves the next-token distribution most\n# (surgery select, KL to the base "
+                f"on {damage.tokens} calibration tokens; per layer in {out.with_suffix('.json').name}).\n")
+        out.write_text(head + yaml.safe_dump(hybrid, sort_keys=False))
+        out.with_suffix(".json").write_text(json.dumps(damage.to_dict() | {"keep": damage.keep(keep)}, indent=1))
+    return damage, hybrid

@@ -1,0 +1,145 @@
+"""Recall: the probes, attention sinks, the retrieval memory and window dropout (what the conformance suite does
+not already check: prefill/decode parity, padding, save/load and gradients of every option set run there)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import surgery
+from surgery.demo import tasks
+from surgery.retrieval import consolidate
+from surgery.window import sliding_window_attention, update_sinks
+from tests.models import tiny_model
+
+
+def _convert(mixer: str, options: dict[str, Any], seed: int = 0) -> Any:
+    torch.manual_seed(seed)
+    plan = surgery.load_plan({"version": 1, "model": "unused/hub-id",
+                              "convert": [{"layers": "all", "mixer": mixer, "options": options}]})  # fmt: skip
+    return surgery.convert(plan, tiny_model("llama"))
+
+
+def _ids(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 160, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------- probes
+
+
+@pytest.mark.parametrize("n_tokens", [1024, 4096])
+def test_passkey_depths_spread_over_the_context(n_tokens: int) -> None:
+    items = tasks.passkey_items(n_tokens=n_tokens)
+    depths = sorted(it["depth"] for it in items)
+    assert len(items) == 20 and depths[0] < 0.1 and depths[-1] > 0.9
+    assert max(b - a for a, b in zip(depths, depths[1:])) < 0.1  # stratified: no large unprobed stretch
+    for it in items:
+        assert it["prompt"].count(it["passkey"]) == 2 and it["target"] == " " + it["passkey"]
+
+
+def test_multikey_items_ask_for_one_of_several_keys() -> None:
+    items = tasks.multikey_items(n_tokens=1024, n_keys=4)
+    assert len(items) == 20 and len({it["asked"] for it in items}) > 2
+    for it in items:
+        assert len(it["keys"]) == 4 and it["keys"][it["asked"]] == it["passkey"]
+        for name, key in it["keys"].items():
+            assert it["prompt"].count(f"The {name} pass key is {key}.") == 1
+        assert it["prompt"].endswith(f"What is the {it['asked']} pass key? The {it['asked']} pass key is")
+    with pytest.raises(ValueError, match="n_keys"):
+        tasks.multikey_items(n_keys=1)
+
+
+# ---------------------------------------------------------------------------------------------- sinks
+
+
+def test_sinks_are_the_first_real_tokens_of_each_row() -> None:
+    B, H, T, D = 2, 1, 6, 2
+    keys = torch.arange(T, dtype=torch.float32).view(1, 1, T, 1).expand(B, H, T, D).clone()
+    valid = torch.tensor([[True] * 6, [False, False, False, True, True, True]])
+    aux = update_sinks(None, keys, keys, valid, seen=0, n=2)
+    assert aux["sink_pos"].tolist() == [[0, 1], [3, 4]] and aux["sink_ok"].all()
+    assert aux["sink_k"][1, 0, :, 0].tolist() == [3.0, 4.0]
+    # Row 1 had only one real token so far: the next call fills its second sink, row 0 keeps its own.
+    valid = torch.tensor([[True] * 6, [False] * 5 + [True]])
+    first = update_sinks(None, keys, keys, valid, seen=0, n=2)
+    assert first["sink_ok"].tolist() == [[True, True], [True, False]]
+    more = update_sinks(first, keys[:, :, :1] + 10, keys[:, :, :1] + 10, None, seen=6, n=2)
+    assert more["sink_pos"].tolist() == [[0, 1], [5, 6]] and more["sink_k"][1, 0, 1, 0].item() == 10.0
+
+
+def test_window_with_sinks_is_masked_full_attention() -> None:
+    torch.manual_seed(0)
+    B, Hq, Hkv, T, D, W = 2, 4, 2, 19, 8, 3
+    q, k, v = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    n = 2
+    pos = torch.arange(T)
+    seen = (pos[None, :] <= pos[:, None]) & ((pos[:, None] - pos[None, :] <= W) | (pos[None, :] < n))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=seen, scale=0.3, enable_gqa=True)
+    aux = update_sinks(None, k, v, None, seen=0, n=n)
+    visible = aux["sink_ok"][:, None, :] & (aux["sink_pos"][:, None, :] < (pos - W)[None, :, None])
+    out = sliding_window_attention(q, k, v, W, 0.3, block=4, extra=(aux["sink_k"], aux["sink_v"], visible))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sinks_change_late_outputs_only() -> None:
+    x = _ids(1, 20)
+    with torch.no_grad():
+        plain = _convert("swa", {"window": 4})(x).logits
+        sinks = _convert("swa", {"window": 4, "sinks": 2})(x).logits
+    # Query p sees p-4 ... p: sink 0 leaves the window at p = 5, and only then is it an extra key.
+    torch.testing.assert_close(sinks[:, :5], plain[:, :5], rtol=0, atol=0)
+    assert (sinks[:, 5:] - plain[:, 5:]).abs().amax(-1).min() > 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def test_a_memory_that_holds_everything_is_full_attention() -> None:
+    """With room for every past token, window + memory sees the whole prefix: liger with a window as long as the
+    sequence, exactly."""
+    x = _ids(2, 23)
+    with torch.no_grad():
+        full = _convert("liger_attention", {"window": 64})(x).logits
+        mem = _convert("liger_attention", {"window": 2, "memory": 32, "memory_chunk": 3})(x).logits
+        small = _convert("liger_attention", {"window": 2, "memory": 2, "memory_chunk": 3})(x).logits
+    torch.testing.assert_close(mem, full, rtol=1e-4, atol=2e-5)
+    assert (small - full).abs().max() > 1e-4
+
+
+def test_consolidate_keeps_the_pairs_the_state_recalls_worst() -> None:
+    B, H, K = 1, 1, 4
+    eye = torch.eye(K)
+    state = eye[None, None].clone()  # reconstructs v = fk exactly
+    fk = eye[None, None]  # 4 pairs, one-hot features
+    v = eye[None, None].clone()
+    v[0, 0, 1] = -v[0, 0, 1]  # pair 1: reconstruction points the wrong way (score 2)
+    v[0, 0, 3] = torch.tensor([1.0, 1.0, 0.0, 0.0])  # pair 3: half wrong (score 1 - 1/sqrt 2)
+    cand = {"k": v.clone(), "v": v, "fk": fk, "ok": torch.ones(B, H, K, dtype=torch.bool)}
+    empty = {"k": v[:, :, :0], "v": v[:, :, :0], "fk": fk[:, :, :0], "ok": cand["ok"][:, :, :0]}
+    mem = consolidate(empty, cand, state, 2)
+    assert mem["v"][0, 0].tolist() == [v[0, 0, 1].tolist(), v[0, 0, 3].tolist()] and mem["ok"].all()
+    cand["ok"][0, 0, 1] = False  # padding never enters
+    mem = consolidate(empty, cand, state, 2)
+    kept = mem["v"][0, 0].tolist()
+    assert v[0, 0, 3].tolist() in kept and v[0, 0, 1].tolist() not in kept
+
+
+def test_memory_needs_the_gla_branch() -> None:
+    with pytest.raises(surgery.PlanError if hasattr(surgery, "PlanError") else Exception, match="recurrent: gla"):
+        _convert("liger_attention", {"memory": 4, "recurrent": "hgrn2"})
+
+
+# ---------------------------------------------------------------------------------------------- window dropout
+
+
+def test_window_dropout_is_train_time_only() -> None:
+    x = _ids(2, 12)
+    model = _convert("liger_attention", {"window": 2, "window_dropout": 1.0})
+    ref = _convert("liger_attention", {"window": 2})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=0, atol=0)  # eval: no dropout
+        model.train()
+        rec_only = _convert("liger_attention", {"window": 2, "w_swa": 0.0, "w_rec": 1.0})
+        torch.testing.assert_close(model(x).logits, rec_only(x).logits, rtol=1e-5, atol=1e-6)
