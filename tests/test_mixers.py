@@ -133,3 +133,45 @@ def test_pooled_key_gate_with_full_pool_equals_the_key_gate(registry: Any) -> No
     assert "recurrent.g_proj.weight" in rec.copied or "recurrent.g_proj.weight" in rec.reshaped
     with torch.no_grad():
         torch.testing.assert_close(gated(x).logits, plain(x).logits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recurrent", ["gla", "hgrn2"])
+def test_liger_fused_kernel_equals_the_two_branch_path_on_cuda(recurrent: str, registry: Any,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """On CUDA, training and the first prefill run both branches in one op; logits, the cached state and the
+    gradients match the two-branch reference, and decoding continues exactly from the fused prefill."""
+    from surgery.plugins.liger import LigerAttention
+
+    torch.manual_seed(0)
+    model = convert("llama", "liger_attention", {"window": 5, "recurrent": recurrent}, registry).cuda()
+    x = ids(2, 150).cuda()
+    calls: list[int] = []
+    real = LigerAttention._fused
+
+    def spy(self: Any, *a: Any) -> Any:
+        out = real(self, *a)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(LigerAttention, "_fused", spy)
+    model.train()
+    fused_loss = model(x, labels=x).loss
+    fused_loss.backward()
+    g_fused = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    assert calls and all(calls)
+    model.zero_grad()
+    monkeypatch.setattr(LigerAttention, "_fused", lambda self, *a: None)
+    ref_loss = model(x, labels=x).loss
+    ref_loss.backward()
+    torch.testing.assert_close(fused_loss, ref_loss, rtol=2e-3, atol=2e-3)
+    g_ref = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert (g_fused - g_ref).norm() / g_ref.norm() < 1e-2
+    monkeypatch.setattr(LigerAttention, "_fused", spy)
+    model.eval()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        full = model(x).logits
+        parts = [model(x[:, :100], cache=cache, use_cache=True).logits]  # fused prefill hands over its state
+        parts += [model(x[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(100, 150)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=2e-3, atol=2e-3)

@@ -173,6 +173,9 @@ class LigerAttention(Mixer):
         if opts.memory > 0:
             return self._mix_with_memory(x, q, k, v, ctx)
         layer = mixer_cache(ctx.cache, self.layer_idx, window=opts.window)
+        fused = self._fused(x, q, k, v, ctx, layer)
+        if fused is not None:
+            return fused
         state = layer.states if layer is not None else None
         rec, state = self.recurrent.recurrent_output(x, q, k, v, ctx.padding_mask, state, layer is not None)
         swa, (kw, vw, valid), aux = swa_branch(q, k, v, ctx, layer, opts.window, self.scaling,
@@ -184,6 +187,36 @@ class LigerAttention(Mixer):
             o = (1 - drop) * (opts.w_swa * swa.float() + opts.w_rec * rec) + drop * (opts.w_swa + opts.w_rec) * rec
         else:
             o = opts.w_swa * swa.float() + opts.w_rec * rec
+        return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
+
+    def _fused(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: MixContext, layer: Any) -> Tensor | None:
+        """Both branches in one op (``surgery.kernels.liger``: Triton on CUDA) when the call allows it, else None.
+
+        It allows it on CUDA for a branch that is one GLA call with key-side gates (``gla_form``: gla, hgrn2, a
+        plugin's), without padding, sinks or window dropout, and with no history in the cache (training, or the
+        first prefill: the op starts from a zero state and sees no earlier window). Decoding and everything else
+        take the two-branch path, which is the reference.
+        """
+        opts = self.options
+        if not x.is_cuda or _is_decode_step(x) or ctx.padding_mask is not None or opts.sinks > 0:
+            return None
+        if self.training and opts.window_dropout > 0:
+            return None
+        if layer is not None and (layer.states is not None or layer.keys is not None or layer.seen):
+            return None
+        form = self.recurrent.gla_form(q, k, v, self.recurrent.gate_source(x, k), None)
+        if form is None or form[4] is not None:
+            return None
+        from surgery.kernels.liger import liger_attention
+
+        B, T, _ = x.shape
+        fq, fk, _, gk, _ = form
+        qr, kr = rope(q, k, ctx.position_embeddings)  # [B, H, T, D]
+        o, state = liger_attention(qr.transpose(1, 2), kr.transpose(1, 2), fq, fk, v, gk, window=opts.window,
+                                   scale=self.scaling, softcap=self.site.dims.softcap, w_swa=opts.w_swa,
+                                   w_rec=opts.w_rec, output_final_state=layer is not None)  # fmt: skip
+        if layer is not None:
+            layer.commit(T, states=(state,), keys=kr, values=v.transpose(1, 2), valid=None)
         return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
 
     def _mix_with_memory(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: MixContext) -> Tensor:
@@ -212,6 +245,11 @@ class LigerAttention(Mixer):
             layer.commit(T, states=state, keys=kw, values=vw, valid=vb, aux=aux | (sinks or {}))
         o = opts.w_swa * swa.transpose(1, 2) + opts.w_rec * rec
         return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
+
+
+def _is_decode_step(x: Tensor) -> bool:
+    """One token per sequence: the token-loop kernels are faster than any chunked op."""
+    return x.shape[1] == 1
 
 
 @hookimpl
