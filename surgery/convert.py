@@ -108,7 +108,7 @@ def match(plan: Plan, sites: list[AttentionSite], n_layers: int, registry: Regis
             except MixerDimsError as exc:
                 problems.append((loc, f"layer {layer} ({site.path}, {site.module_class}): mixer '{rule.mixer}': {exc}"))
                 continue
-            weights = rule.weights or mixer_cls.default_weights
+            weights = rule.weights or mixer_cls.default_weights_for(options)
             out.append((Match(i, layer, site.path, site.module_class, rule.mixer, weights, options), rule))
     if problems:
         raise PlanError(problems)

@@ -164,6 +164,11 @@ class Mixer(nn.Module):
         return options
 
     @classmethod
+    def default_weights_for(cls, options: Options) -> str:
+        """The weight map a plan rule with these options gets when it names none. Default: ``default_weights``."""
+        return cls.default_weights
+
+    @classmethod
     def check_site(cls, site: AttentionSite, options: Options) -> None:
         """Raise ``MixerDimsError`` when this mixer cannot replace ``site`` with (resolved) ``options``."""
 

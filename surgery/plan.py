@@ -239,7 +239,8 @@ def load_plan(source: str | Path | dict, registry: Registry | None = None) -> Pl
         except ValidationError as err:
             known = {"": list(mixer_cls.Options.model_fields)}
             problems += _pydantic_problems(err, (loc, "options"), allowed={f"{loc}.options": known[""]})
-        weights = rule.weights or mixer_cls.default_weights
+        typed = isinstance(options, mixer_cls.Options)
+        weights = rule.weights or (mixer_cls.default_weights_for(options) if typed else mixer_cls.default_weights)
         weight_options: Any = rule.weight_options
         if weights not in registry.weight_maps:
             hint = did_you_mean(weights, registry.weight_maps)

@@ -32,7 +32,7 @@ from surgery.cache import State, mixer_cache
 from surgery.kernels.gla import chunk_gla, fused_recurrent_gla
 from surgery.mixer import MixContext, Mixer
 
-__all__ = ["GLAForm", "RecurrentMixer", "State", "identity_on_padding", "run_gla"]
+__all__ = ["GLAForm", "RecurrentMixer", "State", "identity_on_padding", "recurrent_mixer", "run_gla"]
 
 #: One GLA call: ``(q, k, v, gk, gv)`` with q ``[B, T, Hq, K]`` fp32 (features, scale folded in), k and gk
 #: ``[B, T, Hkv, K]``, v and gv ``[B, T, Hkv, V]`` (gk/gv natural-log decays <= 0, or None); padding already an
@@ -158,3 +158,17 @@ class RecurrentMixer(Mixer):
         if layer is not None:
             layer.commit(T, states=state)
         return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
+
+
+def recurrent_mixer(name: str, registry: Any) -> type[RecurrentMixer]:
+    """The registered recurrent mixer ``name`` (how a parent such as Liger Attention or MoM finds its recurrence).
+
+    Raises:
+        ValueError: ``name`` is not registered, or not a recurrent mixer; the message lists the recurrent mixers.
+    """
+    recurrent = sorted(n for n, c in registry.mixers.items() if issubclass(c, RecurrentMixer))
+    cls = registry.mixers.get(name)
+    if cls is None or not issubclass(cls, RecurrentMixer):
+        what = "is not a recurrent mixer" if cls is not None else "is not a registered mixer"
+        raise ValueError(f"recurrent: '{name}' {what}; recurrent mixers: {', '.join(recurrent)}")
+    return cls

@@ -231,6 +231,13 @@ def load_registry(
     return Registry(pm, sources, broken, strict)
 
 
+def context_registry(info: Any = None) -> Registry:
+    """The registry a plan is validated against: ``load_plan`` passes it in pydantic's validation context;
+    without one (an ``Options`` class validated on its own), a fresh registry."""
+    registry = (getattr(info, "context", None) or {}).get("registry") if info is not None else None
+    return registry if registry is not None else load_registry()
+
+
 def _is_recurrent(cls: type) -> bool:
     from surgery.recurrent import RecurrentMixer
 

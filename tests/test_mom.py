@@ -336,3 +336,15 @@ def test_liger_over_mom_saves_and_loads(registry: Any, tmp_path: Any) -> None:
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
     assert loaded.model.layers[0].self_attn.recurrent.options.recurrence == "hgrn2"
+
+
+def test_liger_over_mom_defaults_to_moms_weight_map(registry: Any) -> None:
+    """A Liger rule with a mom branch and no weights gets mom_from_attention (the branch's own default), so the
+    memories start from the pretrained k/v instead of at random."""
+    import surgery
+
+    rule = {"mixer": "liger_attention", "options": {"window": 4, "recurrent": {"mixer": "mom"}}}
+    plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, registry)
+    assert plan.convert[0].weights == "mom_from_attention"
+    assert surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [{"mixer": "liger_attention"}]},
+                             registry).convert[0].weights == "copy_qkvo"  # fmt: skip

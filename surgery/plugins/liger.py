@@ -28,29 +28,10 @@ from surgery.attention import AttentionSite
 from surgery.cache import mixer_cache
 from surgery.hookspecs import hookimpl
 from surgery.mixer import MixContext, Mixer, Options
-from surgery.recurrent import RecurrentMixer
+from surgery.recurrent import RecurrentMixer, recurrent_mixer
+from surgery.registry import context_registry
 from surgery.retrieval import memory_branch
 from surgery.window import rope, swa_branch, update_sinks
-
-
-def _registry(info: ValidationInfo) -> Any:
-    """The registry the plan is validated against (``load_plan`` passes it), else a fresh one."""
-    registry = (info.context or {}).get("registry") if info is not None else None
-    if registry is None:
-        from surgery.registry import load_registry
-
-        registry = load_registry()
-    return registry
-
-
-def recurrent_mixer(name: str, registry: Any) -> type[RecurrentMixer]:
-    """The registered recurrent mixer ``name``; a ``ValueError`` listing the recurrent mixers otherwise."""
-    recurrent = sorted(n for n, c in registry.mixers.items() if issubclass(c, RecurrentMixer))
-    cls = registry.mixers.get(name)
-    if cls is None or not issubclass(cls, RecurrentMixer):
-        what = "is not a recurrent mixer" if cls is not None else "is not a registered mixer"
-        raise ValueError(f"recurrent: '{name}' {what}; recurrent mixers: {', '.join(recurrent)}")
-    return cls
 
 
 class RecurrentBranch(Options):
@@ -62,7 +43,7 @@ class RecurrentBranch(Options):
 
     @model_validator(mode="after")
     def _resolve(self, info: ValidationInfo) -> RecurrentBranch:
-        cls = recurrent_mixer(self.mixer, _registry(info))
+        cls = recurrent_mixer(self.mixer, context_registry(info))
         options = self.options
         if not isinstance(options, cls.Options):
             raw = options.model_dump() if isinstance(options, Options) else options
@@ -130,7 +111,7 @@ class LigerAttention(Mixer):
                 own = set(cls.model_fields)
                 loose = {k: data.pop(k) for k in list(data) if k not in own}
                 if loose:
-                    branch_cls = recurrent_mixer(branch.get("mixer", "gla"), _registry(info))
+                    branch_cls = recurrent_mixer(branch.get("mixer", "gla"), context_registry(info))
                     theirs = {k: v for k, v in loose.items() if k in branch_cls.Options.model_fields}
                     data.update({k: v for k, v in loose.items() if k not in theirs})  # left to extra="forbid"
                     opts = branch.get("options", {})
@@ -164,6 +145,11 @@ class LigerAttention(Mixer):
     @classmethod
     def check_site(cls, site: AttentionSite, options: Options) -> None:
         options.recurrent.mixer_cls.check_site(site, options.recurrent.options)
+
+    @classmethod
+    def default_weights_for(cls, options: Options) -> str:
+        """The branch's default map when it has parameters of its own to map (mom), else ``copy_qkvo``."""
+        return options.recurrent.mixer_cls.default_weights_for(options.recurrent.options)
 
     def mix(self, x: Tensor, ctx: MixContext) -> Tensor:
         """``x`` ``[B, T, C]`` -> ``[B, T, C]``; continues the cached state and window."""

@@ -39,10 +39,10 @@ from torch import Tensor, nn
 from surgery.attention import AttentionSite
 from surgery.hookspecs import hookimpl
 from surgery.mixer import Mixer, Options, WeightMap
-from surgery.plugins.liger import _registry, recurrent_mixer
 from surgery.plugins.mom_dispatch import dispatch, load_balancing_loss, route, tokens_per_memory
 from surgery.plugins.weight_maps import CopyQKVO
-from surgery.recurrent import RecurrentMixer, State
+from surgery.recurrent import RecurrentMixer, State, recurrent_mixer
+from surgery.registry import context_registry
 
 
 class MemoryLinear(nn.Module):
@@ -102,7 +102,7 @@ class MoM(RecurrentMixer):
                 raise ValueError(f"topk={self.topk} must not exceed num_memories={self.num_memories}")
             if self.recurrence == "mom":
                 raise ValueError("recurrence: 'mom' cannot be its own memory; name a plain recurrence such as gla")
-            cls = recurrent_mixer(self.recurrence, _registry(info))
+            cls = recurrent_mixer(self.recurrence, context_registry(info))
             inner = self.recurrence_options
             if not isinstance(inner, cls.Options):
                 raw = inner.model_dump() if isinstance(inner, Options) else dict(inner)

@@ -101,12 +101,9 @@ class DataSpec(Options):
 
 
 def _registry(info: ValidationInfo | None) -> Any:
-    registry = (info.context or {}).get("registry") if info is not None else None
-    if registry is None:
-        from surgery.registry import load_registry
+    from surgery.registry import context_registry  # the registry imports the stage contract, which imports this
 
-        registry = load_registry()
-    return registry
+    return context_registry(info)
 
 
 class RecoverSpec(Options):
