@@ -114,8 +114,17 @@ class StaticMixerLayer(MixerCacheLayer):
         keys: Tensor | None = None,
         values: Tensor | None = None,
         valid: Tensor | None = None,
+        aux: dict[str, Tensor] | None = None,
     ) -> None:
-        """Copy this call's results into the static buffers (allocated by the first call)."""
+        """Copy this call's results into the static buffers (allocated by the first call); ``aux`` (a window
+        branch's constant-size extras, e.g. attention sinks) likewise, by name."""
+        for name, t in (aux or {}).items():
+            buf = self.aux.get(name)
+            if buf is None:
+                self.aux[name] = t.clone()  # the prefill sizes it; later calls copy in place
+            else:
+                self._check(f"aux '{name}'", t, buf)
+                buf.copy_(t)
         if states is not None:
             if self.states is None:
                 self._alloc_states(tuple(states))
@@ -159,6 +168,8 @@ class StaticMixerLayer(MixerCacheLayer):
                 s.index_fill_(0, rows, 0)
         if self.valid is not None:
             self.valid.index_fill_(0, rows, False)
+        for t in self.aux.values():  # sinks: a refilled slot collects its own
+            t.index_fill_(0, rows, 0)
 
     def load_row(self, row: int, src: MixerCacheLayer, src_row: int = 0) -> None:
         """Put row ``src_row`` of a dynamic layer cache (e.g. a batch-1 prefill) into row ``row``."""

@@ -139,8 +139,8 @@ def test_pooled_key_gate_with_full_pool_equals_the_key_gate(registry: Any) -> No
 @pytest.mark.parametrize("recurrent", ["gla", "hgrn2"])
 def test_liger_fused_kernel_equals_the_two_branch_path_on_cuda(recurrent: str, registry: Any,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    """On CUDA, training and the first prefill run both branches in one op; logits, the cached state and the
-    gradients match the two-branch reference, and decoding continues exactly from the fused prefill."""
+    """On CUDA, training and uncached forwards run both branches in one op: loss and gradients match the
+    two-branch reference, and cached decoding (the reference path) agrees with the fused full forward."""
     from surgery.plugins.liger import LigerAttention
 
     torch.manual_seed(0)
@@ -172,6 +172,6 @@ def test_liger_fused_kernel_equals_the_two_branch_path_on_cuda(recurrent: str, r
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         full = model(x).logits
-        parts = [model(x[:, :100], cache=cache, use_cache=True).logits]  # fused prefill hands over its state
+        parts = [model(x[:, :100], cache=cache, use_cache=True).logits]  # a cached prefill: the two-branch path
         parts += [model(x[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(100, 150)]
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=2e-3, atol=2e-3)

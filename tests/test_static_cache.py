@@ -46,7 +46,7 @@ def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def hf_reference(model: Any, x: torch.Tensor, mask: torch.Tensor, n: int) -> Any:
     with torch.no_grad():
-        return model.generate(x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **GEN)
+        return model.generate(x, attention_mask=mask, max_new_tokens=n, **GEN)  # EOS ends rows, as in Decoder
 
 
 def _cases() -> list[Any]:

@@ -179,16 +179,15 @@ class LigerAttention(Mixer):
         """Both branches in one op (``surgery.kernels.liger``: Triton on CUDA) when the call allows it, else None.
 
         It allows it on CUDA for a branch that is one GLA call with key-side gates (``gla_form``: gla, hgrn2, a
-        plugin's), without padding, sinks or window dropout, and with no history in the cache (training, or the
-        first prefill: the op starts from a zero state and sees no earlier window). Decoding and everything else
-        take the two-branch path, which is the reference.
+        plugin's), without padding, sinks or window dropout, and without a cache: training and uncached forwards.
+        A prefill into a cache takes the two-branch path: on the H200 the decode steps that followed a fused
+        prefill did not match (while the op's own outputs and gradients did; tests/test_mixers.py), so until that
+        is understood the cache is filled by the reference path. Decoding is always the two-branch path.
         """
         opts = self.options
-        if not x.is_cuda or _is_decode_step(x) or ctx.padding_mask is not None or opts.sinks > 0:
+        if not x.is_cuda or _is_decode_step(x) or ctx.padding_mask is not None or opts.sinks > 0 or layer is not None:
             return None
         if self.training and opts.window_dropout > 0:
-            return None
-        if layer is not None and (layer.states is not None or layer.keys is not None or layer.seen):
             return None
         form = self.recurrent.gla_form(q, k, v, self.recurrent.gate_source(x, k), None)
         if form is None or form[4] is not None:
@@ -198,11 +197,8 @@ class LigerAttention(Mixer):
         B, T, _ = x.shape
         fq, fk, _, gk, _ = form
         qr, kr = rope(q, k, ctx.position_embeddings)  # [B, H, T, D]
-        o, state = liger_attention(qr.transpose(1, 2), kr.transpose(1, 2), fq, fk, v, gk, window=opts.window,
-                                   scale=self.scaling, softcap=self.site.dims.softcap, w_swa=opts.w_swa,
-                                   w_rec=opts.w_rec, output_final_state=layer is not None)  # fmt: skip
-        if layer is not None:
-            layer.commit(T, states=(state,), keys=kr, values=v.transpose(1, 2), valid=None)
+        o, _ = liger_attention(qr.transpose(1, 2), kr.transpose(1, 2), fq, fk, v, gk, window=opts.window,
+                               scale=self.scaling, softcap=self.site.dims.softcap, w_swa=opts.w_swa, w_rec=opts.w_rec)
         return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
 
     def _mix_with_memory(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: MixContext) -> Tensor:
