@@ -132,7 +132,8 @@ def free_port() -> int:
 def measure(job: dict[str, Any], log: Path) -> dict[str, Any] | None:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={job['gpus']}",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", __file__, "--worker", json.dumps(job)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4"), "PYTHONPATH": str(ROOT),
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keep carried packages
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4"), "PYTHONPATH": path,
            "SURGERY_DISABLE_PLUGIN_AUTOLOAD": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     with log.open("w") as f:
         done = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)

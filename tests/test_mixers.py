@@ -156,13 +156,13 @@ def test_liger_fused_kernel_equals_the_two_branch_path_on_cuda(recurrent: str, r
 
     monkeypatch.setattr(LigerAttention, "_fused", spy)
     model.train()
-    fused_loss = model(x, labels=x).loss
+    fused_loss = model(x, labels=x, use_cache=False).loss  # as in recovery, which turns the cache off
     fused_loss.backward()
     g_fused = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
     assert calls and all(calls)
     model.zero_grad()
     monkeypatch.setattr(LigerAttention, "_fused", lambda self, *a: None)
-    ref_loss = model(x, labels=x).loss
+    ref_loss = model(x, labels=x, use_cache=False).loss
     ref_loss.backward()
     torch.testing.assert_close(fused_loss, ref_loss, rtol=2e-3, atol=2e-3)
     g_ref = model.model.layers[0].self_attn.q_proj.weight.grad

@@ -179,10 +179,10 @@ class LigerAttention(Mixer):
         """Both branches in one op (``surgery.kernels.liger``: Triton on CUDA) when the call allows it, else None.
 
         It allows it on CUDA for a branch that is one GLA call with key-side gates (``gla_form``: gla, hgrn2, a
-        plugin's), without padding, sinks or window dropout, and without a cache: training and uncached forwards.
-        A prefill into a cache takes the two-branch path: on the H200 the decode steps that followed a fused
-        prefill did not match (while the op's own outputs and gradients did; tests/test_mixers.py), so until that
-        is understood the cache is filled by the reference path. Decoding is always the two-branch path.
+        plugin's), without padding, sinks or window dropout, and without a cache: training (recovery turns the
+        cache off) and uncached forwards. A prefill into a cache takes the two-branch path: on the H200, decode
+        steps after a fused prefill did not continue correctly, although the op's outputs, final state (in the
+        interpreter) and gradients match; until that is found, the cache is filled by the reference path.
         """
         opts = self.options
         if not x.is_cuda or _is_decode_step(x) or ctx.padding_mask is not None or opts.sinks > 0 or layer is not None:

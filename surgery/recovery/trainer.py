@@ -111,7 +111,7 @@ def training_arguments(
         data_seed=train.seed,
         bf16=use_bf16(train),
         use_cpu=not cuda,
-        activation_checkpointing=train.gradient_checkpointing,
+        **{_CHECKPOINTING_ARG: train.gradient_checkpointing},
         save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=train.keep_checkpoints,
@@ -137,6 +137,13 @@ def mixer_aux_loss(model: nn.Module) -> Tensor | None:
             total = aux if total is None else total + aux
             module.aux_loss = None
     return total
+
+
+# transformers renamed gradient_checkpointing to activation_checkpointing (5.2x); we support both.
+_CHECKPOINTING_ARG = next(
+    (n for n in ("activation_checkpointing", "gradient_checkpointing") if n in TrainingArguments.__dataclass_fields__),
+    "gradient_checkpointing",
+)
 
 
 def last_checkpoint(directory: Path) -> Path | None:
