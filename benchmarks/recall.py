@@ -216,7 +216,7 @@ def build(name: str, raw: dict[str, Any], base: torch.nn.Module, tokenizer: Any,
         result = recover(model, plan, tokenizer=tokenizer, out_dir=out / (reuse or name) / "recover",
                          teacher_model=base)  # fmt: skip
         model = result.model
-        info.update(tokens=result.tokens, steps=result.steps, recover_s=round(time.perf_counter() - t0, 1))
+        info.update(train_tokens=result.tokens, steps=result.steps, recover_s=round(time.perf_counter() - t0, 1))
     if at_inference:
         for m in model.modules():
             if getattr(m, "name", None) == LIGER and hasattr(m, "options"):

@@ -45,7 +45,8 @@ def test_a_window_that_covers_the_sequence_does_no_damage() -> None:
 
 
 def test_hybrid_plan_removes_kept_layers_from_every_rule() -> None:
-    raw = {"version": 1, "model": "m", "convert": [{"layers": "0-3", "mixer": "gla"}, {"layers": [4, 5], "mixer": "swa"}]}
+    raw = {"version": 1, "model": "m",
+           "convert": [{"layers": "0-3", "mixer": "gla"}, {"layers": [4, 5], "mixer": "swa"}]}
     out = hybrid_plan(raw, [1, 4], 6)
     assert [r["layers"] for r in out["convert"]] == [[0, 2, 3], [5]]
     assert raw["convert"][0]["layers"] == "0-3"  # the input is not modified

@@ -6,7 +6,7 @@ Four tasks run offline, on files that ``surgery.demo.build_data`` writes:
 |---|---|---|---|
 | ``wiki_ppl`` | loglikelihood_rolling | word_perplexity (lower is better) | ``{"title", "window", "text"}`` |
 | ``wiki_nextsent`` | multiple_choice | acc_norm | ``{"context", "choices": [4], "label", "title"}`` |
-| ``passkey_1k``, ``passkey_2k``, ``passkey_4k`` | loglikelihood | acc (greedy exact match) | ``{"prompt", "target", ...}`` |
+| ``passkey_1k``, ``_2k``, ``_4k`` | loglikelihood | acc (greedy exact match) | ``{"prompt", "target", ...}`` |
 | ``passkey_multi`` (4 keys, one asked, ~1K tokens) | loglikelihood | acc (greedy exact match) | same |
 
 The passkey probe is scored by teacher forcing, not by ``generate``: ``acc`` is 1 when every token of the key is

@@ -123,8 +123,8 @@ class LigerAttention(Mixer):
         @model_validator(mode="after")
         def _memory_branch(self) -> Any:
             if self.memory > 0 and self.recurrent.mixer != "gla":
-                raise ValueError(f"memory: {self.memory} needs recurrent: gla (it scores pairs with GLA's key features); "
-                                 f"got recurrent: {self.recurrent.mixer}")
+                raise ValueError(f"memory: {self.memory} needs recurrent: gla (it scores pairs with GLA's key "
+                                 f"features); got recurrent: {self.recurrent.mixer}")
             return self
 
     def __init__(self, site: AttentionSite, options: Options, config: Any, *, projections: bool = True) -> None:
