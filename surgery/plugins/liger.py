@@ -185,7 +185,7 @@ class LigerAttention(Mixer):
         interpreter) and gradients match; until that is found, the cache is filled by the reference path.
         """
         opts = self.options
-        if not x.is_cuda or _is_decode_step(x) or ctx.padding_mask is not None or opts.sinks > 0 or layer is not None:
+        if not x.is_cuda or x.shape[1] == 1 or ctx.padding_mask is not None or opts.sinks > 0 or layer is not None:
             return None
         if self.training and opts.window_dropout > 0:
             return None
@@ -227,11 +227,6 @@ class LigerAttention(Mixer):
             layer.commit(T, states=state, keys=kw, values=vw, valid=vb, aux=aux | (sinks or {}))
         o = opts.w_swa * swa.transpose(1, 2) + opts.w_rec * rec
         return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
-
-
-def _is_decode_step(x: Tensor) -> bool:
-    """One token per sequence: the token-loop kernels are faster than any chunked op."""
-    return x.shape[1] == 1
 
 
 @hookimpl

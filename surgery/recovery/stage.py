@@ -24,7 +24,6 @@ inside ``trainer``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -101,9 +100,3 @@ class Stage:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options!r})"
-
-
-def stage_iter(stages: dict[str, TrainOptions], registry: Any) -> Iterator[Stage]:
-    """Instantiate ``stages`` (name -> options, in order) from ``registry``."""
-    for name, options in stages.items():
-        yield registry.stage(name)(options)
