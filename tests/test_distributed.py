@@ -1,6 +1,6 @@
-"""Recovery under torchrun (CPU, gloo, 2 processes): the same run as one process with the same global batch,
-a model that loads and generates, a checkpoint written by 2 processes that 1 process resumes after SIGKILL,
-no pickle in any checkpoint file; FSDP2's gather and re-shard of the trainable state."""
+"""Recovery under torchrun (CPU, gloo, 2 processes), under DDP and under FSDP2: the same run as one process with
+the same global batch, a model that loads and generates, a checkpoint written by 2 processes that 1 process resumes
+after SIGKILL, no pickle in any checkpoint file; FSDP2's gather and re-shard of the trainable state."""
 
 from __future__ import annotations
 
@@ -74,12 +74,17 @@ def test_the_global_batch_is_split_over_processes() -> None:
         split_batch(2, 1, 4)
 
 
-def test_two_processes_train_like_one_and_one_resumes_what_two_checkpointed(data: Path, tmp_path: Path) -> None:
-    """DDP on 2 processes = 1 process with the same global batch; SIGKILL of one rank, then 1 process resumes."""
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_train_like_one_and_one_resumes_what_two_checkpointed(engine: str, data: Path,
+                                                                            tmp_path: Path) -> None:  # fmt: skip
+    """DDP or FSDP2 on 2 processes = 1 process with the same global batch; SIGKILL of one rank, then 1 process
+    resumes the checkpoint the 2 wrote."""
     one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
     job = dict(data=str(data), max_steps=6, save_steps=2, batch_size=2, grad_accum=2)
     run_child(1, out=str(one), **job)
-    run_child(2, out=str(two), **job)
+    run_child(2, out=str(two), distributed=engine, **job)
+    # The engine really ran: FSDP2 sharded the parameters (DTensors), DDP did not.
+    assert json.loads((two / "engine.json").read_text()) == {"sharded": engine == "fsdp", "world": 2}
     a, b = curve(one), curve(two)
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
     for (_, x), (_, y) in zip(a, b):
@@ -94,7 +99,8 @@ def test_two_processes_train_like_one_and_one_resumes_what_two_checkpointed(data
 
     # Kill one of two processes at step 5 (checkpoint-4 written), then finish with ONE process.
     ready = tmp_path / "ready"
-    proc = subprocess.Popen(torchrun(2, *child(out=str(killed), hang_at=5, ready=str(ready), **job)), env=env(),
+    proc = subprocess.Popen(torchrun(2, *child(out=str(killed), hang_at=5, ready=str(ready), distributed=engine,
+                                               **job)), env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 240
@@ -132,8 +138,9 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
             **load_file(str(out / "adapter" / "mixer_params.safetensors"))}  # fmt: skip
 
 
-def test_surgery_recover_under_torchrun_saves_a_model_that_loads_and_generates(tiny_dir: str, tmp_path: Path,
-                                                                                 data: Path) -> None:  # fmt: skip
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_surgery_recover_under_torchrun_saves_a_model_that_loads_and_generates(engine: str, tiny_dir: str,
+                                                                                 tmp_path: Path, data: Path) -> None:  # fmt: skip
     import surgery
 
     tok = char_tokenizer()
@@ -142,7 +149,7 @@ def test_surgery_recover_under_torchrun_saves_a_model_that_loads_and_generates(t
     plan.write_text(yaml.safe_dump({
         "version": 1, "model": tiny_dir, "output": str(tmp_path / "run"),
         "convert": [{"layers": "all", "mixer": "gla"}],
-        "recover": {"data": {"source": str(data), "seq_len": 64}, "distributed": "ddp",
+        "recover": {"data": {"source": str(data), "seq_len": 64}, "distributed": engine,
                     "stages": {"lora": {"max_steps": 3, "save_steps": 2, "batch_size": 2}}},
     }))  # fmt: skip
     done = subprocess.run(torchrun(2, "-m", "surgery.cli", "recover", str(plan)), env=env(), capture_output=True,
@@ -161,8 +168,7 @@ def test_surgery_recover_under_torchrun_saves_a_model_that_loads_and_generates(t
 def test_fsdp2_state_is_gathered_whole_and_sharded_back(tmp_path: Path) -> None:
     """FSDP2 (``fully_shard``, gloo): the trainable state and its optimizer state gathered to full tensors on rank 0,
     written without pickle, loaded back into the shards and into a one-process optimizer; the whole model rebuilt
-    on rank 0 computes what the sharded one does. (The Trainer runs FSDP on accelerators only: accelerate 1.15
-    wraps every model in DDP on CPU, so this exercises our side of FSDP directly.)"""
+    on rank 0 computes what the sharded one does."""
     from safetensors.torch import load_file
 
     from surgery.recovery.adapters import inject_lora
@@ -186,14 +192,6 @@ def test_fsdp2_state_is_gathered_whole_and_sharded_back(tmp_path: Path) -> None:
     names = list(trainable)
     for i, s in optim.state_dict()["state"].items():
         torch.testing.assert_close(s["exp_avg"], state["state"][names[i]]["exp_avg"])
-
-
-def test_fsdp_on_cpu_is_refused_with_the_reason(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from surgery.recovery.trainer import training_arguments
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="fsdp needs GPUs"):
-        training_arguments(make_spec(data).stages["lora"], tmp_path, 64, "fsdp")
 
 
 def _fsdp_parts(out: Path) -> None:
@@ -254,9 +252,13 @@ def _main(job: dict[str, Any]) -> None:
     from transformers import TrainerCallback
 
     from surgery.recovery import recover
+    from surgery.recovery.distributed import is_sharded
 
     class Hang(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 1 and os.environ.get("RANK", "0") == "0":
+                engine = {"sharded": is_sharded(kwargs["model"]), "world": args.world_size}
+                (Path(job["out"]) / "engine.json").write_text(json.dumps(engine))
             if state.global_step == job.get("hang_at") and os.environ.get("RANK") == "1":
                 Path(job["ready"]).write_text(str(os.getpid()))
                 time.sleep(600)
@@ -272,6 +274,7 @@ def _main(job: dict[str, Any]) -> None:
                 setattr(module, name, refuse)
     spec = make_spec(job["data"], max_steps=job["max_steps"], save_steps=job["save_steps"],
                      batch_size=job["batch_size"], grad_accum=job["grad_accum"])  # fmt: skip
+    spec = spec.model_copy(update={"distributed": job.get("distributed", "ddp")})
     model, _ = converted()
     recover(model, spec=spec, tokenizer=char_tokenizer(), out_dir=job["out"], callbacks=[Hang()])
 

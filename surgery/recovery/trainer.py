@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import ParallelMode
@@ -89,11 +90,6 @@ def training_arguments(
     micro, accum = split_batch(train.batch_size, train.grad_accum, world)
     extra: dict[str, Any] = {}
     if world > 1 and distributed == "fsdp":
-        if not cuda:
-            raise ValueError(
-                "recover.distributed: fsdp needs GPUs (accelerate runs FSDP on accelerators only; on CPU it would "
-                "silently fall back to DDP); use distributed: ddp on CPU"
-            )
         extra = fsdp_arguments(model) if model is not None else fsdp_arguments(nn.Module())
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -189,6 +185,17 @@ class StageTrainer(Trainer):
         # Names in the peft model (the Trainer's) of the mixers' own parameters, taken before FSDP replaces them.
         ids = {id(p): name for name, p in mixer_params.items()}
         self.mixer_names = {fqn: ids[id(p)] for fqn, p in self.model.named_parameters() if id(p) in ids}
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        # accelerate 1.15 turns FSDP on only for accelerator process groups (its state lists MULTI_GPU, NPU, XPU...),
+        # so a CPU run (gloo) that asked for FSDP would silently train under DDP. torch's fully_shard runs on
+        # CPU: hand accelerate the plugin the Trainer already built, and its own FSDP2 preparation does the rest.
+        state = self.accelerator.state
+        if self.args.fsdp_plugin_args is not None and state.distributed_type == DistributedType.MULTI_CPU:
+            state.distributed_type = DistributedType.FSDP
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            self.is_fsdp_enabled = True
 
     def trainable_state(self) -> dict[str, Tensor]:
         """Full CPU copies of the LoRA tensors and the mixers' own parameters (peft-model names) on rank 0.
