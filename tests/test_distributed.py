@@ -156,6 +156,7 @@ def test_surgery_recover_under_torchrun_saves_a_model_that_loads_and_generates(e
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("recovered model saved to") == 2
+    assert f"recover lora: 2 processes over gloo, {'FSDP2' if engine == 'fsdp' else 'DDP'}" in done.stdout
     out = tmp_path / "run"
     assert pickled_files(out) == []
     assert [r["step"] for r in csv.DictReader((out / "recover" / "loss.csv").open())] == ["1", "2", "3"]
@@ -192,6 +193,43 @@ def test_fsdp2_state_is_gathered_whole_and_sharded_back(tmp_path: Path) -> None:
     names = list(trainable)
     for i, s in optim.state_dict()["state"].items():
         torch.testing.assert_close(s["exp_avg"], state["state"][names[i]]["exp_avg"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_one_gpu_recovers_under_the_launchers_with_nccl(launcher: str, engine: str, tiny_dir: str, tmp_path: Path,
+                                                        data: Path) -> None:  # fmt: skip
+    """The multi-GPU entry points on one GPU: torchrun starts an NCCL process group (FSDP2 then shards over one
+    process); accelerate launch runs one process without a group; either way the model saved by rank 0 loads and
+    generates on the GPU."""
+    import surgery
+
+    char_tokenizer().save_pretrained(tiny_dir)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({
+        "version": 1, "model": tiny_dir, "output": str(tmp_path / "run"),
+        "convert": [{"layers": "all", "mixer": "liger_attention", "options": {"window": 16}}],
+        "recover": {"data": {"source": str(data), "seq_len": 64}, "distributed": engine,
+                    "stages": {"lora": {"max_steps": 4, "save_steps": 2, "batch_size": 2}}},
+    }))  # fmt: skip
+    port = str(free_port())
+    launch = (torchrun(1) if launcher == "torchrun" else
+              [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port])  # fmt: skip
+    done = subprocess.run([*launch, "-m", "surgery.cli", "recover", str(plan)], env=env(), capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    expect = (f"1 process over nccl, {'FSDP2' if engine == 'fsdp' else 'one process'}" if launcher == "torchrun" else
+              "1 process, one process")  # fmt: skip
+    assert f"recover lora: {expect}\n" in done.stdout, done.stdout[-2000:]
+    out = tmp_path / "run"
+    assert pickled_files(out) == []
+    assert [r["step"] for r in csv.DictReader((out / "recover" / "loss.csv").open())] == ["1", "2", "3", "4"]
+    loaded = surgery.load(out / "model").cuda()
+    with torch.no_grad():
+        gen = loaded.generate(torch.tensor([[5, 6, 7, 8]], device="cuda"), max_new_tokens=3, do_sample=False)
+    assert gen.shape == (1, 7)
 
 
 def _fsdp_parts(out: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from surgery.hookspecs import hookimpl
-from surgery.mixer import Mixer, WeightMap
+from surgery.mixer import Mixer
 from surgery.registry import DEFAULT_PLUGINS, PluginError, UnknownNameError, load_registry
 
 PLUGINS = Path(__file__).parent / "plugins"

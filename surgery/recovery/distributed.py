@@ -55,6 +55,19 @@ def init() -> None:
         PartialState()
 
 
+def launched() -> bool:
+    """Whether torchrun or accelerate launch started this process (they set ``LOCAL_RANK``), at any process count."""
+    return "LOCAL_RANK" in os.environ
+
+
+def shards(distributed: str) -> bool:
+    """Whether FSDP2 shards the model in this run: the plan (or ``accelerate launch --use_fsdp``) asks for fsdp, and
+    there is a process group to shard over: several processes, or one launched process on a GPU (accelerate starts
+    NCCL for it, and a one-GPU run then exercises the same FSDP path as a many-GPU one)."""
+    asked = distributed == "fsdp" or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    return asked and (world_size() > 1 or (launched() and torch.cuda.is_available()))
+
+
 def barrier() -> None:
     """Wait for every process (nothing to wait for in a single process)."""
     if world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():

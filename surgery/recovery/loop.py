@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -30,14 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 from torch import nn
 from transformers import TrainerCallback, default_data_collator
 
 from surgery.outputs import OutputError, OutputLock
 from surgery.recovery.adapters import find_mixers, inject_lora, load_adapter_weights, load_mixer_params, lora_config
 from surgery.recovery.data import PackedChunks, load_chunks
-from surgery.recovery.distributed import barrier, init, is_main, is_sharded, skeleton, unsharded, world_size
+from surgery.recovery.distributed import barrier, init, is_main, is_sharded, shards, skeleton, unsharded
 from surgery.recovery.spec import NEUTRAL_TRAIN_KEYS, RecoverSpec
 from surgery.recovery.stage import Stage, StageContext, StageResult
 from surgery.recovery.trainer import last_checkpoint, tokens_per_step, training_arguments, use_bf16, write_loss_curve
@@ -128,12 +126,6 @@ def recover(
         return _train(model, spec, registry, chunks, out, resume, teacher_model, plan, callbacks)
 
 
-def _fsdp(spec: RecoverSpec) -> bool:
-    """Whether this run shards the model: the plan says fsdp, or accelerate launch --use_fsdp does."""
-    launched = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-    return (spec.distributed == "fsdp" or launched) and world_size() > 1
-
-
 def _train(
     model: nn.Module,
     spec: RecoverSpec,
@@ -158,7 +150,7 @@ def _train(
     log.info("recover: %d converted layers, %d trainable parameters (%d in mixers' own parameters), stages %s",
              len(find_mixers(model)), n_train, sum(p.numel() for p in extra.values()), list(spec.stages))
     # FSDP shards the model in place and has no way back: rank 0 keeps a weightless copy to gather into.
-    shell = skeleton(peft_model) if _fsdp(spec) and is_main() else None
+    shell = skeleton(peft_model) if shards(spec.distributed) and is_main() else None
     results: dict[str, StageResult] = {}
     teacher: nn.Module | None = None
     try:
@@ -329,6 +321,8 @@ def _run_stage(
         load_mixer_params(ctx.peft_model.get_base_model(), ckpt, expected=list(ctx.mixer_params))
     step_tokens = tokens_per_step(train, ctx.chunks.seq_len)
     with stage.trainer(ctx, **kwargs) as trainer:
+        if is_main():
+            print(f"recover {stage.name}: {trainer.engine()}", flush=True)
         try:
             trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
         finally:  # a diverged or interrupted stage still leaves its curve up to where it stopped

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import csv
 import functools
-import inspect
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
@@ -36,7 +33,7 @@ from surgery.recovery.spec import TrainOptions
 from surgery.recovery.stage import TrainingDiverged
 from surgery.recovery.adapters import save_mixer_params
 from surgery.recovery.distributed import fsdp_arguments, full_tensors, load_optimizer_state, optimizer_state
-from surgery.recovery.distributed import barrier, split_batch
+from surgery.recovery.distributed import barrier, shards, split_batch
 from surgery.recovery.distributed import world_size as dist_world_size
 from surgery.recovery.state import has_state, load_state, rng_states, save_state, set_rng_states
 
@@ -89,7 +86,7 @@ def training_arguments(
     world = dist_world_size()
     micro, accum = split_batch(train.batch_size, train.grad_accum, world)
     extra: dict[str, Any] = {}
-    if world > 1 and distributed == "fsdp":
+    if shards(distributed):
         extra = fsdp_arguments(model) if model is not None else fsdp_arguments(nn.Module())
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -196,6 +193,13 @@ class StageTrainer(Trainer):
             state.distributed_type = DistributedType.FSDP
             state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
             self.is_fsdp_enabled = True
+
+    def engine(self) -> str:
+        """How this stage trains, for the log: processes, process-group backend, and DDP or FSDP2."""
+        world = self.args.world_size
+        group = self.accelerator.state.backend if torch.distributed.is_initialized() else None  # "nccl", "gloo"
+        how = "FSDP2" if self.is_fsdp_enabled else "DDP" if world > 1 else "one process"
+        return f"{world} process{'es' if world > 1 else ''}" + (f" over {group}" if group else "") + f", {how}"
 
     def trainable_state(self) -> dict[str, Tensor]:
         """Full CPU copies of the LoRA tensors and the mixers' own parameters (peft-model names) on rank 0.
