@@ -17,6 +17,8 @@ from typing import Any, Literal
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from surgery.rotary import ROTATE_HALF, Rotary, RotaryReadError, read_rotary
+
 Layout = Literal["separate", "fused_qkv", "fused_qkv_headwise"]
 
 #: Canonical tensor names. They are also the parameter names of every built-in mixer, so that a weight map
@@ -55,8 +57,9 @@ class AttentionDims:
 class AttentionSite:
     """One self-attention module of a model, read without touching its weights.
 
-    ``q_norm``/``k_norm`` are the model's own per-head norm modules (Qwen3, Gemma3), applied to q and k before RoPE;
-    mixers deep-copy them so that the exact normalisation (eps, ``1 + w`` offsets) is kept.
+    ``q_norm``/``k_norm`` are the model's own per-head norm modules (Qwen3, Gemma3), applied to q and k before RoPE
+    unless ``rotary.norms_after``; mixers deep-copy them so that the exact normalisation (eps, ``1 + w`` offsets) is
+    kept. ``rotary`` says how the layer applies RoPE (``surgery.rotary``: its own function, or none at all).
     """
 
     layer_idx: int
@@ -68,6 +71,7 @@ class AttentionSite:
     k_norm: nn.Module | None = field(default=None, compare=False, repr=False)
     qkv_names: tuple[str, ...] = ()  # the module's own projection child names, e.g. ("c_attn",)
     out_name: str = ""  # the module's own output projection name, e.g. "dense"
+    rotary: Rotary = ROTATE_HALF
 
 
 #: Projection children of each layout: (q/k/v projection names, output projection names). A module owning one set
@@ -89,7 +93,11 @@ _QKV_HINTS = frozenset(
 #: names families give them. Parameter-free children (rotary embeddings, dropouts) are ignored; any other child
 #: with parameters would be lost, so it is an error.
 _NORMS = ("q_norm", "k_norm")
-_NORM_ALIASES = {"q_norm": ("q_norm", "q_layernorm"), "k_norm": ("k_norm", "k_layernorm")}
+#: Llama-4's parameter-free ``qk_norm`` serves both.
+_NORM_ALIASES = {
+    "q_norm": ("q_norm", "q_layernorm", "query_layernorm", "qk_norm"),
+    "k_norm": ("k_norm", "k_layernorm", "key_layernorm", "qk_norm"),
+}
 
 
 def _error(path: str, module: nn.Module, why: str) -> AttentionReadError:
@@ -233,9 +241,6 @@ def _norm(path: str, module: nn.Module, name: str, head_dim: int, heads: int) ->
 def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> AttentionSite:
     layout, qkv_names, out_name = _layout_of(path, module)
     _check_children(path, module, qkv_names, out_name)
-    if not getattr(module, "use_rope", True):
-        # Llama-4 / SmolLM3 "NoPE" layers skip RoPE; AttentionDims has no field to say so.
-        raise _error(path, module, "layer does not apply RoPE (use_rope is false), which sites cannot describe")
     if getattr(module, "is_causal", True) is False:
         raise _error(path, module, "bidirectional attention (is_causal is false) cannot be replaced in a causal LM")
     cfg = module.config if getattr(module, "config", None) is not None else model_cfg
@@ -274,7 +279,25 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
     )  # fmt: skip
     q_norm = _norm(path, module, "q_norm", D, Hq)
     k_norm = _norm(path, module, "k_norm", D, Hkv)
-    return AttentionSite(layer_idx, path, type(module).__name__, dims, layout, q_norm, k_norm, qkv_names, out_name)
+    rotary = _rotary(path, module, D)
+    return AttentionSite(
+        layer_idx, path, type(module).__name__, dims, layout, q_norm, k_norm, qkv_names, out_name, rotary
+    )  # fmt: skip
+
+
+def _rotary(path: str, module: nn.Module, head_dim: int) -> Rotary:
+    norms = tuple(a for names in _NORM_ALIASES.values() for a in names if getattr(module, a, None) is not None)
+    try:
+        rotary = read_rotary(path, module, head_dim, norms)
+    except RotaryReadError as exc:
+        raise _error(path, module, str(exc)) from None
+    if getattr(module, "use_rope", True) is False and rotary.convention != "none":
+        # The layer says it skips RoPE but its forward was not read so: trust neither.
+        raise _error(path, module, "use_rope is false but forward applies RoPE unconditionally as read")
+    if rotary.convention == "none" and getattr(module, "attn_temperature_tuning", False):
+        # Llama-4 NoPE layers also rescale queries by position, which mixers do not do.
+        raise _error(path, module, "NoPE layer with attention temperature tuning (queries scaled by position)")
+    return rotary
 
 
 def find_attention(model: nn.Module) -> list[AttentionSite]:
