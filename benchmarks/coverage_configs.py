@@ -111,7 +111,6 @@ KNOWN_GAPS: dict[str, str] = {
     "jetmoe": "mixture of attention heads (experts), no q/k/v/o projections",
     "mimo_v2_flash": "value head dim differs from the query/key head dim",
     "cpmant": "relative position bias, projections named project_q/k/v",
-    "codegen": "qkv_proj rows interleaved over 4 model-parallel shards as [q | v | k], a layout the reader does not split",
     "bloom": "ALiBi: kept layers would need the bias (and the layer adds its residual inside attention)",
     "mpt": "ALiBi: kept layers would need the position bias",
     "falcon": "query_key_value grouped per key/value head, a layout the reader does not split yet",
