@@ -194,10 +194,11 @@ class Mixer(nn.Module):
         q, k = rotary.apply(q, k, position_embeddings)
         if rotary.norms_after:
             # Norms take [..., H, D] (whole-width ones flatten the last two axes), as project would give them.
-            if self.q_norm is not None:
-                q = self.q_norm(q.transpose(1, 2)).transpose(1, 2)
-            if self.k_norm is not None:
-                k = self.k_norm(k.transpose(1, 2)).transpose(1, 2)
+            q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)  # branches own none
+            if q_norm is not None:
+                q = q_norm(q.transpose(1, 2)).transpose(1, 2)
+            if k_norm is not None:
+                k = k_norm(k.transpose(1, 2)).transpose(1, 2)
         return q, k
 
     # -- the HF adapter ----------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 Convention = Literal["rotate_half", "model", "none"]
-#: Where the head axis is when the model's function is called: ``heads`` = ``[B, H, T, D]``, ``time`` = ``[B, T, H, D]``.
+#: Where the head axis is when the model's function is called: ``heads``: ``[B, H, T, D]``, ``time``: ``[B, T, H, D]``.
 Layout = Literal["heads", "time"]
 _PE = "position_embeddings"  # the keyword decoder layers pass rotary embeddings under
 
