@@ -114,6 +114,7 @@ class RotaryReadError(ValueError):
 # -- reading forward -----------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)  # parsed once per class, not once per layer
 def _forward_tree(cls: type) -> tuple[ast.FunctionDef, dict[str, Any]] | None:
     """The parsed ``forward`` of ``cls`` and the globals its names resolve in; None when its source is unavailable."""
     forward = getattr(cls, "forward", None)
