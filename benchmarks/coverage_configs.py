@@ -21,7 +21,10 @@ _MOE: dict[str, Any] = dict(
 )  # fmt: skip
 
 #: Per-type fields on top of COMMON (validation rules of the family, or a field COMMON names differently).
-EXTRA: dict[str, dict[str, Any]] = {}
+EXTRA: dict[str, dict[str, Any]] = {
+    # GPT-J / CodeGen default to 64 rotary dims, wider than the shared head dim of 16.
+    **{t: {"rotary_dim": 8} for t in ("gptj", "codegen")},
+}
 
 _ENC_DEC = "encoder-decoder model: its decoder layers cross-attend to an encoder"
 _ENCODER = "bidirectional encoder (BERT family) with an optional causal LM head, not a decoder LLM"
@@ -89,7 +92,6 @@ def tiny_config(model_type: str) -> Any:
 _MLA = "multi-head latent attention: low-rank q/kv with norms in between, no q/k/v/o projections to read"
 _SINKS = "learned attention sinks (per-head softmax logits) that mixers do not have"
 _EXTRA_PARAMS = "attention owns parameters mixers do not reproduce"
-_ROTARY = "rotary convention other than rotate-half (interleaved pairs or complex), so kept layers differ"
 _CONFIG = "the sweep's generic tiny config does not build this family yet"
 _UNDIAGNOSED = "softmax identity differs: not diagnosed yet"
 
@@ -108,13 +110,7 @@ KNOWN_GAPS: dict[str, str] = {
     "doge": f"{_EXTRA_PARAMS}: dynamic mask from the values",
     "jetmoe": "mixture of attention heads (experts), no q/k/v/o projections",
     "mimo_v2_flash": "value head dim differs from the query/key head dim",
-    "hunyuan_v1_dense": "q/k norms applied after RoPE (mixers apply them before)",
-    "hunyuan_v1_moe": "q/k norms applied after RoPE (mixers apply them before)",
     "cpmant": "relative position bias, projections named project_q/k/v",
-    **{t: _ROTARY for t in (
-        "cohere", "cohere2", "cohere2_moe", "glm", "glm4", "ernie4_5", "ernie4_5_moe", "helium", "gptj", "codegen",
-        "llama4_text", "kolibri1", "nanochat",
-    )},
     "bloom": "ALiBi: kept layers would need the bias (and the layer adds its residual inside attention)",
     "mpt": "ALiBi: kept layers would need the position bias",
     "falcon": "query_key_value grouped per key/value head, a layout the reader does not split yet",
@@ -125,5 +121,5 @@ KNOWN_GAPS: dict[str, str] = {
         "cohere_compass_text", "dbrx", "dots3_note_text", "gemma3n_text", "llama4", "qwen4_exp", "qwen4_exp_text",
         "zaya", "lara_mini", "blt",
     )},
-    **{t: _UNDIAGNOSED for t in ("exaone4", "exaone_moe", "gemma4_text", "gemma4_unified_text")},
+    **{t: _UNDIAGNOSED for t in ("gemma4_text", "gemma4_unified_text")},
 }  # fmt: skip

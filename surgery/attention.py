@@ -5,6 +5,7 @@ The converter never looks at architecture-specific classes: it asks this module 
 understood: separate q/k/v projections (Llama, Mistral, Qwen2/3, Gemma3, OPT, Phi, ...) and fused ones (Phi-3's
 ``qkv_proj``, GPT-2's ``c_attn``, MPT's ``Wqkv``, GPT-NeoX's head-interleaved ``query_key_value``), each as
 ``nn.Linear`` or transformers' transposed ``Conv1D``, with the output projection under any of its usual names.
+CodeGen's ``qkv_proj``, interleaved over the model-parallel shards it was trained with (``mp_num``), is split too.
 Anything else fails loudly with the module class in the message.
 """
 
@@ -17,7 +18,9 @@ from typing import Any, Literal
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-Layout = Literal["separate", "fused_qkv", "fused_qkv_headwise"]
+from surgery.rotary import ROTATE_HALF, Rotary, RotaryReadError, read_rotary
+
+Layout = Literal["separate", "fused_qkv", "fused_qkv_headwise", "fused_qkv_sharded"]
 
 #: Canonical tensor names. They are also the parameter names of every built-in mixer, so that a weight map
 #: that copies is a dictionary lookup and LoRA targets (q_proj, k_proj, v_proj, o_proj) are the same everywhere.
@@ -55,8 +58,9 @@ class AttentionDims:
 class AttentionSite:
     """One self-attention module of a model, read without touching its weights.
 
-    ``q_norm``/``k_norm`` are the model's own per-head norm modules (Qwen3, Gemma3), applied to q and k before RoPE;
-    mixers deep-copy them so that the exact normalisation (eps, ``1 + w`` offsets) is kept.
+    ``q_norm``/``k_norm`` are the model's own per-head norm modules (Qwen3, Gemma3), applied to q and k before RoPE
+    unless ``rotary.norms_after``; mixers deep-copy them so that the exact normalisation (eps, ``1 + w`` offsets) is
+    kept. ``rotary`` says how the layer applies RoPE (``surgery.rotary``: its own function, or none at all).
     """
 
     layer_idx: int
@@ -68,6 +72,7 @@ class AttentionSite:
     k_norm: nn.Module | None = field(default=None, compare=False, repr=False)
     qkv_names: tuple[str, ...] = ()  # the module's own projection child names, e.g. ("c_attn",)
     out_name: str = ""  # the module's own output projection name, e.g. "dense"
+    rotary: Rotary = ROTATE_HALF
 
 
 #: Projection children of each layout: (q/k/v projection names, output projection names). A module owning one set
@@ -89,7 +94,11 @@ _QKV_HINTS = frozenset(
 #: names families give them. Parameter-free children (rotary embeddings, dropouts) are ignored; any other child
 #: with parameters would be lost, so it is an error.
 _NORMS = ("q_norm", "k_norm")
-_NORM_ALIASES = {"q_norm": ("q_norm", "q_layernorm"), "k_norm": ("k_norm", "k_layernorm")}
+#: Llama-4's parameter-free ``qk_norm`` serves both.
+_NORM_ALIASES = {
+    "q_norm": ("q_norm", "q_layernorm", "query_layernorm", "qk_norm"),
+    "k_norm": ("k_norm", "k_layernorm", "key_layernorm", "qk_norm"),
+}
 
 
 def _error(path: str, module: nn.Module, why: str) -> AttentionReadError:
@@ -232,10 +241,9 @@ def _norm(path: str, module: nn.Module, name: str, head_dim: int, heads: int) ->
 
 def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> AttentionSite:
     layout, qkv_names, out_name = _layout_of(path, module)
+    if layout == "fused_qkv" and _shards(module) > 1:
+        layout = "fused_qkv_sharded"
     _check_children(path, module, qkv_names, out_name)
-    if not getattr(module, "use_rope", True):
-        # Llama-4 / SmolLM3 "NoPE" layers skip RoPE; AttentionDims has no field to say so.
-        raise _error(path, module, "layer does not apply RoPE (use_rope is false), which sites cannot describe")
     if getattr(module, "is_causal", True) is False:
         raise _error(path, module, "bidirectional attention (is_causal is false) cannot be replaced in a causal LM")
     cfg = module.config if getattr(module, "config", None) is not None else model_cfg
@@ -255,11 +263,14 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
         biases = {lin.bias is not None for lin in qkv}
         if len(biases) != 1:
             raise _error(path, module, "q/k/v projections disagree on having a bias")
-    elif layout == "fused_qkv":
+    elif layout in ("fused_qkv", "fused_qkv_sharded"):
         rest = qkv[0].out_features - Hq * D
         if rest <= 0 or rest % (2 * D):
             raise _error(path, module, f"{qkv_names[0]} width {qkv[0].out_features} is not [q {Hq}x{D} | k | v]")
         Hkv = rest // (2 * D)
+        if layout == "fused_qkv_sharded" and Hkv != Hq:
+            raise _error(path, module, f"{qkv_names[0]} is sharded over {_shards(module)} model-parallel blocks but "
+                         f"has {Hkv} key/value heads for {Hq} query heads; only equal counts are split")  # fmt: skip
     else:
         if qkv[0].out_features != 3 * Hq * D:
             raise _error(path, module, f"query_key_value width {qkv[0].out_features} is not 3 x {Hq} heads x {D}")
@@ -274,7 +285,50 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
     )  # fmt: skip
     q_norm = _norm(path, module, "q_norm", D, Hq)
     k_norm = _norm(path, module, "k_norm", D, Hkv)
-    return AttentionSite(layer_idx, path, type(module).__name__, dims, layout, q_norm, k_norm, qkv_names, out_name)
+    rotary = _rotary(path, module, D)
+    return AttentionSite(
+        layer_idx, path, type(module).__name__, dims, layout, q_norm, k_norm, qkv_names, out_name, rotary
+    )  # fmt: skip
+
+
+def _rotary(path: str, module: nn.Module, head_dim: int) -> Rotary:
+    norms = tuple(a for names in _NORM_ALIASES.values() for a in names if getattr(module, a, None) is not None)
+    try:
+        rotary = read_rotary(path, module, head_dim, norms)
+    except RotaryReadError as exc:
+        raise _error(path, module, str(exc)) from None
+    if getattr(module, "use_rope", True) is False and rotary.convention != "none":
+        # The layer says it skips RoPE but its forward was not read so: trust neither.
+        raise _error(path, module, "use_rope is false but forward applies RoPE unconditionally as read")
+    if rotary.convention == "none" and getattr(module, "attn_temperature_tuning", False):
+        # Llama-4 NoPE layers also rescale queries by position, which mixers do not do.
+        raise _error(path, module, "NoPE layer with attention temperature tuning (queries scaled by position)")
+    return rotary
+
+
+def _shards(module: nn.Module) -> int:
+    """Model-parallel shards a fused projection is interleaved over (CodeGen's ``mp_num``); 1 when not sharded."""
+    value = getattr(module, "mp_num", 1)
+    return value if isinstance(value, int) and value > 0 else 1
+
+
+def _split_sharded(qkv: _Proj, shards: int, width: int, site: AttentionSite) -> dict[str, Tensor | None]:
+    """CodeGen rows: ``shards`` blocks, each ``[q_s | v_s | k_s]`` of ``width / shards`` rows (note: v before k).
+
+    Block s holds the s-th slice of the heads' q, v and k rows, so q is the concatenation of every block's first
+    third, and so on.
+    """
+    if width % shards:
+        raise AttentionReadError(f"attention module {site.path!r} ({site.module_class}): {width} q rows do not split "
+                                 f"over {shards} model-parallel shards")  # fmt: skip
+    local = width // shards
+    w = qkv.weight.view(shards, 3, local, -1)
+    b = qkv.bias.view(shards, 3, local) if qkv.bias is not None else None
+    out: dict[str, Tensor | None] = {}
+    for i, name in enumerate("qvk"):
+        out[f"{name}_proj.weight"] = w[:, i].reshape(width, -1)
+        out[f"{name}_proj.bias"] = b[:, i].reshape(width) if b is not None else None
+    return out
 
 
 def find_attention(model: nn.Module) -> list[AttentionSite]:
@@ -311,6 +365,8 @@ def read_weights(module: nn.Module, site: AttentionSite) -> dict[str, Tensor]:
     if site.layout == "separate":
         for name, lin in zip("qkv", qkv):
             parts[f"{name}_proj.weight"], parts[f"{name}_proj.bias"] = lin.weight, lin.bias
+    elif site.layout == "fused_qkv_sharded":
+        parts |= _split_sharded(qkv[0], _shards(module), d.num_heads * d.head_dim, site)
     elif site.layout == "fused_qkv":
         # Phi-3, GPT-2, MPT rows: [q (Hq*D) | k (Hkv*D) | v (Hkv*D)].
         sizes = [d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim, d.num_kv_heads * d.head_dim]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from surgery.attention import AttentionSite
+from surgery.rotary import apply_rope, rotate_half
+
+__all__ = ["MixContext", "Mixer", "Options", "SharedState", "WeightMap", "apply_rope", "rotate_half"]
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -66,11 +69,14 @@ class MixContext:
 
     Attributes:
         position_embeddings: ``(cos, sin)`` ``[B, T, R]`` as the model computed them for this layer (R may be
-            smaller than the head dim: partial rotary).
+            smaller than the head dim: partial rotary), or whatever else the model passes (Llama-4's complex
+            ``freqs_cis``): only ``rotate`` interprets it.
         attention_mask: the mask the decoder layer passed (4D, a BlockMask, or None), for softmax attention.
         padding_mask: ``[B, T]`` bool, True for real tokens of this call; None when every token is real.
         cache: the HF ``Cache`` object of this forward, or None.
         attn_kwargs: remaining keyword arguments, forwarded to transformers' attention functions.
+        rotate: the mixer's ``Mixer.rotate`` (q, k ``[B, T, H, D]`` -> rotated ``[B, H, T, D]``), for helpers that
+            get the context but not the mixer (``surgery.window``); None: rotate-half.
     """
 
     position_embeddings: tuple[Tensor, Tensor] | None
@@ -78,25 +84,7 @@ class MixContext:
     padding_mask: Tensor | None
     cache: Any
     attn_kwargs: dict[str, Any]
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding on ``x`` ``[B, H, T, D]`` with ``cos``/``sin`` ``[B, T, R]``, R <= D (partial rotary).
-
-    Same arithmetic as transformers' ``apply_rotary_pos_emb`` (rotate-half convention), so the softmax mixer
-    reproduces the pretrained logits bit for bit.
-    """
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    r = cos.shape[-1]
-    if r == x.shape[-1]:
-        return (x * cos) + (rotate_half(x) * sin)
-    x_rot, x_pass = x[..., :r], x[..., r:]
-    return torch.cat([(x_rot * cos) + (rotate_half(x_rot) * sin), x_pass], dim=-1)
+    rotate: Callable[[Tensor, Tensor, Any], tuple[Tensor, Tensor]] | None = None
 
 
 class Mixer(nn.Module):
@@ -178,16 +166,40 @@ class Mixer(nn.Module):
     # -- helpers shared by mixers -------------------------------------------------------------------------
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q ``[B, T, Hq, D]``, k and v ``[B, T, Hkv, D]``, after the model's q/k norms, before RoPE."""
+        """q ``[B, T, Hq, D]``, k and v ``[B, T, Hkv, D]``, before RoPE.
+
+        After the model's q/k norms, unless the layer applies them after RoPE (``site.rotary.norms_after``):
+        then ``rotate`` applies them, and recurrent branches see q and k unnormalised.
+        """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.site.rotary.norms_after:
+            return q, k, v
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.k_norm is not None:
             k = self.k_norm(k)
         return q, k, v
+
+    def rotate(self, q: Tensor, k: Tensor, position_embeddings: Any) -> tuple[Tensor, Tensor]:
+        """``project``'s q ``[B, T, Hq, D]`` and k ``[B, T, Hkv, D]`` -> ``[B, Hq, T, D]``, ``[B, Hkv, T, D]``.
+
+        Rotated as the pretrained layer rotates them (``site.rotary``: its own function, or none on NoPE layers),
+        then normalised when the layer norms after RoPE. Every mixer that uses positions rotates through here, so
+        kept layers are exact and window branches see the pretrained positions.
+        """
+        rotary = self.site.rotary
+        q, k = rotary.apply(q, k, position_embeddings)
+        if rotary.norms_after:
+            # Norms take [..., H, D] (whole-width ones flatten the last two axes), as project would give them.
+            q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)  # branches own none
+            if q_norm is not None:
+                q = q_norm(q.transpose(1, 2)).transpose(1, 2)
+            if k_norm is not None:
+                k = k_norm(k.transpose(1, 2)).transpose(1, 2)
+        return q, k
 
     # -- the HF adapter ----------------------------------------------------------------------------------
 
@@ -213,7 +225,7 @@ class Mixer(nn.Module):
         if self.shared is not None and self.shared.padding_mask is not None:
             pm = self.shared.padding_mask[:, -T:].to(device=hidden_states.device, dtype=torch.bool)
             padding = None if bool(pm.all()) else pm
-        ctx = MixContext(position_embeddings, attention_mask, padding, cache, kwargs)
+        ctx = MixContext(position_embeddings, attention_mask, padding, cache, kwargs, self.rotate)
         return self.mix(hidden_states, ctx), None
 
     def mix(self, x: Tensor, ctx: MixContext) -> Tensor:

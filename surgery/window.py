@@ -119,12 +119,17 @@ def sliding_window_attention(
     return o[:, :, :T]
 
 
-def rope(q: Tensor, k: Tensor, position_embeddings: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
-    """``[B, T, H, D]`` q and k -> ``[B, H, T, D]``, rotated when the model gives position embeddings."""
+def rope(q: Tensor, k: Tensor, ctx: MixContext) -> tuple[Tensor, Tensor]:
+    """``[B, T, H, D]`` q and k -> ``[B, H, T, D]``, rotated as the mixer's layer rotates (``ctx.rotate``).
+
+    A context built without a mixer (benchmarks, tests) rotates rotate-half when it carries ``(cos, sin)``.
+    """
+    if ctx.rotate is not None:
+        return ctx.rotate(q, k, ctx.position_embeddings)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
-    if position_embeddings is None:
+    if ctx.position_embeddings is None:
         return q, k
-    cos, sin = position_embeddings
+    cos, sin = ctx.position_embeddings
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
@@ -192,7 +197,7 @@ def swa_branch(
         ``[B, T, Hq, D]``, the ``(keys, values, valid)`` window to pass to ``layer.commit``, and the ``aux``
         tensors to commit (the sinks; empty without sinks).
     """
-    qr, kr = rope(q, k, ctx.position_embeddings)
+    qr, kr = rope(q, k, ctx)
     vt = v.transpose(1, 2)
     if layer is not None:
         kw, vw, valid = layer.window_with(kr, vt, ctx.padding_mask)

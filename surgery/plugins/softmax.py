@@ -17,7 +17,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from surgery.attention import AttentionSite
 from surgery.hookspecs import hookimpl
-from surgery.mixer import MixContext, Mixer, apply_rope
+from surgery.mixer import MixContext, Mixer
 
 
 def _repeat_kv(x: Tensor, groups: int) -> Tensor:
@@ -86,10 +86,9 @@ class SoftmaxAttention(Mixer):
     def mix(self, x: Tensor, ctx: MixContext) -> Tensor:
         """``x`` ``[B, T, C]`` -> ``[B, T, C]``, appending this call's keys and values to ``ctx.cache``."""
         B, T, _ = x.shape
-        q, k, v = (t.transpose(1, 2) for t in self.project(x))  # [B, H, T, D]
-        if ctx.position_embeddings is not None:
-            cos, sin = ctx.position_embeddings
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.project(x)
+        q, k = self.rotate(q, k, ctx.position_embeddings)  # [B, H, T, D]
+        v = v.transpose(1, 2)
         if ctx.cache is not None:
             k, v = ctx.cache.update(k, v, self.layer_idx, kwargs=ctx.attn_kwargs)
         # Only pass what the pretrained layer passes: sdpa refuses any softcap key, even None.
