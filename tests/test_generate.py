@@ -144,11 +144,22 @@ def test_captured_greedy_equals_eager(mixer: str, options: dict, layers: Any, ca
     ref = generate(model, x, mask, max_new_tokens=12, capture="eager", output_logits=True)
     out = generate(model, x, mask, max_new_tokens=12, capture=capture, output_logits=True)
     assert out.mode == capture
-    assert torch.equal(out.sequences, ref.sequences)
-    for a, b in zip(out.logits, ref.logits):
-        # a CUDA graph replays the eager kernels: bit-identical; inductor fuses differently (bf16 rounding)
-        torch.testing.assert_close(a.float(), b.float(), rtol=0 if capture == "graph" else 5e-2,
-                                   atol=0 if capture == "graph" else 1e-1)
+    if capture == "graph":  # a CUDA graph replays the eager kernels: bit-identical
+        assert torch.equal(out.sequences, ref.sequences)
+        for a, b in zip(out.logits, ref.logits):
+            assert torch.equal(a, b)
+        return
+    # Inductor fuses differently (bf16 rounding): logits agree to rounding, and the greedy tokens agree until a step
+    # where eager's best two logits were within that rounding (a near-tie on a random tiny model), if any.
+    new = x.shape[1]
+    for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
+        same = torch.equal(out.sequences[:, new + step], ref.sequences[:, new + step])
+        if not same:
+            top2 = b.float().topk(2, dim=-1).values
+            rows = out.sequences[:, new + step] != ref.sequences[:, new + step]
+            assert bool(((top2[:, 0] - top2[:, 1])[rows] < 1e-1).all()), f"step {step}: greedy tokens differ"
+            break
+        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=1e-1)
 
 
 @pytest.mark.gpu

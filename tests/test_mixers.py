@@ -171,7 +171,8 @@ def test_liger_fused_kernel_equals_the_two_branch_path_on_cuda(recurrent: str, r
     model.eval()
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        full = model(x).logits
-        parts = [model(x[:, :100], cache=cache, use_cache=True).logits]  # a cached prefill: the two-branch path
-        parts += [model(x[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(100, 150)]
-    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=2e-3, atol=2e-3)
+        full = model(x, use_cache=False).logits  # uncached: the fused op
+        parts = [model(x[:, :100], past_key_values=cache, use_cache=True).logits]  # cached prefill: two-branch path
+        parts += [model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(100, 150)]
+    # fp32 inputs run the Triton kernels' dot products in TF32: agreement to about 1e-2, not to fp32 rounding.
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-2, atol=1e-2)

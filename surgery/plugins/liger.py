@@ -180,9 +180,9 @@ class LigerAttention(Mixer):
 
         It allows it on CUDA for a branch that is one GLA call with key-side gates (``gla_form``: gla, hgrn2, a
         plugin's), without padding, sinks or window dropout, and without a cache: training (recovery turns the
-        cache off) and uncached forwards. A prefill into a cache takes the two-branch path: on the H200, decode
-        steps after a fused prefill did not continue correctly, although the op's outputs, final state (in the
-        interpreter) and gradients match; until that is found, the cache is filled by the reference path.
+        cache off) and uncached forwards. A prefill into a cache takes the two-branch path, which also writes the
+        window's keys and values and the recurrent state into the cache (the GPU test checks that decoding after it
+        continues the fused full forward).
         """
         opts = self.options
         if not x.is_cuda or x.shape[1] == 1 or ctx.padding_mask is not None or opts.sinks > 0 or layer is not None:
