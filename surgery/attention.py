@@ -10,12 +10,17 @@ Anything else fails loudly with the module class in the message.
 
 from __future__ import annotations
 
+import ast
 import copy
+import inspect
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
+
+from surgery.attention_extras import EXTRA_CANONICAL, AttentionExtras, extra_weights, read_extras
 
 Layout = Literal["separate", "fused_qkv", "fused_qkv_headwise"]
 
@@ -23,7 +28,7 @@ Layout = Literal["separate", "fused_qkv", "fused_qkv_headwise"]
 #: that copies is a dictionary lookup and LoRA targets (q_proj, k_proj, v_proj, o_proj) are the same everywhere.
 CANONICAL = (
     "q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias",
-    "o_proj.weight", "o_proj.bias", "q_norm.weight", "k_norm.weight",
+    "o_proj.weight", "o_proj.bias", "q_norm.weight", "k_norm.weight", *EXTRA_CANONICAL,
 )  # fmt: skip
 
 
@@ -44,6 +49,7 @@ class AttentionDims:
     scaling: float  # the softmax scale the pretrained layer uses (1/sqrt(head_dim) unless the model says otherwise)
     sliding_window: int | None = None  # this layer's own window, None for global attention
     softcap: float | None = None  # attention-logit soft-capping (Gemma 2 style), None when absent
+    rope: bool = True  # False: a "NoPE" layer that ignores the position embeddings its decoder layer passes
 
     @property
     def groups(self) -> int:
@@ -68,6 +74,8 @@ class AttentionSite:
     k_norm: nn.Module | None = field(default=None, compare=False, repr=False)
     qkv_names: tuple[str, ...] = ()  # the module's own projection child names, e.g. ("c_attn",)
     out_name: str = ""  # the module's own output projection name, e.g. "dense"
+    #: Sink logits, an output gate, a pre-output norm or a separate output bias (``surgery.attention_extras``).
+    extras: AttentionExtras | None = field(default=None, compare=False, repr=False)
 
 
 #: Projection children of each layout: (q/k/v projection names, output projection names). A module owning one set
@@ -165,12 +173,12 @@ def _layout_of(path: str, module: nn.Module) -> tuple[Layout, tuple[str, ...], s
     )  # fmt: skip
 
 
-def _check_children(path: str, module: nn.Module, qkv: tuple[str, ...], out: str) -> None:
-    """Refuse modules that own parameters we would silently drop (attention sinks, gates, extra norms)."""
-    own = [name for name, _ in module.named_parameters(recurse=False)]
+def _check_children(path: str, module: nn.Module, qkv: tuple[str, ...], out: str, extras: set[str] = frozenset()) -> None:
+    """Refuse modules that own parameters we would silently drop; ``extras``: names ``read_extras`` understood."""
+    own = [name for name, _ in module.named_parameters(recurse=False) if name not in extras]
     if own:
         raise _error(path, module, f"owns parameters outside its projections: {', '.join(own)}")
-    allowed = {*qkv, out, *(n for names in _NORM_ALIASES.values() for n in names)}
+    allowed = {*qkv, out, *extras, *(n for names in _NORM_ALIASES.values() for n in names)}
     for name, child in module.named_children():
         if name not in allowed and any(True for _ in child.parameters()):
             raise _error(path, module, f"child {name!r} ({type(child).__name__}) has parameters that cannot be read")
@@ -194,6 +202,38 @@ def _sliding_window(module: nn.Module, cfg: Any, layer_idx: int) -> int | None:
     if window is not None and isinstance(layer_types, (list, tuple)) and layer_idx < len(layer_types):
         return window if layer_types[layer_idx] == "sliding_attention" else None
     return window  # Mistral/Phi-3 style: one window for every layer
+
+
+def _rope_condition(forward: Any) -> ast.expr | None:
+    """The test of the ``if`` a forward puts around its rotary call, when that test reads only ``self``."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.If):
+            continue
+        calls = [c for stmt in node.body for c in ast.walk(stmt) if isinstance(c, ast.Call)]
+        rotary = any("rotary" in ast.unparse(c.func) for c in calls)
+        names = {n.id for n in ast.walk(node.test) if isinstance(n, ast.Name)}
+        if rotary and names == {"self"}:
+            return node.test
+    return None
+
+
+def _applies_rope(module: nn.Module) -> bool:
+    """Whether this layer rotates q and k. Decoder layers pass position embeddings to every layer, and "NoPE"
+    layers ignore them: Llama-4 and SmolLM3 say so with ``use_rope``; others (Flint, AFMoE) guard the rotary call
+    with an attribute of the module (``if self.sliding_window is not None``), which is evaluated here."""
+    if hasattr(module, "use_rope"):
+        return bool(module.use_rope)
+    test = _rope_condition(type(module).forward)
+    if test is None:
+        return True
+    try:
+        return bool(eval(compile(ast.Expression(test), "<rope condition>", "eval"), {"__builtins__": {}}, {"self": module}))
+    except Exception:  # noqa: BLE001 - a condition that cannot be evaluated statically: RoPE as usual
+        return True
 
 
 _WHOLE_WIDTH: dict[type, type] = {}
@@ -232,10 +272,6 @@ def _norm(path: str, module: nn.Module, name: str, head_dim: int, heads: int) ->
 
 def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> AttentionSite:
     layout, qkv_names, out_name = _layout_of(path, module)
-    _check_children(path, module, qkv_names, out_name)
-    if not getattr(module, "use_rope", True):
-        # Llama-4 / SmolLM3 "NoPE" layers skip RoPE; AttentionDims has no field to say so.
-        raise _error(path, module, "layer does not apply RoPE (use_rope is false), which sites cannot describe")
     if getattr(module, "is_causal", True) is False:
         raise _error(path, module, "bidirectional attention (is_causal is false) cannot be replaced in a causal LM")
     cfg = module.config if getattr(module, "config", None) is not None else model_cfg
@@ -266,15 +302,20 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
         Hkv = Hq
     if Hq % Hkv:
         raise _error(path, module, f"{Hq} query heads are not a multiple of {Hkv} key/value heads")
+    claimed = {*qkv_names, out_name, *(n for names in _NORM_ALIASES.values() for n in names)}
+    extras = read_extras(module, qkv_names, out_name, Hq, D, C, claimed, lambda why: _error(path, module, why))
+    _check_children(path, module, qkv_names, out_name, claimed)
     softcap = getattr(module, "attn_logit_softcapping", getattr(cfg, "attn_logit_softcapping", None))
     dims = AttentionDims(
         hidden_size=C, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, qkv_bias=qkv[0].bias is not None,
         o_bias=out.bias is not None, scaling=float(getattr(module, "scaling", D**-0.5)),
-        sliding_window=_sliding_window(module, cfg, layer_idx), softcap=softcap,
+        sliding_window=_sliding_window(module, cfg, layer_idx), softcap=softcap, rope=_applies_rope(module),
     )  # fmt: skip
     q_norm = _norm(path, module, "q_norm", D, Hq)
     k_norm = _norm(path, module, "k_norm", D, Hkv)
-    return AttentionSite(layer_idx, path, type(module).__name__, dims, layout, q_norm, k_norm, qkv_names, out_name)
+    return AttentionSite(
+        layer_idx, path, type(module).__name__, dims, layout, q_norm, k_norm, qkv_names, out_name, extras
+    )
 
 
 def find_attention(model: nn.Module) -> list[AttentionSite]:
@@ -330,4 +371,4 @@ def read_weights(module: nn.Module, site: AttentionSite) -> dict[str, Tensor]:
     for name in _NORMS:
         norm = next((getattr(module, a) for a in _NORM_ALIASES[name] if getattr(module, a, None) is not None), None)
         parts[f"{name}.weight"] = getattr(norm, "weight", None)
-    return {key: t.detach() for key, t in parts.items() if isinstance(t, Tensor)}
+    return {key: t.detach() for key, t in parts.items() if isinstance(t, Tensor)} | extra_weights(module, site.extras)

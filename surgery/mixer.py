@@ -16,9 +16,11 @@ from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from surgery.attention import AttentionSite
+from surgery.attention_extras import AttentionExtras
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -71,6 +73,8 @@ class MixContext:
         padding_mask: ``[B, T]`` bool, True for real tokens of this call; None when every token is real.
         cache: the HF ``Cache`` object of this forward, or None.
         attn_kwargs: remaining keyword arguments, forwarded to transformers' attention functions.
+        query_scale: ``[B, 1, T, 1]`` per-position factor on the post-RoPE queries that some decoder layers pass
+            (Beam's scalable softmax on its NoPE layers, keyword ``attention_scaling``), or None.
     """
 
     position_embeddings: tuple[Tensor, Tensor] | None
@@ -78,6 +82,11 @@ class MixContext:
     padding_mask: Tensor | None
     cache: Any
     attn_kwargs: dict[str, Any]
+    query_scale: Tensor | None = None
+
+    def scale_queries(self, q: Tensor) -> Tensor:
+        """``q`` ``[B, Hq, T, D]`` (post-RoPE) times ``query_scale`` in fp32, as the pretrained layer does it."""
+        return q if self.query_scale is None else (q.float() * self.query_scale).to(q.dtype)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -153,6 +162,24 @@ class Mixer(nn.Module):
         self.o_proj = nn.Linear(d.num_heads * d.head_dim, d.hidden_size, bias=d.o_bias)
         self.q_norm = copy.deepcopy(site.q_norm) if site.q_norm is not None else None
         self.k_norm = copy.deepcopy(site.k_norm) if site.k_norm is not None else None
+        if site.extras is not None:
+            self._build_extras(site.extras)
+
+    def _build_extras(self, extras: AttentionExtras) -> None:
+        """The pretrained layer's sink logits, output gate, pre-output norm and output bias (canonical names)."""
+        d = self.site.dims
+        if extras.sink_logits:
+            self.sink_logits = nn.Parameter(torch.zeros(d.num_heads))  # [Hq]; read by softmax and window mixers
+        gate = extras.gate
+        if gate is not None:
+            width = d.num_heads if gate.per_head else d.num_heads * d.head_dim
+            self.out_gate = nn.Linear(d.hidden_size, width, bias=gate.bias)
+            if gate.head_bias:
+                self.out_gate_head_bias = nn.Parameter(torch.zeros(d.num_heads))
+        if extras.o_norm is not None:
+            self.o_norm = copy.deepcopy(extras.o_norm)
+        if extras.o_bias:
+            self.o_bias = nn.Parameter(torch.zeros(d.hidden_size))
 
     @classmethod
     def resolve_options(cls, site: AttentionSite, options: Options) -> Options:
@@ -189,6 +216,32 @@ class Mixer(nn.Module):
             k = self.k_norm(k)
         return q, k, v
 
+    def output(self, o: Tensor, x: Tensor) -> Tensor:
+        """The output projection of the attention output ``o`` ``[B, T, Hq * D]`` of layer input ``x`` ``[B, T, C]``.
+
+        Every mixer ends with it: ``o_proj`` alone, or, where the pretrained layer has them, its output gate (from
+        ``x``), its norm before ``o_proj`` and its separate output bias, in the pretrained order.
+        """
+        extras = self.site.extras
+        if extras is None or not extras.on_output:
+            return self.o_proj(o)
+        gate = extras.gate
+        if gate is not None:
+            g = self.out_gate(x)
+            B, T, _ = o.shape
+            if gate.head_bias:
+                g = g.view(B, T, self.num_heads, -1) + self.out_gate_head_bias[:, None]
+            # softplus in fp32 (Laguna), sigmoid in the input dtype (AFMoE, HRM, Beam), as the families do.
+            g = torch.sigmoid(g) if gate.activation == "sigmoid" else F.softplus(g.float()).to(o.dtype)
+            if gate.per_head:
+                o = (o.view(B, T, self.num_heads, -1) * g.view(B, T, self.num_heads, 1)).view(B, T, -1)
+            else:
+                o = o * g.reshape(B, T, -1)
+        if extras.o_norm is not None:
+            o = self.o_norm(o)
+        out = self.o_proj(o)
+        return out + self.o_bias if extras.o_bias else out
+
     # -- the HF adapter ----------------------------------------------------------------------------------
 
     def forward(
@@ -198,7 +251,7 @@ class Mixer(nn.Module):
         position_embeddings: tuple[Tensor, Tensor] | None = None,
         attention_mask: Any = None,
         **kwargs: Any,
-    ) -> tuple[Tensor, None]:
+    ) -> tuple[Tensor, None] | tuple[Tensor, None, None]:
         # Decoder layers call attention with keywords; GPT-NeoX-style layers pass the mask positionally.
         if args and attention_mask is None:
             attention_mask = args[0]
@@ -213,7 +266,14 @@ class Mixer(nn.Module):
         if self.shared is not None and self.shared.padding_mask is not None:
             pm = self.shared.padding_mask[:, -T:].to(device=hidden_states.device, dtype=torch.bool)
             padding = None if bool(pm.all()) else pm
-        ctx = MixContext(position_embeddings, attention_mask, padding, cache, kwargs)
+        if not self.site.dims.rope:
+            position_embeddings = None  # a NoPE layer: the decoder layer passes them to every layer
+        query_scale = kwargs.pop("attention_scaling", None)
+        query_scale = query_scale if isinstance(query_scale, Tensor) else None
+        ctx = MixContext(position_embeddings, attention_mask, padding, cache, kwargs, query_scale)
+        if self.site.extras is not None and self.site.extras.returns_bias:
+            # The pretrained module returned its output bias for the layer to add; ``output`` added it already.
+            return self.mix(hidden_states, ctx), None, None  # type: ignore[return-value]
         return self.mix(hidden_states, ctx), None
 
     def mix(self, x: Tensor, ctx: MixContext) -> Tensor:
