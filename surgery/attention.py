@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import inspect
 import textwrap
 from dataclasses import dataclass, field
@@ -173,7 +174,9 @@ def _layout_of(path: str, module: nn.Module) -> tuple[Layout, tuple[str, ...], s
     )  # fmt: skip
 
 
-def _check_children(path: str, module: nn.Module, qkv: tuple[str, ...], out: str, extras: set[str] = frozenset()) -> None:
+def _check_children(
+    path: str, module: nn.Module, qkv: tuple[str, ...], out: str, extras: set[str] | frozenset[str] = frozenset()
+) -> None:
     """Refuse modules that own parameters we would silently drop; ``extras``: names ``read_extras`` understood."""
     own = [name for name, _ in module.named_parameters(recurse=False) if name not in extras]
     if own:
@@ -204,8 +207,17 @@ def _sliding_window(module: nn.Module, cfg: Any, layer_idx: int) -> int | None:
     return window  # Mistral/Phi-3 style: one window for every layer
 
 
+#: Nodes a rotary condition may hold: attribute reads of ``self``, constants, comparisons and boolean logic.
+_CONDITION_NODES = (
+    ast.Attribute, ast.Name, ast.Constant, ast.Compare, ast.BoolOp, ast.UnaryOp, ast.Load, ast.Not, ast.And, ast.Or,
+    ast.Is, ast.IsNot, ast.Eq, ast.NotEq,
+)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=None)
 def _rope_condition(forward: Any) -> ast.expr | None:
-    """The test of the ``if`` a forward puts around its rotary call, when that test reads only ``self``."""
+    """The test of the ``if`` a forward puts around its rotary call, when that test only reads ``self``'s
+    attributes (no calls); parsed once per forward function."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
     except (OSError, TypeError, SyntaxError):
@@ -216,7 +228,8 @@ def _rope_condition(forward: Any) -> ast.expr | None:
         calls = [c for stmt in node.body for c in ast.walk(stmt) if isinstance(c, ast.Call)]
         rotary = any("rotary" in ast.unparse(c.func) for c in calls)
         names = {n.id for n in ast.walk(node.test) if isinstance(n, ast.Name)}
-        if rotary and names == {"self"}:
+        plain = all(isinstance(n, _CONDITION_NODES) for n in ast.walk(node.test))
+        if rotary and plain and names == {"self"}:
             return node.test
     return None
 
@@ -230,9 +243,10 @@ def _applies_rope(module: nn.Module) -> bool:
     test = _rope_condition(type(module).forward)
     if test is None:
         return True
+    code = compile(ast.Expression(test), "<rope condition>", "eval")
     try:
-        return bool(eval(compile(ast.Expression(test), "<rope condition>", "eval"), {"__builtins__": {}}, {"self": module}))
-    except Exception:  # noqa: BLE001 - a condition that cannot be evaluated statically: RoPE as usual
+        return bool(eval(code, {"__builtins__": {}}, {"self": module}))  # noqa: S307 - attribute reads only
+    except AttributeError:  # the attribute is set later than reading time: RoPE as usual
         return True
 
 
@@ -303,7 +317,7 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
     if Hq % Hkv:
         raise _error(path, module, f"{Hq} query heads are not a multiple of {Hkv} key/value heads")
     claimed = {*qkv_names, out_name, *(n for names in _NORM_ALIASES.values() for n in names)}
-    extras = read_extras(module, qkv_names, out_name, Hq, D, C, claimed, lambda why: _error(path, module, why))
+    extras = read_extras(module, out_name, Hq, D, C, claimed, lambda why: _error(path, module, why))
     _check_children(path, module, qkv_names, out_name, claimed)
     softcap = getattr(module, "attn_logit_softcapping", getattr(cfg, "attn_logit_softcapping", None))
     dims = AttentionDims(

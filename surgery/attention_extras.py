@@ -34,7 +34,8 @@ EXTRA_CANONICAL = (
 _SINKS = ("sinks", "sink_logits", "attention_sinks")
 _GATES = ("gate_proj", "g_proj", "o_gate")
 _GATE_HEAD_BIAS = ("gate_bias",)
-_ACTIVATIONS = ("sigmoid", "softplus")
+Activation = Literal["sigmoid", "softplus"]
+_ACTIVATIONS: tuple[Activation, ...] = ("sigmoid", "softplus")
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class OutputGate:
     """
 
     per_head: bool
-    activation: Literal["sigmoid", "softplus"]
+    activation: Activation
     bias: bool  # out_gate has a bias
     head_bias: bool  # a separate learned [Hq] bias added before the activation
 
@@ -71,24 +72,24 @@ class AttentionExtras:
         return self.gate is not None or self.o_norm is not None or self.o_bias
 
 
-def _activation(module: nn.Module) -> str | None:
+def _activation(module: nn.Module) -> Activation | None:
     """The gate activation the module's forward names: nothing structural says which one it applies."""
     try:
         source = inspect.getsource(type(module).forward)
     except (OSError, TypeError):
         return None
-    found = [a for a in _ACTIVATIONS if a in source]
+    found: list[Activation] = [a for a in _ACTIVATIONS if a in source]
     return found[0] if len(found) == 1 else None
 
 
 def read_extras(
-    module: nn.Module, qkv: tuple[str, ...], out: str, heads: int, head_dim: int, hidden: int,
-    claimed: set[str], error: Callable[[str], Exception],
+    module: nn.Module, out: str, heads: int, head_dim: int, hidden: int, claimed: set[str],
+    error: Callable[[str], Exception],
 ) -> AttentionExtras | None:
     """The extras of ``module`` (None when it has none); adds the names it reads to ``claimed``.
 
     Args:
-        qkv, out: the module's projection child names. heads, head_dim, hidden: Hq, D and C of the layer.
+        out: the module's output projection name. heads, head_dim, hidden: Hq, D and C of the layer.
         claimed: child and parameter names already understood (projections, q/k norms); extended in place.
         error: builds the exception for a structure that is recognised but cannot be reproduced.
     """
@@ -116,7 +117,8 @@ def read_extras(
         if activation is None:
             raise error(f"output gate {gate_name!r}: its forward names neither or both of {'/'.join(_ACTIVATIONS)}")
         head_bias = next((n for n in _GATE_HEAD_BIAS if n in own and tuple(own[n].shape) == (heads,)), None)
-        gate = OutputGate(lin.out_features == heads, activation, lin.bias is not None, head_bias is not None)  # type: ignore[arg-type]
+        per_head = lin.out_features == heads
+        gate = OutputGate(per_head, activation, lin.bias is not None, head_bias is not None)
         names["out_gate.weight"] = f"{gate_name}.weight"
         if lin.bias is not None:
             names["out_gate.bias"] = f"{gate_name}.bias"
@@ -140,18 +142,19 @@ def read_extras(
     o_bias = bias_name in own
     if o_bias:
         if tuple(own[bias_name].shape) != (hidden,):
-            raise error(f"separate output bias {bias_name!r} has shape {tuple(own[bias_name].shape)}, expected ({hidden},)")
+            shape = tuple(own[bias_name].shape)
+            raise error(f"separate output bias {bias_name!r} has shape {shape}, expected ({hidden},)")
         if getattr(children[out], "bias", None) is not None:
             raise error(f"both {out}.bias and a separate {bias_name!r}")
         names["o_bias"] = bias_name
-    claimed.update(n for n in (sink, bias_name) if n)
+    claimed.update(n for n in (sink, bias_name if o_bias else None) if n)
     if not names and not returns_bias:
         return None
     return AttentionExtras(sink is not None, gate, o_norm, o_bias, returns_bias, eager, names)
 
 
 def extra_weights(module: nn.Module, extras: AttentionExtras | None) -> dict[str, Tensor]:
-    """The extra tensors of ``module`` under canonical names (``sink_logits`` [Hq], ``out_gate.weight`` [G, C], ...)."""
+    """The extra tensors of ``module`` under canonical names: ``sink_logits`` [Hq], ``out_gate.weight`` [G, C]..."""
     if extras is None:
         return {}
     out: dict[str, Tensor] = {}

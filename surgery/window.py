@@ -33,7 +33,9 @@ def band_mask(block: int, window: int, device: torch.device | None = None) -> Te
     return (c >= r) & (c <= r + window)
 
 
-def _sink_column(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sink_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _sink_column(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sink_logits: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """Keys, values and an additive mask with one more key per head whose logit is that head's sink logit.
 
     The extra key is zero with a zero value, so it adds ``exp(sink)`` to the softmax denominator and nothing to the

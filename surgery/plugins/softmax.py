@@ -89,8 +89,11 @@ class SoftmaxAttention(Mixer):
         extras = self.site.extras
         # Families formulate sink logits differently (an extra column, a log-sum-exp rescaling): only their own
         # eager function reproduces their logits bit for bit.
-        default = extras.eager if extras is not None and extras.sink_logits else eager_attention
-        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, default)
+        sinks = extras is not None and extras.sink_logits
+        if sinks and implementation == "sdpa":
+            raise ValueError(f"{self.site.path} ({self.site.module_class}): learned sink logits cannot run under sdpa "
+                             "(it has no extra softmax logit); use eager, flash or flex attention")  # fmt: skip
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, extras.eager if sinks else eager_attention)
 
     def mix(self, x: Tensor, ctx: MixContext) -> Tensor:
         """``x`` ``[B, T, C]`` -> ``[B, T, C]``, appending this call's keys and values to ``ctx.cache``."""
