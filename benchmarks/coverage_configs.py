@@ -119,7 +119,7 @@ KNOWN_GAPS: dict[str, str] = {
     "cpmant": "relative position bias, projections named project_q/k/v",
     **{t: _ROTARY for t in (
         "cohere", "cohere2", "cohere2_moe", "glm", "glm4", "ernie4_5", "ernie4_5_moe", "helium", "gptj", "codegen",
-        "llama4_text", "kolibri1", "nanochat",
+        "llama4_text", "nanochat",
     )},
     "bloom": "ALiBi: kept layers would need the bias (and the layer adds its residual inside attention)",
     "mpt": "ALiBi: kept layers would need the position bias",
@@ -131,5 +131,5 @@ KNOWN_GAPS: dict[str, str] = {
         "cohere_compass_text", "dbrx", "dots3_note_text", "gemma3n_text", "llama4", "qwen4_exp", "qwen4_exp_text",
         "zaya", "lara_mini", "blt",
     )},
-    **{t: _UNDIAGNOSED for t in ("exaone4", "exaone_moe", "gemma4_text", "gemma4_unified_text")},
+    **{t: _UNDIAGNOSED for t in ("gemma4_text", "gemma4_unified_text")},
 }  # fmt: skip

@@ -128,7 +128,7 @@ def test_softmax_mixer_reproduces_the_extras_bit_for_bit(model_type: str, regist
     converted = _convert(model, registry, "softmax")
     with torch.no_grad():
         assert torch.equal(converted(_ids()).logits, model(_ids()).logits)
-    # Dropping an extra changes the logits: the mixers really apply them.
+    # Changing an extra changes the logits: the mixer really applies them.
     mixer = converted.get_submodule(find_attention(model)[-1].path)
     extras = ("sink_logits", "out_gate", "o_norm", "o_bias")
     with torch.no_grad():
