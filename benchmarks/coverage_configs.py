@@ -106,8 +106,8 @@ KNOWN_GAPS: dict[str, str] = {
        for t in ("inkling2_text", "inkling2_loop_text")},
     "hrm_text": "hierarchical recurrence: two stacks of layers (L and H) rerun for several cycles, each cycle its own "
                 "cache slot (cycle_offset); its output gate is read",
-    "dory": "nGPT attention: learned per-channel query rescaling (sqk) after RoPE and a learned scale (s_gate) "
-            "inside the output gate",
+    "dory": "looped layers (the recurrent section runs n_recurrent_loops times, each loop with its own cache layers) "
+            "and nGPT attention: learned query rescaling (sqk) after RoPE, a learned scale (s_gate) inside the gate",
     "diffllama": f"{_EXTRA_PARAMS}: differential attention, two softmax maps per head pair combined as "
                  "A1 - lambda A2 with learned lambda vectors and a head-pair norm",
     "doge": f"{_EXTRA_PARAMS}: dynamic mask, a per-key logit bias exp(A softplus(dt_proj(v))) with top-k key "

@@ -132,6 +132,9 @@ class Mixer(nn.Module):
     #: graph: no host synchronisation, no shapes that depend on data, every cache write through ``commit``.
     #: A mixer that cannot promise this sets False and decodes eagerly (``surgery.generate`` warns).
     capturable: ClassVar[bool] = True
+    #: Whether this mixer runs a softmax that takes the pretrained layer's learned sink logits (``sink_logits``
+    #: ``[Hq]``, see ``surgery.attention_extras``). Others do not own them, and the manifest reports them dropped.
+    uses_sink_logits: ClassVar[bool] = False
     #: A scalar a mixer may set during a training forward (e.g. a load-balancing loss); recovery adds it to the
     #: stage's loss and clears it.
     aux_loss: Tensor | None = None
@@ -168,7 +171,7 @@ class Mixer(nn.Module):
     def _build_extras(self, extras: AttentionExtras) -> None:
         """The pretrained layer's sink logits, output gate, pre-output norm and output bias (canonical names)."""
         d = self.site.dims
-        if extras.sink_logits:
+        if extras.sink_logits and self.uses_sink_logits:
             self.sink_logits = nn.Parameter(torch.zeros(d.num_heads))  # [Hq]; read by softmax and window mixers
         gate = extras.gate
         if gate is not None:

@@ -177,15 +177,15 @@ class ConvAttention(nn.Module):
         self.proj = nn.Linear(hidden, hidden)
 
 
-class SinkAttention(nn.Module):
-    """Separate q/k/v/o plus a learned per-head sink that a reader would drop."""
+class LambdaAttention(nn.Module):
+    """Separate q/k/v/o plus a learned vector (differential attention's lambda) that a reader would drop."""
 
     def __init__(self, hidden: int, heads: int) -> None:
         super().__init__()
         self.head_dim = hidden // heads
         self.q_proj, self.k_proj = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
         self.v_proj, self.o_proj = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
-        self.sinks = nn.Parameter(torch.zeros(heads))
+        self.lambda_q1 = nn.Parameter(torch.zeros(self.head_dim))
 
 
 def test_unreadable_attention_names_path_and_class() -> None:
@@ -197,8 +197,8 @@ def test_unreadable_attention_names_path_and_class() -> None:
 
 def test_attention_with_unread_parameters_is_refused() -> None:
     model = tiny_model("llama")
-    model.model.layers[2].self_attn = SinkAttention(model.config.hidden_size, model.config.num_attention_heads)
-    with pytest.raises(AttentionReadError, match=r"model\.layers\.2\.self_attn.*SinkAttention.*sinks"):
+    model.model.layers[2].self_attn = LambdaAttention(model.config.hidden_size, model.config.num_attention_heads)
+    with pytest.raises(AttentionReadError, match=r"model\.layers\.2\.self_attn.*LambdaAttention.*lambda_q1"):
         find_attention(model)
 
 

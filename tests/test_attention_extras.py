@@ -197,3 +197,29 @@ def test_recurrent_mixer_applies_the_pretrained_output_gate(registry: Any) -> No
     gate = nn.functional.softplus(old.g_proj(x)).repeat_interleave(site.dims.head_dim, -1)
     with torch.no_grad():
         assert torch.allclose(mixer.output(o, x), old.o_proj(o * gate))
+
+
+def test_mixers_without_a_softmax_report_the_sink_logits_dropped(registry: Any) -> None:
+    model = tiny_model("flint")
+    gla, liger = _convert(model, registry, "gla"), _convert(model, registry, "liger_attention", {"window": 2})
+    assert all("sink_logits" in r.dropped for r in gla.surgery.manifest)
+    assert all("sink_logits" in r.copied and "sink_logits" not in r.dropped for r in liger.surgery.manifest)
+    assert not any(name.endswith("sink_logits") for name, _ in gla.named_parameters())
+
+
+class _SinkAttention(nn.Module):
+    """Learned sinks in a module whose modeling module has no eager attention function to reproduce them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(16, 16) for _ in range(4))
+        self.sinks = nn.Parameter(torch.zeros(2))
+        self.head_dim = 8
+
+
+def test_sinks_without_an_eager_function_are_refused_naming_the_module() -> None:
+    model = nn.Module()
+    model.layers = nn.ModuleList([nn.Module()])
+    model.layers[0].self_attn = _SinkAttention()
+    with pytest.raises(AttentionReadError, match=r"layers\.0\.self_attn.*_SinkAttention.*eager_attention_forward"):
+        find_attention(model)

@@ -70,6 +70,7 @@ class LigerAttention(Mixer):
     name = "liger_attention"
     description = "Liger Attention: 0.5 sliding-window softmax attention (64 tokens) + 0.5 of a recurrent mixer."
     default_weights = "copy_qkvo"
+    uses_sink_logits = True
     test_options = (
         {"window": 4},
         {"window": 4, "recurrent": "hgrn2"},

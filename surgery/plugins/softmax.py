@@ -70,6 +70,7 @@ class SoftmaxAttention(Mixer):
     name = "softmax"
     description = "The model's own softmax attention, unchanged (identity; kept layers)."
     default_weights = "copy_qkvo"
+    uses_sink_logits = True
 
     class Options(Mixer.Options):
         pass

@@ -22,6 +22,7 @@ class SlidingWindowAttention(Mixer):
     name = "swa"
     description = "Sliding-window softmax attention with the pretrained q/k/v/o (Liger's SWA branch alone)."
     default_weights = "copy_qkvo"
+    uses_sink_logits = True
     test_options = ({"window": 4}, {"window": 4, "sinks": 2}, {"window": 2, "sinks": 3})
 
     class Options(Mixer.Options):
