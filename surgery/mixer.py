@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from surgery.attention import AttentionSite
