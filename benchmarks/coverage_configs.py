@@ -90,7 +90,7 @@ def tiny_config(model_type: str) -> Any:
     return cls(**kwargs)
 
 _MLA = "multi-head latent attention: low-rank q/kv with norms in between, no q/k/v/o projections to read"
-_SINKS = "learned attention sinks (per-head softmax logits) that mixers do not have"
+_INKLING = "short convolutions on keys/values, relative-position logits and position-dependent query scaling"
 _EXTRA_PARAMS = "attention owns parameters mixers do not reproduce"
 _CONFIG = "the sweep's generic tiny config does not build this family yet"
 _UNDIAGNOSED = "softmax identity differs: not diagnosed yet"
@@ -102,12 +102,18 @@ KNOWN_GAPS: dict[str, str] = {
         "axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "glm4_moe_lite", "glm_moe_dsa",
         "hy_v4", "minicpm3", "sarvam_mla", "youtu", "longcat_flash",
     )},
-    **{t: _SINKS for t in ("flint", "gpt_oss", "granite_swa", "granitemoe_swa", "inkling2_text", "inkling2_loop_text")},
-    **{t: f"{_EXTRA_PARAMS}: output gate" for t in ("afmoe", "laguna", "hrm_text", "beam", "dory", "inkling_text")},
-    "bitnet": f"{_EXTRA_PARAMS}: a norm before the output projection",
-    "gpt_neox_japanese": f"{_EXTRA_PARAMS}: a separate output bias",
-    "diffllama": f"{_EXTRA_PARAMS}: differential attention (two softmax maps)",
-    "doge": f"{_EXTRA_PARAMS}: dynamic mask from the values",
+    "gpt_oss": "rotary convention: half-width cos/sin rotating pairs (i, i + D/2); its learned sinks are read",
+    "inkling_text": _INKLING,
+    **{t: f"{_INKLING}; q/k/v are module classes of their own, sinks per token (sink_proj), gated o_proj module"
+       for t in ("inkling2_text", "inkling2_loop_text")},
+    "hrm_text": "hierarchical recurrence: two stacks of layers (L and H) rerun for several cycles, each cycle its own "
+                "cache slot (cycle_offset); its output gate is read",
+    "dory": "looped layers (the recurrent section runs n_recurrent_loops times, each loop with its own cache layers) "
+            "and nGPT attention: learned query rescaling (sqk) after RoPE, a learned scale (s_gate) inside the gate",
+    "diffllama": f"{_EXTRA_PARAMS}: differential attention, two softmax maps per head pair combined as "
+                 "A1 - lambda A2 with learned lambda vectors and a head-pair norm",
+    "doge": f"{_EXTRA_PARAMS}: dynamic mask, a per-key logit bias exp(A softplus(dt_proj(v))) with top-k key "
+            "selection, which the key/value cache of mixers does not hold",
     "jetmoe": "mixture of attention heads (experts), no q/k/v/o projections",
     "mimo_v2_flash": "value head dim differs from the query/key head dim",
     "cpmant": "relative position bias, projections named project_q/k/v",

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from surgery.attention_extras import EXTRA_CANONICAL, AttentionExtras, extra_weights, read_extras
 from surgery.rotary import ROTATE_HALF, Rotary, RotaryReadError, read_rotary
 
 Layout = Literal["separate", "fused_qkv", "fused_qkv_headwise", "fused_qkv_sharded"]
@@ -26,7 +27,7 @@ Layout = Literal["separate", "fused_qkv", "fused_qkv_headwise", "fused_qkv_shard
 #: that copies is a dictionary lookup and LoRA targets (q_proj, k_proj, v_proj, o_proj) are the same everywhere.
 CANONICAL = (
     "q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias",
-    "o_proj.weight", "o_proj.bias", "q_norm.weight", "k_norm.weight",
+    "o_proj.weight", "o_proj.bias", "q_norm.weight", "k_norm.weight", *EXTRA_CANONICAL,
 )  # fmt: skip
 
 
@@ -73,6 +74,8 @@ class AttentionSite:
     qkv_names: tuple[str, ...] = ()  # the module's own projection child names, e.g. ("c_attn",)
     out_name: str = ""  # the module's own output projection name, e.g. "dense"
     rotary: Rotary = ROTATE_HALF
+    #: Sink logits, an output gate, a pre-output norm or a separate output bias (``surgery.attention_extras``).
+    extras: AttentionExtras | None = field(default=None, compare=False, repr=False)
 
 
 #: Projection children of each layout: (q/k/v projection names, output projection names). A module owning one set
@@ -174,12 +177,14 @@ def _layout_of(path: str, module: nn.Module) -> tuple[Layout, tuple[str, ...], s
     )  # fmt: skip
 
 
-def _check_children(path: str, module: nn.Module, qkv: tuple[str, ...], out: str) -> None:
-    """Refuse modules that own parameters we would silently drop (attention sinks, gates, extra norms)."""
-    own = [name for name, _ in module.named_parameters(recurse=False)]
+def _check_children(
+    path: str, module: nn.Module, qkv: tuple[str, ...], out: str, extras: set[str] | frozenset[str] = frozenset()
+) -> None:
+    """Refuse modules that own parameters we would silently drop; ``extras``: names ``read_extras`` understood."""
+    own = [name for name, _ in module.named_parameters(recurse=False) if name not in extras]
     if own:
         raise _error(path, module, f"owns parameters outside its projections: {', '.join(own)}")
-    allowed = {*qkv, out, *(n for names in _NORM_ALIASES.values() for n in names)}
+    allowed = {*qkv, out, *extras, *(n for names in _NORM_ALIASES.values() for n in names)}
     for name, child in module.named_children():
         if name not in allowed and any(True for _ in child.parameters()):
             raise _error(path, module, f"child {name!r} ({type(child).__name__}) has parameters that cannot be read")
@@ -243,7 +248,6 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
     layout, qkv_names, out_name = _layout_of(path, module)
     if layout == "fused_qkv" and _shards(module) > 1:
         layout = "fused_qkv_sharded"
-    _check_children(path, module, qkv_names, out_name)
     if getattr(module, "is_causal", True) is False:
         raise _error(path, module, "bidirectional attention (is_causal is false) cannot be replaced in a causal LM")
     cfg = module.config if getattr(module, "config", None) is not None else model_cfg
@@ -277,6 +281,9 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
         Hkv = Hq
     if Hq % Hkv:
         raise _error(path, module, f"{Hq} query heads are not a multiple of {Hkv} key/value heads")
+    claimed = {*qkv_names, out_name, *(n for names in _NORM_ALIASES.values() for n in names)}
+    extras = read_extras(module, out_name, Hq, D, C, claimed, lambda why: _error(path, module, why))
+    _check_children(path, module, qkv_names, out_name, claimed)
     softcap = getattr(module, "attn_logit_softcapping", getattr(cfg, "attn_logit_softcapping", None))
     dims = AttentionDims(
         hidden_size=C, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, qkv_bias=qkv[0].bias is not None,
@@ -287,7 +294,7 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
     k_norm = _norm(path, module, "k_norm", D, Hkv)
     rotary = _rotary(path, module, D)
     return AttentionSite(
-        layer_idx, path, type(module).__name__, dims, layout, q_norm, k_norm, qkv_names, out_name, rotary
+        layer_idx, path, type(module).__name__, dims, layout, q_norm, k_norm, qkv_names, out_name, rotary, extras
     )  # fmt: skip
 
 
@@ -386,4 +393,4 @@ def read_weights(module: nn.Module, site: AttentionSite) -> dict[str, Tensor]:
     for name in _NORMS:
         norm = next((getattr(module, a) for a in _NORM_ALIASES[name] if getattr(module, a, None) is not None), None)
         parts[f"{name}.weight"] = getattr(norm, "weight", None)
-    return {key: t.detach() for key, t in parts.items() if isinstance(t, Tensor)}
+    return {key: t.detach() for key, t in parts.items() if isinstance(t, Tensor)} | extra_weights(module, site.extras)

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from surgery.attention import AttentionSite
+from surgery.attention_extras import AttentionExtras
 from surgery.rotary import apply_rope, rotate_half
 
 __all__ = ["MixContext", "Mixer", "Options", "SharedState", "WeightMap", "apply_rope", "rotate_half"]
@@ -77,6 +79,8 @@ class MixContext:
         attn_kwargs: remaining keyword arguments, forwarded to transformers' attention functions.
         rotate: the mixer's ``Mixer.rotate`` (q, k ``[B, T, H, D]`` -> rotated ``[B, H, T, D]``), for helpers that
             get the context but not the mixer (``surgery.window``); None: rotate-half.
+        query_scale: ``[B, 1, T, 1]`` per-position factor on the post-RoPE queries that some decoder layers pass
+            (Beam's scalable softmax on its NoPE layers, keyword ``attention_scaling``), or None.
     """
 
     position_embeddings: tuple[Tensor, Tensor] | None
@@ -85,6 +89,11 @@ class MixContext:
     cache: Any
     attn_kwargs: dict[str, Any]
     rotate: Callable[[Tensor, Tensor, Any], tuple[Tensor, Tensor]] | None = None
+    query_scale: Tensor | None = None
+
+    def scale_queries(self, q: Tensor) -> Tensor:
+        """``q`` ``[B, Hq, T, D]`` (post-RoPE) times ``query_scale`` in fp32, as the pretrained layer does it."""
+        return q if self.query_scale is None else (q.float() * self.query_scale).to(q.dtype)
 
 
 class Mixer(nn.Module):
@@ -111,6 +120,9 @@ class Mixer(nn.Module):
     #: graph: no host synchronisation, no shapes that depend on data, every cache write through ``commit``.
     #: A mixer that cannot promise this sets False and decodes eagerly (``surgery.generate`` warns).
     capturable: ClassVar[bool] = True
+    #: Whether this mixer runs a softmax that takes the pretrained layer's learned sink logits (``sink_logits``
+    #: ``[Hq]``, see ``surgery.attention_extras``). Others do not own them, and the manifest reports them dropped.
+    uses_sink_logits: ClassVar[bool] = False
     #: A scalar a mixer may set during a training forward (e.g. a load-balancing loss); recovery adds it to the
     #: stage's loss and clears it.
     aux_loss: Tensor | None = None
@@ -141,6 +153,24 @@ class Mixer(nn.Module):
         self.o_proj = nn.Linear(d.num_heads * d.head_dim, d.hidden_size, bias=d.o_bias)
         self.q_norm = copy.deepcopy(site.q_norm) if site.q_norm is not None else None
         self.k_norm = copy.deepcopy(site.k_norm) if site.k_norm is not None else None
+        if site.extras is not None:
+            self._build_extras(site.extras)
+
+    def _build_extras(self, extras: AttentionExtras) -> None:
+        """The pretrained layer's sink logits, output gate, pre-output norm and output bias (canonical names)."""
+        d = self.site.dims
+        if extras.sink_logits and self.uses_sink_logits:
+            self.sink_logits = nn.Parameter(torch.zeros(d.num_heads))  # [Hq]; read by softmax and window mixers
+        gate = extras.gate
+        if gate is not None:
+            width = d.num_heads if gate.per_head else d.num_heads * d.head_dim
+            self.out_gate = nn.Linear(d.hidden_size, width, bias=gate.bias)
+            if gate.head_bias:
+                self.out_gate_head_bias = nn.Parameter(torch.zeros(d.num_heads))
+        if extras.o_norm is not None:
+            self.o_norm = copy.deepcopy(extras.o_norm)
+        if extras.o_bias:
+            self.o_bias = nn.Parameter(torch.zeros(d.hidden_size))
 
     @classmethod
     def resolve_options(cls, site: AttentionSite, options: Options) -> Options:
@@ -201,6 +231,32 @@ class Mixer(nn.Module):
                 k = k_norm(k.transpose(1, 2)).transpose(1, 2)
         return q, k
 
+    def output(self, o: Tensor, x: Tensor) -> Tensor:
+        """The output projection of the attention output ``o`` ``[B, T, Hq * D]`` of layer input ``x`` ``[B, T, C]``.
+
+        Every mixer ends with it: ``o_proj`` alone, or, where the pretrained layer has them, its output gate (from
+        ``x``), its norm before ``o_proj`` and its separate output bias, in the pretrained order.
+        """
+        extras = self.site.extras
+        if extras is None or not extras.on_output:
+            return self.o_proj(o)
+        gate = extras.gate
+        if gate is not None:
+            g = self.out_gate(x)
+            B, T, _ = o.shape
+            if gate.head_bias:
+                g = g.view(B, T, self.num_heads, -1) + self.out_gate_head_bias[:, None]
+            # softplus in fp32 (Laguna), sigmoid in the input dtype (AFMoE, HRM, Beam), as the families do.
+            g = torch.sigmoid(g) if gate.activation == "sigmoid" else F.softplus(g.float()).to(o.dtype)
+            if gate.per_head:
+                o = (o.view(B, T, self.num_heads, -1) * g.view(B, T, self.num_heads, 1)).view(B, T, -1)
+            else:
+                o = o * g.reshape(B, T, -1)
+        if extras.o_norm is not None:
+            o = self.o_norm(o)
+        out = self.o_proj(o)
+        return out + self.o_bias if extras.o_bias else out
+
     # -- the HF adapter ----------------------------------------------------------------------------------
 
     def forward(
@@ -210,7 +266,7 @@ class Mixer(nn.Module):
         position_embeddings: tuple[Tensor, Tensor] | None = None,
         attention_mask: Any = None,
         **kwargs: Any,
-    ) -> tuple[Tensor, None]:
+    ) -> tuple[Tensor, None] | tuple[Tensor, None, None]:
         # Decoder layers call attention with keywords; GPT-NeoX-style layers pass the mask positionally.
         if args and attention_mask is None:
             attention_mask = args[0]
@@ -225,7 +281,12 @@ class Mixer(nn.Module):
         if self.shared is not None and self.shared.padding_mask is not None:
             pm = self.shared.padding_mask[:, -T:].to(device=hidden_states.device, dtype=torch.bool)
             padding = None if bool(pm.all()) else pm
-        ctx = MixContext(position_embeddings, attention_mask, padding, cache, kwargs, self.rotate)
+        query_scale = kwargs.pop("attention_scaling", None)
+        query_scale = query_scale if isinstance(query_scale, Tensor) else None
+        ctx = MixContext(position_embeddings, attention_mask, padding, cache, kwargs, self.rotate, query_scale)
+        if self.site.extras is not None and self.site.extras.returns_bias:
+            # The pretrained module returned its output bias for the layer to add; ``output`` added it already.
+            return self.mix(hidden_states, ctx), None, None  # type: ignore[return-value]
         return self.mix(hidden_states, ctx), None
 
     def mix(self, x: Tensor, ctx: MixContext) -> Tensor:

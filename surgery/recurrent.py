@@ -157,7 +157,7 @@ class RecurrentMixer(Mixer):
         o, state = self.recurrent_output(x, q, k, v, ctx.padding_mask, state, layer is not None)
         if layer is not None:
             layer.commit(T, states=state)
-        return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
+        return self.output(o.reshape(B, T, -1).to(x.dtype), x)
 
 
 def recurrent_mixer(name: str, registry: Any) -> type[RecurrentMixer]:

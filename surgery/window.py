@@ -33,6 +33,33 @@ def band_mask(block: int, window: int, device: torch.device | None = None) -> Te
     return (c >= r) & (c <= r + window)
 
 
+def _sink_column(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sink_logits: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Keys, values and an additive mask with one more key per head whose logit is that head's sink logit.
+
+    The extra key is zero with a zero value, so it adds ``exp(sink)`` to the softmax denominator and nothing to the
+    output: the learned sinks of GPT-OSS-style layers, inside the window softmax.
+
+    Args:
+        q: ``[N, Hq, Q, D]``; k, v: ``[N, Hkv, L, D]``; mask: bool ``[N, 1, Q, L]`` (True: visible) or None;
+        sink_logits: ``[Hq]``.
+
+    Returns:
+        k, v ``[N, Hkv, L + 1, D]`` and a float mask ``[N, Hq, Q, L + 1]``.
+    """
+    N, Hq, Q, _ = q.shape
+    L = k.shape[2]
+    bias = q.new_zeros(N, 1, Q, L)
+    if mask is not None:
+        bias = bias.masked_fill(~mask, float("-inf"))
+    col = sink_logits.to(q.dtype).view(1, Hq, 1, 1).expand(N, Hq, Q, 1)
+    bias = torch.cat([bias.expand(N, Hq, Q, L), col], dim=-1)
+    k = torch.cat([k, k.new_zeros(*k.shape[:2], 1, k.shape[3])], dim=2)
+    v = torch.cat([v, v.new_zeros(*v.shape[:2], 1, v.shape[3])], dim=2)
+    return k, v, bias
+
+
 def sliding_window_attention(
     q: Tensor,
     k: Tensor,
@@ -43,6 +70,7 @@ def sliding_window_attention(
     softcap: float | None = None,
     block: int = 64,
     extra: tuple[Tensor, Tensor, Tensor] | None = None,
+    sink_logits: Tensor | None = None,
 ) -> Tensor:
     """Causal softmax attention restricted to the last ``window + 1`` keys (plus extra keys), GQA-native.
 
@@ -60,12 +88,16 @@ def sliding_window_attention(
         block: query rows per block (memory is ``O(T * (block + window))``).
         extra: ``(keys [B, Hkv, M, D], values [B, Hkv, M, Dv], visible [B, T, M] bool)``: keys outside the band
             (sinks, a retrieval memory) that query t sees where ``visible[:, t]`` is True; None: none.
+        sink_logits: ``[Hq]`` learned per-head logits added to every softmax denominator (GPT-OSS-style sinks,
+            not the ``sinks`` tokens above), or None.
 
     Returns:
         ``[B, Hq, T, Dv]``.
     """
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    if sink_logits is not None and softcap is not None:
+        raise ValueError("sliding_window_attention: sink logits with soft-capping are not supported")
     if T == 1 and S <= window + 1 and softcap is None:
         # Decoding from a cache that holds at most `window` past keys: every key is in the window, so the band,
         # the gather and the block padding are not needed (they cost more launches than the attention itself).
@@ -78,6 +110,8 @@ def sliding_window_attention(
                 mask = torch.ones(B, 1, 1, S, dtype=torch.bool, device=q.device)
             mask = torch.cat([eok[:, None].to(torch.bool), mask], dim=-1)
             k, v = torch.cat([ek.to(k.dtype), k], dim=2), torch.cat([ev.to(v.dtype), v], dim=2)
+        if sink_logits is not None:
+            k, v, mask = _sink_column(q, k, v, mask, sink_logits)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
     off = S - T  # absolute position of query 0
     bq = max(1, min(block, T))
@@ -107,6 +141,8 @@ def sliding_window_attention(
     mask = mask.reshape(B * nb, 1, bq, L)
     qb = F.pad(q, (0, 0, 0, nb * bq - T))  # [B, Hq, nb*bq, D]
     qb = qb.view(B, Hq, nb, bq, D).transpose(1, 2).reshape(B * nb, Hq, bq, D)
+    if sink_logits is not None:
+        kb, vb, mask = _sink_column(qb, kb, vb, mask, sink_logits)
     if softcap is None:
         o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
     else:
@@ -183,6 +219,7 @@ def swa_branch(
     scale: float,
     softcap: float | None = None,
     sinks: int = 0,
+    sink_logits: Tensor | None = None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None], dict[str, Tensor]]:
     """The pretrained softmax attention (RoPE, scale, GQA) restricted to a window, continuing a cached window.
 
@@ -192,12 +229,14 @@ def swa_branch(
         ctx: the call's context (position embeddings, padding mask).
         layer: this layer's cache, or None.
         sinks: the first ``sinks`` real tokens of each row stay visible to every query (0: none).
+        sink_logits: ``[Hq]`` the layer's learned sink logits (``Mixer.sink_logits``), or None.
 
     Returns:
         ``[B, T, Hq, D]``, the ``(keys, values, valid)`` window to pass to ``layer.commit``, and the ``aux``
         tensors to commit (the sinks; empty without sinks).
     """
     qr, kr = rope(q, k, ctx)
+    qr = ctx.scale_queries(qr)
     vt = v.transpose(1, 2)
     if layer is not None:
         kw, vw, valid = layer.window_with(kr, vt, ctx.padding_mask)
@@ -213,5 +252,6 @@ def swa_branch(
         # Visible once the sink has left the band (inside it the band already shows it).
         visible = aux["sink_ok"][:, None, :] & (aux["sink_pos"][:, None, :] < (qpos - window)[None, :, None])
         extra = (aux["sink_k"], aux["sink_v"], visible)
-    o = sliding_window_attention(qr, kw, vw, window, scale, key_valid=valid, softcap=softcap, extra=extra)
+    o = sliding_window_attention(qr, kw, vw, window, scale, key_valid=valid, softcap=softcap, extra=extra,
+                                 sink_logits=sink_logits)
     return o.transpose(1, 2), (kw, vw, valid), aux

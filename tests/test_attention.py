@@ -177,15 +177,15 @@ class ConvAttention(nn.Module):
         self.proj = nn.Linear(hidden, hidden)
 
 
-class SinkAttention(nn.Module):
-    """Separate q/k/v/o plus a learned per-head sink that a reader would drop."""
+class LambdaAttention(nn.Module):
+    """Separate q/k/v/o plus a learned vector (differential attention's lambda) that a reader would drop."""
 
     def __init__(self, hidden: int, heads: int) -> None:
         super().__init__()
         self.head_dim = hidden // heads
         self.q_proj, self.k_proj = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
         self.v_proj, self.o_proj = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
-        self.sinks = nn.Parameter(torch.zeros(heads))
+        self.lambda_q1 = nn.Parameter(torch.zeros(self.head_dim))
 
 
 def test_unreadable_attention_names_path_and_class() -> None:
@@ -197,8 +197,8 @@ def test_unreadable_attention_names_path_and_class() -> None:
 
 def test_attention_with_unread_parameters_is_refused() -> None:
     model = tiny_model("llama")
-    model.model.layers[2].self_attn = SinkAttention(model.config.hidden_size, model.config.num_attention_heads)
-    with pytest.raises(AttentionReadError, match=r"model\.layers\.2\.self_attn.*SinkAttention.*sinks"):
+    model.model.layers[2].self_attn = LambdaAttention(model.config.hidden_size, model.config.num_attention_heads)
+    with pytest.raises(AttentionReadError, match=r"model\.layers\.2\.self_attn.*LambdaAttention.*lambda_q1"):
         find_attention(model)
 
 
@@ -220,10 +220,10 @@ def test_norm_of_another_width_is_refused() -> None:
         find_attention(model)
 
 
-def test_nope_layer_is_refused() -> None:
+def test_use_rope_false_on_a_layer_whose_forward_always_rotates_is_refused() -> None:
     model = tiny_model("llama")
-    model.model.layers[0].self_attn.use_rope = False
-    with pytest.raises(AttentionReadError, match="LlamaAttention.*RoPE"):
+    model.model.layers[0].self_attn.use_rope = False  # Llama-4 / SmolLM3 flag; Llama's forward ignores it
+    with pytest.raises(AttentionReadError, match="LlamaAttention.*use_rope is false"):
         find_attention(model)
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from surgery.attention import AttentionSite
 from surgery.cache import mixer_cache
 from surgery.hookspecs import hookimpl
-from surgery.mixer import MixContext, Mixer, Options
+from surgery.mixer import MixContext, Mixer, MixerDimsError, Options
 from surgery.recurrent import RecurrentMixer, recurrent_mixer
 from surgery.registry import context_registry
 from surgery.retrieval import memory_branch
@@ -70,6 +70,7 @@ class LigerAttention(Mixer):
     name = "liger_attention"
     description = "Liger Attention: 0.5 sliding-window softmax attention (64 tokens) + 0.5 of a recurrent mixer."
     default_weights = "copy_qkvo"
+    uses_sink_logits = True
     test_options = (
         {"window": 4},
         {"window": 4, "recurrent": "hgrn2"},
@@ -144,6 +145,8 @@ class LigerAttention(Mixer):
 
     @classmethod
     def check_site(cls, site: AttentionSite, options: Options) -> None:
+        if options.memory > 0 and site.extras is not None and site.extras.sink_logits:
+            raise MixerDimsError("memory > 0 with learned sink logits: the retrieval memory's softmax has no sink")
         options.recurrent.mixer_cls.check_site(site, options.recurrent.options)
 
     @classmethod
@@ -165,7 +168,8 @@ class LigerAttention(Mixer):
         state = layer.states if layer is not None else None
         rec, state = self.recurrent.recurrent_output(x, q, k, v, ctx.padding_mask, state, layer is not None)
         swa, (kw, vw, valid), aux = swa_branch(q, k, v, ctx, layer, opts.window, self.scaling,
-                                               self.site.dims.softcap, sinks=opts.sinks)
+                                               self.site.dims.softcap, sinks=opts.sinks,
+                                               sink_logits=getattr(self, "sink_logits", None))
         if layer is not None:
             layer.commit(T, states=state, keys=kw, values=vw, valid=valid, aux=aux)
         if self.training and opts.window_dropout > 0:
@@ -173,7 +177,7 @@ class LigerAttention(Mixer):
             o = (1 - drop) * (opts.w_swa * swa.float() + opts.w_rec * rec) + drop * (opts.w_swa + opts.w_rec) * rec
         else:
             o = opts.w_swa * swa.float() + opts.w_rec * rec
-        return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
+        return self.output(o.reshape(B, T, -1).to(x.dtype), x)
 
     def _fused(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: MixContext, layer: Any) -> Tensor | None:
         """Both branches in one op (``surgery.kernels.liger``: Triton on CUDA) when the call allows it, else None.
@@ -187,6 +191,8 @@ class LigerAttention(Mixer):
         opts = self.options
         if not x.is_cuda or x.shape[1] == 1 or ctx.padding_mask is not None or opts.sinks > 0 or layer is not None:
             return None
+        if ctx.query_scale is not None or getattr(self, "sink_logits", None) is not None:
+            return None  # the fused kernel has neither a query scale nor sink logits
         if self.training and opts.window_dropout > 0:
             return None
         form = self.recurrent.gla_form(q, k, v, self.recurrent.gate_source(x, k), None)
@@ -199,7 +205,7 @@ class LigerAttention(Mixer):
         qr, kr = rope(q, k, ctx)  # [B, H, T, D]
         o, _ = liger_attention(qr.transpose(1, 2), kr.transpose(1, 2), fq, fk, v, gk, window=opts.window,
                                scale=self.scaling, softcap=self.site.dims.softcap, w_swa=opts.w_swa, w_rec=opts.w_rec)
-        return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
+        return self.output(o.reshape(B, T, -1).to(x.dtype), x)
 
     def _mix_with_memory(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: MixContext) -> Tensor:
         """``mix`` with the retrieval memory: the recurrence runs span by span between consolidations."""
@@ -208,6 +214,7 @@ class LigerAttention(Mixer):
         layer = mixer_cache(ctx.cache, self.layer_idx, window=opts.window + opts.memory_chunk)
         state = layer.states if layer is not None else None
         qr, kr = rope(q, k, ctx)
+        qr = ctx.scale_queries(qr)
         vt = v.transpose(1, 2)
         fk = k.float().softmax(-1).transpose(1, 2)  # GLA's key features, what its state is read with
         valid = ctx.padding_mask
@@ -226,7 +233,7 @@ class LigerAttention(Mixer):
         if layer is not None:
             layer.commit(T, states=state, keys=kw, values=vw, valid=vb, aux=aux | (sinks or {}))
         o = opts.w_swa * swa.transpose(1, 2) + opts.w_rec * rec
-        return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
+        return self.output(o.reshape(B, T, -1).to(x.dtype), x)
 
 
 @hookimpl

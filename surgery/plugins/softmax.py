@@ -70,6 +70,7 @@ class SoftmaxAttention(Mixer):
     name = "softmax"
     description = "The model's own softmax attention, unchanged (identity; kept layers)."
     default_weights = "copy_qkvo"
+    uses_sink_logits = True
 
     class Options(Mixer.Options):
         pass
@@ -79,9 +80,21 @@ class SoftmaxAttention(Mixer):
         # Same attention dropout as the pretrained layer, so that training a kept layer is unchanged too.
         self.attention_dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
 
+    @property
+    def sinks(self) -> Tensor | None:
+        """The learned sink logits ``[Hq]`` under the name families' own eager functions read (``module.sinks``)."""
+        return getattr(self, "sink_logits", None)
+
     def _attention_function(self) -> Callable[..., tuple[Tensor, Any]]:
         implementation = getattr(self.config, "_attn_implementation", None) or "eager"
-        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
+        extras = self.site.extras
+        # Families formulate sink logits differently (an extra column, a log-sum-exp rescaling): only their own
+        # eager function reproduces their logits bit for bit.
+        sinks = extras is not None and extras.sink_logits
+        if sinks and implementation == "sdpa":
+            raise ValueError(f"{self.site.path} ({self.site.module_class}): learned sink logits cannot run under sdpa "
+                             "(it has no extra softmax logit); use eager, flash or flex attention")  # fmt: skip
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, extras.eager if sinks else eager_attention)
 
     def mix(self, x: Tensor, ctx: MixContext) -> Tensor:
         """``x`` ``[B, T, C]`` -> ``[B, T, C]``, appending this call's keys and values to ``ctx.cache``."""
@@ -89,6 +102,7 @@ class SoftmaxAttention(Mixer):
         q, k, v = self.project(x)
         q, k = self.rotate(q, k, ctx.position_embeddings)  # [B, H, T, D]
         v = v.transpose(1, 2)
+        q = ctx.scale_queries(q)
         if ctx.cache is not None:
             k, v = ctx.cache.update(k, v, self.layer_idx, kwargs=ctx.attn_kwargs)
         # Only pass what the pretrained layer passes: sdpa refuses any softcap key, even None.
@@ -97,6 +111,8 @@ class SoftmaxAttention(Mixer):
             extra["sliding_window"] = self.site.dims.sliding_window
         if self.site.dims.softcap is not None:
             extra["softcap"] = self.site.dims.softcap
+        if self.sinks is not None:
+            extra["s_aux"] = self.sinks  # the name transformers' flash/flex functions (and GPT-OSS's) take
         out, _ = self._attention_function()(
             self,
             q,
@@ -108,7 +124,7 @@ class SoftmaxAttention(Mixer):
             **extra,
             **ctx.attn_kwargs,
         )
-        return self.o_proj(out.reshape(B, T, -1).contiguous())
+        return self.output(out.reshape(B, T, -1).contiguous(), x)
 
 
 @hookimpl

@@ -22,6 +22,7 @@ class SlidingWindowAttention(Mixer):
     name = "swa"
     description = "Sliding-window softmax attention with the pretrained q/k/v/o (Liger's SWA branch alone)."
     default_weights = "copy_qkvo"
+    uses_sink_logits = True
     test_options = ({"window": 4}, {"window": 4, "sinks": 2}, {"window": 2, "sinks": 3})
 
     class Options(Mixer.Options):
@@ -34,10 +35,11 @@ class SlidingWindowAttention(Mixer):
         q, k, v = self.project(x)
         layer = mixer_cache(ctx.cache, self.layer_idx, window=self.options.window)
         o, (kw, vw, valid), aux = swa_branch(q, k, v, ctx, layer, self.options.window, self.scaling,
-                                             self.site.dims.softcap, sinks=self.options.sinks)
+                                             self.site.dims.softcap, sinks=self.options.sinks,
+                                             sink_logits=getattr(self, "sink_logits", None))
         if layer is not None:
             layer.commit(T, keys=kw, values=vw, valid=valid, aux=aux)
-        return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
+        return self.output(o.reshape(B, T, -1).to(x.dtype), x)
 
 
 @hookimpl

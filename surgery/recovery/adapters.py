@@ -26,7 +26,11 @@ from surgery.mixer import Mixer
 from surgery.recovery.spec import LoraSpec
 
 #: Children of a mixer that hold pretrained tensors (``surgery.attention.CANONICAL``): adapted by LoRA or frozen.
-PRETRAINED_CHILDREN = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"})
+#: The extras (``surgery.attention_extras``: sink logits, output gate, pre-output norm, output bias) are pretrained.
+PRETRAINED_CHILDREN = frozenset({
+    "q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm",
+    "sink_logits", "out_gate", "out_gate_head_bias", "o_norm", "o_bias",
+})  # fmt: skip
 ADAPTER_FILE = "adapter_model.safetensors"
 MIXER_PARAMS_FILE = "mixer_params.safetensors"
 
