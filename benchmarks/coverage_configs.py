@@ -20,8 +20,22 @@ _MOE: dict[str, Any] = dict(
     n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
 )  # fmt: skip
 
+#: Multi-head latent attention at sweep size: one key/value head per query head (what the latent expands to),
+#: small ranks, and query/key head dim 16 + 8 != value head dim 12; ``head_dim`` is the rotary width there.
+_MLA_SIZES: dict[str, Any] = dict(
+    num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+    head_dim=8,
+)  # fmt: skip
+
 #: Per-type fields on top of COMMON (validation rules of the family, or a field COMMON names differently).
-EXTRA: dict[str, dict[str, Any]] = {}
+EXTRA: dict[str, dict[str, Any]] = {
+    **{t: _MLA_SIZES for t in (
+        "axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "hy_v4",
+        "minicpm3", "youtu", "longcat_flash",
+    )},
+    "sarvam_mla": {**_MLA_SIZES, "q_lora_rank": None},  # the full-rank q_proj query path
+    "mimo_v2_flash": dict(v_head_dim=24),  # value head dim != query/key head dim 16, kept small
+}  # fmt: skip
 
 _ENC_DEC = "encoder-decoder model: its decoder layers cross-attend to an encoder"
 _ENCODER = "bidirectional encoder (BERT family) with an optional causal LM head, not a decoder LLM"
@@ -86,7 +100,8 @@ def tiny_config(model_type: str) -> Any:
     kwargs = {k: v for k, v in kwargs.items() if not (isinstance(getattr(cls, k, None), property) and getattr(cls, k).fset is None)}
     return cls(**kwargs)
 
-_MLA = "multi-head latent attention: low-rank q/kv with norms in between, no q/k/v/o projections to read"
+_DSA = ("MLA with a DSA lightning indexer: each query attends only to the top-k keys the indexer's own weights "
+        "select, which kept layers do not reproduce")
 _SINKS = "learned attention sinks (per-head softmax logits) that mixers do not have"
 _EXTRA_PARAMS = "attention owns parameters mixers do not reproduce"
 _ROTARY = "rotary convention other than rotate-half (interleaved pairs or complex), so kept layers differ"
@@ -96,10 +111,11 @@ _UNDIAGNOSED = "softmax identity differs: not diagnosed yet"
 #: In-scope model types that fail today, each with the reason the sweep shows. tests/test_coverage.py fails when one
 #: of them starts passing (remove it here) or when any other in-scope type fails.
 KNOWN_GAPS: dict[str, str] = {
-    **{t: _MLA for t in (
-        "axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "glm4_moe_lite", "glm_moe_dsa",
-        "hy_v4", "minicpm3", "sarvam_mla", "youtu", "longcat_flash",
-    )},
+    **{t: _DSA for t in ("deepseek_v32", "glm_moe_dsa")},
+    "axk2": f"{_DSA}; and a fused query/output-gate projection (q_gate_proj)",
+    "hy_v4": f"{_DSA}; and learned attention sinks and an output gate",
+    "deepseek_v4": "one shared key/value head (kv_proj) with compressors of past keys, learned sinks and a grouped "
+                   "low-rank output (o_a_proj/o_b_proj): not the MLA latent layout",
     **{t: _SINKS for t in ("flint", "gpt_oss", "granite_swa", "granitemoe_swa", "inkling2_text", "inkling2_loop_text")},
     **{t: f"{_EXTRA_PARAMS}: output gate" for t in ("afmoe", "laguna", "hrm_text", "beam", "dory", "inkling_text")},
     "bitnet": f"{_EXTRA_PARAMS}: a norm before the output projection",
@@ -107,7 +123,7 @@ KNOWN_GAPS: dict[str, str] = {
     "diffllama": f"{_EXTRA_PARAMS}: differential attention (two softmax maps)",
     "doge": f"{_EXTRA_PARAMS}: dynamic mask from the values",
     "jetmoe": "mixture of attention heads (experts), no q/k/v/o projections",
-    "mimo_v2_flash": "value head dim differs from the query/key head dim",
+    "mimo_v2_flash": f"{_SINKS} on its sliding-window layers (its value head dim != query/key head dim is read)",
     "hunyuan_v1_dense": "q/k norms applied after RoPE (mixers apply them before)",
     "hunyuan_v1_moe": "q/k norms applied after RoPE (mixers apply them before)",
     "cpmant": "relative position bias, projections named project_q/k/v",

@@ -17,7 +17,9 @@ from typing import Any, Literal
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-Layout = Literal["separate", "fused_qkv", "fused_qkv_headwise"]
+from surgery.latent import LatentQKV, is_latent, latent_weights, read_latent
+
+Layout = Literal["separate", "fused_qkv", "fused_qkv_headwise", "latent"]
 
 #: Canonical tensor names. They are also the parameter names of every built-in mixer, so that a weight map
 #: that copies is a dictionary lookup and LoRA targets (q_proj, k_proj, v_proj, o_proj) are the same everywhere.
@@ -44,6 +46,12 @@ class AttentionDims:
     scaling: float  # the softmax scale the pretrained layer uses (1/sqrt(head_dim) unless the model says otherwise)
     sliding_window: int | None = None  # this layer's own window, None for global attention
     softcap: float | None = None  # attention-logit soft-capping (Gemma 2 style), None when absent
+    v_head_dim: int | None = None  # value (and output) head dim; None: head_dim (MLA and MiMo differ)
+    value_scale: float = 1.0  # multiplies the values (MiMo-V2's attention_value_scale)
+
+    def __post_init__(self) -> None:
+        if self.v_head_dim is None:
+            object.__setattr__(self, "v_head_dim", self.head_dim)
 
     @property
     def groups(self) -> int:
@@ -56,7 +64,9 @@ class AttentionSite:
     """One self-attention module of a model, read without touching its weights.
 
     ``q_norm``/``k_norm`` are the model's own per-head norm modules (Qwen3, Gemma3), applied to q and k before RoPE;
-    mixers deep-copy them so that the exact normalisation (eps, ``1 + w`` offsets) is kept.
+    mixers deep-copy them so that the exact normalisation (eps, ``1 + w`` offsets) is kept. A ``latent`` site
+    (multi-head latent attention, ``surgery.latent``) has no q/k/v projections: ``modules`` holds the model's own
+    projection sub-graph by child name, which mixers deep-copy under the same names.
     """
 
     layer_idx: int
@@ -68,6 +78,8 @@ class AttentionSite:
     k_norm: nn.Module | None = field(default=None, compare=False, repr=False)
     qkv_names: tuple[str, ...] = ()  # the module's own projection child names, e.g. ("c_attn",)
     out_name: str = ""  # the module's own output projection name, e.g. "dense"
+    latent: LatentQKV | None = None  # how q/k/v come from the latent sub-graph; None for q/k/v projections
+    modules: dict[str, nn.Module] = field(default_factory=dict, compare=False, repr=False)
 
 
 #: Projection children of each layout: (q/k/v projection names, output projection names). A module owning one set
@@ -230,7 +242,32 @@ def _norm(path: str, module: nn.Module, name: str, head_dim: int, heads: int) ->
     return norm
 
 
+def _read_latent_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> AttentionSite:
+    """A multi-head latent attention module (``surgery.latent``): q/k/v come from the model's own sub-graph."""
+    cfg = module.config if getattr(module, "config", None) is not None else model_cfg
+    layer_idx = module.layer_idx if isinstance(getattr(module, "layer_idx", None), int) else index
+    try:
+        latent, shape = read_latent(module, cfg)
+    except ValueError as exc:
+        raise _error(path, module, str(exc)) from None
+    _check_children(path, module, latent.names, "o_proj")
+    out = _Proj(path, module, "o_proj")
+    H, D = shape["num_heads"], shape["head_dim"]
+    # The latent is expanded into one key/value head per query head: kv heads = query heads.
+    dims = AttentionDims(
+        hidden_size=out.out_features, num_heads=H, num_kv_heads=H, head_dim=D,
+        qkv_bias=module.kv_b_proj.bias is not None, o_bias=out.bias is not None,
+        scaling=float(getattr(module, "scaling", D**-0.5)), sliding_window=_sliding_window(module, cfg, layer_idx),
+        softcap=getattr(module, "attn_logit_softcapping", None), v_head_dim=shape["v_head_dim"],
+    )  # fmt: skip
+    modules = {name: getattr(module, name) for name in latent.names}
+    return AttentionSite(layer_idx, path, type(module).__name__, dims, "latent", None, None, latent.names, "o_proj",
+                         latent, modules)  # fmt: skip
+
+
 def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> AttentionSite:
+    if is_latent(module):
+        return _read_latent_site(path, module, index, model_cfg)
     layout, qkv_names, out_name = _layout_of(path, module)
     _check_children(path, module, qkv_names, out_name)
     if not getattr(module, "use_rope", True):
@@ -245,13 +282,16 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
     D = _head_dim(module, cfg)
     if D is None or out.in_features % D:
         raise _error(path, module, f"head dim {D} does not divide {out_name}.in_features={out.in_features}")
-    Hq, C = out.in_features // D, qkv[0].in_features
+    Hq, C, Dv = out.in_features // D, qkv[0].in_features, D
     if layout == "separate":
         q, k, v = qkv
-        if q.out_features != Hq * D or k.out_features != v.out_features or k.out_features % D:
+        # The value head dim may differ (MiMo-V2): q/k give the heads, v and o the value head dim.
+        Hq, Hkv = q.out_features // D, k.out_features // D
+        Dv = v.out_features // Hkv if Hkv else 0
+        fits = not (q.out_features % D or k.out_features % D) and Hkv > 0
+        if not fits or v.out_features != Hkv * Dv or out.in_features != Hq * Dv:
             raise _error(path, module, f"q/k/v/o widths {q.out_features}/{k.out_features}/{v.out_features}/"
                          f"{out.in_features} do not fit head dim {D}")  # fmt: skip
-        Hkv = k.out_features // D
         biases = {lin.bias is not None for lin in qkv}
         if len(biases) != 1:
             raise _error(path, module, "q/k/v projections disagree on having a bias")
@@ -270,7 +310,8 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
     dims = AttentionDims(
         hidden_size=C, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, qkv_bias=qkv[0].bias is not None,
         o_bias=out.bias is not None, scaling=float(getattr(module, "scaling", D**-0.5)),
-        sliding_window=_sliding_window(module, cfg, layer_idx), softcap=softcap,
+        sliding_window=_sliding_window(module, cfg, layer_idx), softcap=softcap, v_head_dim=Dv,
+        value_scale=float(getattr(module, "v_scale", 1.0)),
     )  # fmt: skip
     q_norm = _norm(path, module, "q_norm", D, Hq)
     k_norm = _norm(path, module, "k_norm", D, Hkv)
@@ -289,7 +330,9 @@ def find_attention(model: nn.Module) -> list[AttentionSite]:
     sites: list[AttentionSite] = []
     for index, layer in enumerate(layers):
         found = _attention_in(layer, f"{list_path}.{index}")
-        if len(found) > 1:
+        # LongCat-Flash layers hold two attention sublayers, each with its own cache slot (layer_idx).
+        own = {getattr(m, "layer_idx", None) for _, m in found}
+        if len(found) > 1 and (len(own) < len(found) or not all(isinstance(i, int) for i in own)):
             paths = ", ".join(f"{p} ({type(m).__name__})" for p, m in found)
             raise AttentionReadError(f"decoder layer {list_path}.{index} holds several attention modules: {paths}")
         # A layer without attention (a recurrent layer of a hybrid model) has nothing to replace.
@@ -304,6 +347,10 @@ def read_weights(module: nn.Module, site: AttentionSite) -> dict[str, Tensor]:
     [C, Hq*D], biases to match, ``q_norm.weight``/``k_norm.weight`` [D]. Absent tensors are absent keys.
     """
     d = site.dims
+    if site.latent is not None:
+        out = _Proj(site.path, module, site.out_name)
+        parts = {**latent_weights(module, site.latent), "o_proj.weight": out.weight, "o_proj.bias": out.bias}
+        return {key: t.detach() for key, t in parts.items() if isinstance(t, Tensor)}
     qkv_names, out_name = (site.qkv_names, site.out_name) if site.out_name else _layout_of(site.path, module)[1:]
     qkv = [_Proj(site.path, module, name) for name in qkv_names]
     out = _Proj(site.path, module, out_name)

@@ -2,16 +2,19 @@
 
 A mixer replaces one attention module. It owns HF-named projections (``q_proj``, ``k_proj``, ``v_proj``,
 ``o_proj``, and the model's ``q_norm``/``k_norm`` when it has them), so LoRA targets and weight maps are the same
-for every architecture. Subclasses implement ``mix``; ``forward`` absorbs the HF calling convention (keyword
-names that change between architectures and versions) in this one place and returns ``(output, None)``.
+for every architecture; on a multi-head latent attention site it owns copies of the model's own low-rank
+projections instead (``surgery.latent``). Subclasses implement ``mix``; ``forward`` absorbs the HF calling
+convention (keyword names that change between architectures and versions) in this one place and returns
+``(output, None)``.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -19,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from surgery.attention import AttentionSite
+from surgery.latent import latent_project, latent_rope
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -71,6 +75,8 @@ class MixContext:
         padding_mask: ``[B, T]`` bool, True for real tokens of this call; None when every token is real.
         cache: the HF ``Cache`` object of this forward, or None.
         attn_kwargs: remaining keyword arguments, forwarded to transformers' attention functions.
+        rope: the site's own rotary ``(q, k) -> (q, k)`` on ``[B, H, T, D]`` when ``apply_rope`` on
+            ``position_embeddings`` is not it (latent attention rotates only a trailing part); None otherwise.
     """
 
     position_embeddings: tuple[Tensor, Tensor] | None
@@ -78,6 +84,7 @@ class MixContext:
     padding_mask: Tensor | None
     cache: Any
     attn_kwargs: dict[str, Any]
+    rope: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -138,6 +145,7 @@ class Mixer(nn.Module):
         self.config = config  # the model config: transformers' attention functions read _attn_implementation
         self.layer_idx = site.layer_idx
         self.head_dim = d.head_dim
+        self.v_head_dim: int = d.v_head_dim  # type: ignore[assignment]  # filled in by AttentionDims
         self.num_heads = d.num_heads
         self.num_kv_heads = d.num_kv_heads
         self.num_key_value_groups = d.groups  # name read by transformers' attention functions
@@ -147,10 +155,15 @@ class Mixer(nn.Module):
         self.shared: SharedState | None = None  # set by the converter
         if not projections:
             return
-        self.q_proj = nn.Linear(d.hidden_size, d.num_heads * d.head_dim, bias=d.qkv_bias)
-        self.k_proj = nn.Linear(d.hidden_size, d.num_kv_heads * d.head_dim, bias=d.qkv_bias)
-        self.v_proj = nn.Linear(d.hidden_size, d.num_kv_heads * d.head_dim, bias=d.qkv_bias)
-        self.o_proj = nn.Linear(d.num_heads * d.head_dim, d.hidden_size, bias=d.o_bias)
+        if site.latent is not None:
+            # The model's own low-rank sub-graph, under its own names (weight maps, LoRA, saved tensors).
+            for name, module in site.modules.items():
+                setattr(self, name, copy.deepcopy(module))
+        else:
+            self.q_proj = nn.Linear(d.hidden_size, d.num_heads * d.head_dim, bias=d.qkv_bias)
+            self.k_proj = nn.Linear(d.hidden_size, d.num_kv_heads * d.head_dim, bias=d.qkv_bias)
+            self.v_proj = nn.Linear(d.hidden_size, d.num_kv_heads * self.v_head_dim, bias=d.qkv_bias)
+        self.o_proj = nn.Linear(d.num_heads * self.v_head_dim, d.hidden_size, bias=d.o_bias)
         self.q_norm = copy.deepcopy(site.q_norm) if site.q_norm is not None else None
         self.k_norm = copy.deepcopy(site.k_norm) if site.k_norm is not None else None
 
@@ -178,11 +191,16 @@ class Mixer(nn.Module):
     # -- helpers shared by mixers -------------------------------------------------------------------------
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q ``[B, T, Hq, D]``, k and v ``[B, T, Hkv, D]``, after the model's q/k norms, before RoPE."""
+        """q ``[B, T, Hq, D]``, k ``[B, T, Hkv, D]`` and v ``[B, T, Hkv, Dv]``, after the model's q/k norms,
+        before RoPE (``Dv = v_head_dim``, usually ``D``)."""
+        if self.site.latent is not None:
+            return latent_project(self, x, self.site.latent, self.num_heads)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.v_head_dim)
+        if self.site.dims.value_scale != 1.0:
+            v = v * self.site.dims.value_scale
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.k_norm is not None:
@@ -213,7 +231,10 @@ class Mixer(nn.Module):
         if self.shared is not None and self.shared.padding_mask is not None:
             pm = self.shared.padding_mask[:, -T:].to(device=hidden_states.device, dtype=torch.bool)
             padding = None if bool(pm.all()) else pm
-        ctx = MixContext(position_embeddings, attention_mask, padding, cache, kwargs)
+        rope = None
+        if self.site.latent is not None and position_embeddings is not None:
+            rope = partial(latent_rope, position_embeddings=position_embeddings, latent=self.site.latent)
+        ctx = MixContext(position_embeddings, attention_mask, padding, cache, kwargs, rope)
         return self.mix(hidden_states, ctx), None
 
     def mix(self, x: Tensor, ctx: MixContext) -> Tensor:

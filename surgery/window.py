@@ -15,6 +15,8 @@ tokens of each row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -119,9 +121,19 @@ def sliding_window_attention(
     return o[:, :, :T]
 
 
-def rope(q: Tensor, k: Tensor, position_embeddings: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
-    """``[B, T, H, D]`` q and k -> ``[B, H, T, D]``, rotated when the model gives position embeddings."""
+def rope(
+    q: Tensor,
+    k: Tensor,
+    position_embeddings: tuple[Tensor, Tensor] | None,
+    site_rope: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``[B, T, H, D]`` q and k -> ``[B, H, T, D]``, rotated when the model gives position embeddings.
+
+    ``site_rope`` (``MixContext.rope``) replaces ``apply_rope`` when the site rotates its own way.
+    """
     q, k = q.transpose(1, 2), k.transpose(1, 2)
+    if site_rope is not None:
+        return site_rope(q, k)
     if position_embeddings is None:
         return q, k
     cos, sin = position_embeddings
@@ -183,16 +195,16 @@ def swa_branch(
 
     Args:
         q: ``[B, T, Hq, D]`` pre-RoPE queries (after the model's q norm).
-        k, v: ``[B, T, Hkv, D]``.
+        k: ``[B, T, Hkv, D]``; v: ``[B, T, Hkv, Dv]``.
         ctx: the call's context (position embeddings, padding mask).
         layer: this layer's cache, or None.
         sinks: the first ``sinks`` real tokens of each row stay visible to every query (0: none).
 
     Returns:
-        ``[B, T, Hq, D]``, the ``(keys, values, valid)`` window to pass to ``layer.commit``, and the ``aux``
+        ``[B, T, Hq, Dv]``, the ``(keys, values, valid)`` window to pass to ``layer.commit``, and the ``aux``
         tensors to commit (the sinks; empty without sinks).
     """
-    qr, kr = rope(q, k, ctx.position_embeddings)
+    qr, kr = rope(q, k, ctx.position_embeddings, ctx.rope)
     vt = v.transpose(1, 2)
     if layer is not None:
         kw, vw, valid = layer.window_with(kr, vt, ctx.padding_mask)

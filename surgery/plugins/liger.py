@@ -196,7 +196,7 @@ class LigerAttention(Mixer):
 
         B, T, _ = x.shape
         fq, fk, _, gk, _ = form
-        qr, kr = rope(q, k, ctx.position_embeddings)  # [B, H, T, D]
+        qr, kr = rope(q, k, ctx.position_embeddings, ctx.rope)  # [B, H, T, D]
         o, _ = liger_attention(qr.transpose(1, 2), kr.transpose(1, 2), fq, fk, v, gk, window=opts.window,
                                scale=self.scaling, softcap=self.site.dims.softcap, w_swa=opts.w_swa, w_rec=opts.w_rec)
         return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
@@ -207,7 +207,7 @@ class LigerAttention(Mixer):
         opts = self.options
         layer = mixer_cache(ctx.cache, self.layer_idx, window=opts.window + opts.memory_chunk)
         state = layer.states if layer is not None else None
-        qr, kr = rope(q, k, ctx.position_embeddings)
+        qr, kr = rope(q, k, ctx.position_embeddings, ctx.rope)
         vt = v.transpose(1, 2)
         fk = k.float().softmax(-1).transpose(1, 2)  # GLA's key features, what its state is read with
         valid = ctx.padding_mask

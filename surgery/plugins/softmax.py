@@ -87,7 +87,9 @@ class SoftmaxAttention(Mixer):
         """``x`` ``[B, T, C]`` -> ``[B, T, C]``, appending this call's keys and values to ``ctx.cache``."""
         B, T, _ = x.shape
         q, k, v = (t.transpose(1, 2) for t in self.project(x))  # [B, H, T, D]
-        if ctx.position_embeddings is not None:
+        if ctx.rope is not None:
+            q, k = ctx.rope(q, k)
+        elif ctx.position_embeddings is not None:
             cos, sin = ctx.position_embeddings
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx.cache is not None:

@@ -1,0 +1,175 @@
+"""Multi-head latent attention (MLA): q/k/v produced by the model's own low-rank projection sub-graph.
+
+DeepSeek-V2/V3 and the families built on them (MiniCPM3, GLM-4-MoE-Lite, Youtu, LongCat-Flash, ...) have no
+q/k/v projections to read. Per token ``x`` ``[C]`` and head ``h``::
+
+    q_h       = q_b(q_a_norm(q_a(x)))_h          (or q_proj(x)_h without a query rank)   [nope | rope]
+    c, k_pe   = kv_a(x)                           latent [rank] and one rotary key [rope] shared by all heads
+    k_nope_h, v_h = kv_b(kv_a_norm(c))_h           [nope], [v_head_dim]
+    k_h       = [k_nope_h | k_pe]
+
+RoPE rotates only the trailing ``rope`` dims of q and k, in the family's convention (rotate-half, interleaved
+pairs, or complex ``freqs_cis``); the query/key head dim ``nope + rope`` differs from the value head dim. A site
+of this layout names the sub-graph's children; mixers deep-copy them under the same names (so weight maps, LoRA
+targets and saved tensors keep the model's names) and expand the latent into ordinary per-head q, k, v: every
+mixer then runs unchanged, with as many key/value heads as query heads.
+
+Everything is read from shapes: ``rank`` from the kv norm, ``rope`` from ``kv_a``, and the head count and dims
+from ``q_out = H (nope + rope)``, ``kv_b_out = H (nope + v)``, ``o_in = H v``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+#: The sub-graph's child names, as every MLA family of transformers spells them.
+Q_LORA = ("q_a_proj", "q_a_layernorm", "q_b_proj")
+Q_FULL = ("q_proj",)
+KV = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj")
+
+
+@dataclass(frozen=True)
+class LatentQKV:
+    """How one MLA module makes q, k and v (no tensors; valid on the meta device)."""
+
+    q_names: tuple[str, ...]  # Q_LORA or Q_FULL
+    kv_names: tuple[str, ...]  # KV
+    rank: int  # width of the kv latent (kv_lora_rank)
+    nope_dim: int  # per-head query/key dims without RoPE
+    rope_dim: int  # trailing per-head query/key dims with RoPE (the shared key part k_pe)
+    interleaved: bool  # RoPE on adjacent pairs (x0, x1), (x2, x3)... rather than rotate-half
+    q_scale: float = 1.0  # multiplies q (LongCat's mla_scale_q_lora)
+    latent_scale: float = 1.0  # multiplies the normalised latent (LongCat's mla_scale_kv_lora)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (*self.q_names, *self.kv_names)
+
+
+def is_latent(module: nn.Module) -> bool:
+    """Whether ``module`` has MLA's compressed key/value projections."""
+    children = dict(module.named_children())
+    return all(children.get(name) is not None for name in KV)
+
+
+def _uses_interleaved_rope(module: nn.Module, cfg: Any) -> bool:
+    """Whether the module's forward rotates interleaved pairs; the convention is code, not a shape.
+
+    Families call transformers' ``apply_rotary_pos_emb_interleave`` always (LongCat, DeepSeek-V3.2), or choose
+    between it and ``apply_rotary_pos_emb`` with ``config.rope_interleave`` (DeepSeek-V3, GLM-4-MoE-Lite).
+    DeepSeek-V2's complex ``freqs_cis`` is recognised from the position embeddings themselves (``latent_rope``).
+    """
+    names = set(inspect.unwrap(type(module).forward).__code__.co_names)
+    if "apply_rotary_pos_emb_interleave" not in names:
+        return False
+    if "apply_rotary_pos_emb" in names:
+        return bool(getattr(cfg, "rope_interleave", False))
+    return True
+
+
+def _float_attr(module: nn.Module, name: str) -> float:
+    value = getattr(module, name, 1.0)
+    return float(value) if isinstance(value, (int, float)) else 1.0
+
+
+def read_latent(module: nn.Module, cfg: Any) -> tuple[LatentQKV, dict[str, int]]:
+    """The latent description of ``module`` and its dims (``num_heads``, ``head_dim``, ``v_head_dim``).
+
+    Raises:
+        ValueError: the widths do not fit one MLA layout (the message says which).
+    """
+    children = dict(module.named_children())
+    present = ", ".join(children)
+    q_names = next((names for names in (Q_LORA, Q_FULL) if all(children.get(n) is not None for n in names)), None)
+    if q_names is None:
+        raise ValueError(f"latent attention without a readable query path: expected {'/'.join(Q_LORA)} or "
+                         f"{Q_FULL[0]} (children: {present})")
+    if any(not isinstance(children.get(n), nn.Linear) for n in (*q_names[::2], KV[0], KV[2], "o_proj")):
+        want = "/".join(q_names[::2] + KV[::2])
+        raise ValueError(f"latent attention needs torch.nn.Linear {want} and o_proj (children: {present})")
+    kv_norm_weight = getattr(children[KV[1]], "weight", None)
+    if not isinstance(kv_norm_weight, Tensor) or kv_norm_weight.dim() != 1:
+        raise ValueError(f"{KV[1]} has no 1-D weight to read the latent rank from")
+    rank = kv_norm_weight.shape[0]
+    q_out = children[q_names[-1]].out_features
+    kv_a_out, kv_b_out = children[KV[0]].out_features, children[KV[2]].out_features
+    o_in = children["o_proj"].in_features
+    rope = kv_a_out - rank
+    heads_x_nope = kv_b_out - o_in
+    heads = (q_out - heads_x_nope) // rope if rope > 0 else 0
+    if rope <= 0 or heads <= 0 or heads * rope != q_out - heads_x_nope or heads_x_nope % heads or o_in % heads:
+        raise ValueError(f"widths q {q_out}, kv_a {kv_a_out} (rank {rank}), kv_b {kv_b_out}, o {o_in} do not fit "
+                         "q = H (nope + rope), kv_a = rank + rope, kv_b = H (nope + v), o = H v")  # fmt: skip
+    nope, v_dim = heads_x_nope // heads, o_in // heads
+    latent = LatentQKV(
+        q_names, KV, rank, nope, rope, _uses_interleaved_rope(module, cfg),
+        q_scale=_float_attr(module, "mla_scale_q_lora"), latent_scale=_float_attr(module, "mla_scale_kv_lora"),
+    )  # fmt: skip
+    return latent, {"num_heads": heads, "head_dim": nope + rope, "v_head_dim": v_dim}
+
+
+def latent_weights(module: nn.Module, latent: LatentQKV) -> dict[str, Tensor]:
+    """The sub-graph's tensors under the module's own names (``q_a_proj.weight``, ``kv_a_layernorm.weight``...)."""
+    out: dict[str, Tensor] = {}
+    for name in latent.names:
+        for pname, param in getattr(module, name).named_parameters():
+            out[f"{name}.{pname}"] = param.detach()
+    return out
+
+
+def latent_project(mixer: nn.Module, x: Tensor, latent: LatentQKV, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``x`` ``[B, T, C]`` -> q, k ``[B, T, H, nope + rope]`` (before RoPE) and v ``[B, T, H, v_head_dim]``.
+
+    ``mixer`` owns copies of the sub-graph's children under their own names. The arithmetic is the pretrained
+    module's, step for step, so that a kept layer is bit-identical.
+    """
+    B, T, _ = x.shape
+    q_mods = [getattr(mixer, n) for n in latent.q_names]
+    q = q_mods[0](x)
+    for mod in q_mods[1:]:
+        q = mod(q)
+    q = q.view(B, T, heads, latent.nope_dim + latent.rope_dim)
+    if latent.q_scale != 1.0:
+        q = q * latent.q_scale
+    kv_a, kv_norm, kv_b = (getattr(mixer, n) for n in latent.kv_names)
+    c, k_pe = kv_a(x).split([latent.rank, latent.rope_dim], dim=-1)
+    c = kv_norm(c)
+    if latent.latent_scale != 1.0:
+        c = c * latent.latent_scale
+    kv = kv_b(c).view(B, T, heads, -1)
+    k_nope, v = kv[..., : latent.nope_dim], kv[..., latent.nope_dim :]
+    k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, T, heads, latent.rope_dim)], dim=-1)
+    return q, k, v
+
+
+def latent_rope(q: Tensor, k: Tensor, position_embeddings: Any, latent: LatentQKV) -> tuple[Tensor, Tensor]:
+    """RoPE on the trailing ``rope_dim`` dims of ``q`` and ``k`` ``[B, H, T, D]``, in the family's convention.
+
+    ``position_embeddings`` is ``(cos, sin)`` ``[B, T, rope]`` or DeepSeek-V2's complex ``freqs_cis``
+    ``[B, T, rope / 2]``. Same arithmetic as transformers' rotary helpers, so kept layers stay bit-identical.
+    """
+    return _rotate_tail(q, position_embeddings, latent), _rotate_tail(k, position_embeddings, latent)
+
+
+def _rotate_tail(x: Tensor, pe: Any, latent: LatentQKV) -> Tensor:
+    x_pass, x_rot = x[..., : latent.nope_dim], x[..., latent.nope_dim :]
+    if isinstance(pe, Tensor) and pe.is_complex():
+        pairs = torch.view_as_complex(x_rot.float().reshape(*x_rot.shape[:-1], -1, 2))
+        rotated = torch.view_as_real(pairs * pe.unsqueeze(1).to(x.device)).flatten(3).type_as(x)
+    elif latent.interleaved:
+        cos, sin = pe
+        # cos/sin are cat(freqs, freqs): the first half holds one angle per pair.
+        cos, sin = cos[..., : cos.shape[-1] // 2].unsqueeze(1), sin[..., : sin.shape[-1] // 2].unsqueeze(1)
+        even, odd = x_rot[..., 0::2], x_rot[..., 1::2]
+        rotated = torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
+    else:
+        cos, sin = (t.unsqueeze(1) for t in pe)
+        half = x_rot.shape[-1] // 2
+        rotate_half = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+        rotated = (x_rot * cos) + (rotate_half * sin)
+    return torch.cat((x_pass, rotated), dim=-1)
