@@ -122,8 +122,9 @@ def latent_weights(module: nn.Module, latent: LatentQKV) -> dict[str, Tensor]:
     return out
 
 
-def latent_project(mixer: nn.Module, x: Tensor, latent: LatentQKV, heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``x`` ``[B, T, C]`` -> q, k ``[B, T, H, nope + rope]`` (before RoPE) and v ``[B, T, H, v_head_dim]``.
+def latent_compress(mixer: nn.Module, x: Tensor, latent: LatentQKV, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``x`` ``[B, T, C]`` -> q ``[B, T, H, nope + rope]`` (before RoPE), latent ``[B, T, rank]`` (normalised) and the
+    shared rotary key part ``k_pe`` ``[B, T, rope]`` (before RoPE).
 
     ``mixer`` owns copies of the sub-graph's children under their own names. The arithmetic is the pretrained
     module's, step for step, so that a kept layer is bit-identical.
@@ -136,15 +137,48 @@ def latent_project(mixer: nn.Module, x: Tensor, latent: LatentQKV, heads: int) -
     q = q.view(B, T, heads, latent.nope_dim + latent.rope_dim)
     if latent.q_scale != 1.0:
         q = q * latent.q_scale
-    kv_a, kv_norm, kv_b = (getattr(mixer, n) for n in latent.kv_names)
+    kv_a, kv_norm = getattr(mixer, latent.kv_names[0]), getattr(mixer, latent.kv_names[1])
     c, k_pe = kv_a(x).split([latent.rank, latent.rope_dim], dim=-1)
     c = kv_norm(c)
     if latent.latent_scale != 1.0:
         c = c * latent.latent_scale
-    kv = kv_b(c).view(B, T, heads, -1)
+    return q, c, k_pe
+
+
+def latent_expand(mixer: nn.Module, c: Tensor, k_pe: Tensor, latent: LatentQKV, heads: int) -> tuple[Tensor, Tensor]:
+    """Latent ``[B, S, rank]`` and ``k_pe`` ``[B, S, rope]`` -> k ``[B, S, H, nope + rope]``, v ``[B, S, H, Dv]``."""
+    B, S, _ = c.shape
+    kv = getattr(mixer, latent.kv_names[2])(c).view(B, S, heads, -1)
     k_nope, v = kv[..., : latent.nope_dim], kv[..., latent.nope_dim :]
-    k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, T, heads, latent.rope_dim)], dim=-1)
-    return q, k, v
+    k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, heads, latent.rope_dim)], dim=-1)
+    return k, v
+
+
+def latent_project(mixer: nn.Module, x: Tensor, latent: LatentQKV, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``x`` ``[B, T, C]`` -> q, k ``[B, T, H, nope + rope]`` (before RoPE) and v ``[B, T, H, v_head_dim]``."""
+    q, c, k_pe = latent_compress(mixer, x, latent, heads)
+    return (q, *latent_expand(mixer, c, k_pe, latent, heads))
+
+
+def latent_softmax_inputs(
+    mixer: nn.Module, x: Tensor, latent: LatentQKV, heads: int, position_embeddings: Any, cache: Any, **kwargs: Any
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Post-RoPE q ``[B, H, T, D]``, k ``[B, H, S, D]`` and v ``[B, H, S, Dv]`` for softmax attention over the cache.
+
+    Like the pretrained module, the cache holds the compressed latent ``[B, 1, S, rank]`` and the rotated ``k_pe``
+    ``[B, 1, S, rope]`` rather than per-head keys and values (far smaller), and expands them at every call.
+    """
+    q, c, k_pe = latent_compress(mixer, x, latent, heads)
+    q = q.transpose(1, 2)
+    c, k_pe = c[:, None], k_pe[:, None]  # one "head", as the pretrained module's cache layers expect
+    if position_embeddings is not None:
+        q = torch.cat((q[..., : latent.nope_dim], _rotate(q[..., latent.nope_dim :], position_embeddings, latent)), -1)
+        k_pe = _rotate(k_pe, position_embeddings, latent)
+    if cache is not None:
+        c, k_pe = cache.update(c, k_pe, mixer.layer_idx, **kwargs)
+    k, v = latent_expand(mixer, c[:, 0], k_pe[:, 0], latent, heads)
+    # Contiguous keys like the pretrained module's: attention kernels may sum in another order over other strides.
+    return q, k.transpose(1, 2).contiguous(), v.transpose(1, 2)
 
 
 def latent_rope(q: Tensor, k: Tensor, position_embeddings: Any, latent: LatentQKV) -> tuple[Tensor, Tensor]:
@@ -153,23 +187,22 @@ def latent_rope(q: Tensor, k: Tensor, position_embeddings: Any, latent: LatentQK
     ``position_embeddings`` is ``(cos, sin)`` ``[B, T, rope]`` or DeepSeek-V2's complex ``freqs_cis``
     ``[B, T, rope / 2]``. Same arithmetic as transformers' rotary helpers, so kept layers stay bit-identical.
     """
-    return _rotate_tail(q, position_embeddings, latent), _rotate_tail(k, position_embeddings, latent)
+    n = latent.nope_dim
+    rotated = (_rotate(t[..., n:], position_embeddings, latent) for t in (q, k))
+    return tuple(torch.cat((t[..., :n], r), dim=-1) for t, r in zip((q, k), rotated))  # type: ignore[return-value]
 
 
-def _rotate_tail(x: Tensor, pe: Any, latent: LatentQKV) -> Tensor:
-    x_pass, x_rot = x[..., : latent.nope_dim], x[..., latent.nope_dim :]
+def _rotate(x: Tensor, pe: Any, latent: LatentQKV) -> Tensor:
+    """RoPE on every dim of ``x`` ``[B, H, T, rope]``."""
     if isinstance(pe, Tensor) and pe.is_complex():
-        pairs = torch.view_as_complex(x_rot.float().reshape(*x_rot.shape[:-1], -1, 2))
-        rotated = torch.view_as_real(pairs * pe.unsqueeze(1).to(x.device)).flatten(3).type_as(x)
-    elif latent.interleaved:
-        cos, sin = pe
+        pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(pairs * pe.unsqueeze(1).to(x.device)).flatten(3).type_as(x)
+    cos, sin = pe
+    if latent.interleaved:
         # cos/sin are cat(freqs, freqs): the first half holds one angle per pair.
         cos, sin = cos[..., : cos.shape[-1] // 2].unsqueeze(1), sin[..., : sin.shape[-1] // 2].unsqueeze(1)
-        even, odd = x_rot[..., 0::2], x_rot[..., 1::2]
-        rotated = torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
-    else:
-        cos, sin = (t.unsqueeze(1) for t in pe)
-        half = x_rot.shape[-1] // 2
-        rotate_half = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-        rotated = (x_rot * cos) + (rotate_half * sin)
-    return torch.cat((x_pass, rotated), dim=-1)
+        even, odd = x[..., 0::2], x[..., 1::2]
+        return torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)

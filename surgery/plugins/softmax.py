@@ -17,6 +17,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from surgery.attention import AttentionSite
 from surgery.hookspecs import hookimpl
+from surgery.latent import latent_softmax_inputs
 from surgery.mixer import MixContext, Mixer, apply_rope
 
 
@@ -86,14 +87,17 @@ class SoftmaxAttention(Mixer):
     def mix(self, x: Tensor, ctx: MixContext) -> Tensor:
         """``x`` ``[B, T, C]`` -> ``[B, T, C]``, appending this call's keys and values to ``ctx.cache``."""
         B, T, _ = x.shape
-        q, k, v = (t.transpose(1, 2) for t in self.project(x))  # [B, H, T, D]
-        if ctx.rope is not None:
-            q, k = ctx.rope(q, k)
-        elif ctx.position_embeddings is not None:
-            cos, sin = ctx.position_embeddings
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if ctx.cache is not None:
-            k, v = ctx.cache.update(k, v, self.layer_idx, kwargs=ctx.attn_kwargs)
+        if self.site.latent is not None:
+            # Latent attention caches its compressed latent, as the pretrained layer does.
+            q, k, v = latent_softmax_inputs(self, x, self.site.latent, self.num_heads, ctx.position_embeddings,
+                                            ctx.cache, kwargs=ctx.attn_kwargs)  # fmt: skip
+        else:
+            q, k, v = (t.transpose(1, 2) for t in self.project(x))  # [B, H, T, D]
+            if ctx.position_embeddings is not None:
+                cos, sin = ctx.position_embeddings
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if ctx.cache is not None:
+                k, v = ctx.cache.update(k, v, self.layer_idx, kwargs=ctx.attn_kwargs)
         # Only pass what the pretrained layer passes: sdpa refuses any softcap key, even None.
         extra: dict[str, Any] = {}
         if self.site.dims.sliding_window is not None:
