@@ -112,8 +112,8 @@ _UNDIAGNOSED = "softmax identity differs: not diagnosed yet"
 #: of them starts passing (remove it here) or when any other in-scope type fails.
 KNOWN_GAPS: dict[str, str] = {
     **{t: _DSA for t in ("deepseek_v32", "glm_moe_dsa")},
-    "axk2": f"{_DSA}; and a fused query/output-gate projection (q_gate_proj)",
-    "hy_v4": f"{_DSA}; and learned attention sinks and an output gate",
+    "axk2": f"{_DSA}, plus a fused query/output-gate projection (q_gate_proj)",
+    "hy_v4": f"{_DSA}, plus learned attention sinks and an output gate",
     "deepseek_v4": "one shared key/value head (kv_proj) with compressors of past keys, learned sinks and a grouped "
                    "low-rank output (o_a_proj/o_b_proj): not the MLA latent layout",
     **{t: _SINKS for t in ("flint", "gpt_oss", "granite_swa", "granitemoe_swa", "inkling2_text", "inkling2_loop_text")},
@@ -123,7 +123,7 @@ KNOWN_GAPS: dict[str, str] = {
     "diffllama": f"{_EXTRA_PARAMS}: differential attention (two softmax maps)",
     "doge": f"{_EXTRA_PARAMS}: dynamic mask from the values",
     "jetmoe": "mixture of attention heads (experts), no q/k/v/o projections",
-    "mimo_v2_flash": f"{_SINKS} on its sliding-window layers (its value head dim != query/key head dim is read)",
+    "mimo_v2_flash": f"{_SINKS} (on its sliding-window layers; its value head dim != query/key head dim is read)",
     "hunyuan_v1_dense": "q/k norms applied after RoPE (mixers apply them before)",
     "hunyuan_v1_moe": "q/k norms applied after RoPE (mixers apply them before)",
     "cpmant": "relative position bias, projections named project_q/k/v",
