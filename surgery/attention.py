@@ -4,8 +4,9 @@ The converter never looks at architecture-specific classes: it asks this module 
 ``AttentionSite`` of a causal LM, and for the site's pretrained tensors under canonical names. Two layouts are
 understood: separate q/k/v projections (Llama, Mistral, Qwen2/3, Gemma3, OPT, Phi, ...) and fused ones (Phi-3's
 ``qkv_proj``, GPT-2's ``c_attn``, MPT's ``Wqkv``, GPT-NeoX's head-interleaved ``query_key_value``), each as
-``nn.Linear`` or transformers' transposed ``Conv1D``, with the output projection under any of its usual names.
-Anything else fails loudly with the module class in the message.
+``nn.Linear`` or transformers' transposed ``Conv1D``, with the output projection under any of its usual names; and
+multi-head latent attention (DeepSeek-V2/V3 style, ``surgery.latent``), whose q/k/v come from the model's own
+low-rank projection sub-graph. Anything else fails loudly with the module class in the message.
 """
 
 from __future__ import annotations
@@ -242,6 +243,12 @@ def _norm(path: str, module: nn.Module, name: str, head_dim: int, heads: int) ->
     return norm
 
 
+def _scalar(module: nn.Module, name: str) -> float:
+    """A plain number the module multiplies by (1.0 when absent; tensors, e.g. quantisation scales, are not it)."""
+    value = getattr(module, name, 1.0)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 1.0
+
+
 def _read_latent_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> AttentionSite:
     """A multi-head latent attention module (``surgery.latent``): q/k/v come from the model's own sub-graph."""
     cfg = module.config if getattr(module, "config", None) is not None else model_cfg
@@ -311,7 +318,7 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
         hidden_size=C, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, qkv_bias=qkv[0].bias is not None,
         o_bias=out.bias is not None, scaling=float(getattr(module, "scaling", D**-0.5)),
         sliding_window=_sliding_window(module, cfg, layer_idx), softcap=softcap, v_head_dim=Dv,
-        value_scale=float(getattr(module, "v_scale", 1.0)),
+        value_scale=_scalar(module, "v_scale"),
     )  # fmt: skip
     q_norm = _norm(path, module, "q_norm", D, Hq)
     k_norm = _norm(path, module, "k_norm", D, Hkv)
@@ -345,6 +352,8 @@ def read_weights(module: nn.Module, site: AttentionSite) -> dict[str, Tensor]:
 
     Shapes: ``q_proj.weight`` [Hq*D, C], ``k_proj.weight``/``v_proj.weight`` [Hkv*D, C], ``o_proj.weight``
     [C, Hq*D], biases to match, ``q_norm.weight``/``k_norm.weight`` [D]. Absent tensors are absent keys.
+    A latent site gives its sub-graph's tensors under the module's own names (``surgery.latent.latent_weights``)
+    and ``o_proj``.
     """
     d = site.dims
     if site.latent is not None:

@@ -64,7 +64,8 @@ def _uses_interleaved_rope(module: nn.Module, cfg: Any) -> bool:
     between it and ``apply_rotary_pos_emb`` with ``config.rope_interleave`` (DeepSeek-V3, GLM-4-MoE-Lite).
     DeepSeek-V2's complex ``freqs_cis`` is recognised from the position embeddings themselves (``latent_rope``).
     """
-    names = set(inspect.unwrap(type(module).forward).__code__.co_names)
+    code = getattr(inspect.unwrap(type(module).forward), "__code__", None)
+    names = set(code.co_names) if code is not None else set()
     if "apply_rotary_pos_emb_interleave" not in names:
         return False
     if "apply_rotary_pos_emb" in names:
@@ -74,7 +75,7 @@ def _uses_interleaved_rope(module: nn.Module, cfg: Any) -> bool:
 
 def _float_attr(module: nn.Module, name: str) -> float:
     value = getattr(module, name, 1.0)
-    return float(value) if isinstance(value, (int, float)) else 1.0
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 1.0
 
 
 def read_latent(module: nn.Module, cfg: Any) -> tuple[LatentQKV, dict[str, int]]:
