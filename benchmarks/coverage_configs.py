@@ -20,11 +20,24 @@ _MOE: dict[str, Any] = dict(
     n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
 )  # fmt: skip
 
+#: Multi-head latent attention at sweep size: one key/value head per query head (what the latent expands to),
+#: small ranks, and query/key head dim 16 + 8 != value head dim 12; ``head_dim`` is the rotary width there.
+_MLA_SIZES: dict[str, Any] = dict(
+    num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+    head_dim=8,
+)  # fmt: skip
+
 #: Per-type fields on top of COMMON (validation rules of the family, or a field COMMON names differently).
 EXTRA: dict[str, dict[str, Any]] = {
     # GPT-J / CodeGen default to 64 rotary dims, wider than the shared head dim of 16.
     **{t: {"rotary_dim": 8} for t in ("gptj", "codegen")},
-}
+    **{t: _MLA_SIZES for t in (
+        "axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "hy_v4",
+        "minicpm3", "youtu", "longcat_flash",
+    )},
+    "sarvam_mla": {**_MLA_SIZES, "q_lora_rank": None},  # the full-rank q_proj query path
+    "mimo_v2_flash": dict(v_head_dim=24),  # value head dim != query/key head dim 16, kept small
+}  # fmt: skip
 
 _ENC_DEC = "encoder-decoder model: its decoder layers cross-attend to an encoder"
 _ENCODER = "bidirectional encoder (BERT family) with an optional causal LM head, not a decoder LLM"
@@ -89,7 +102,8 @@ def tiny_config(model_type: str) -> Any:
     kwargs = {k: v for k, v in kwargs.items() if not (isinstance(getattr(cls, k, None), property) and getattr(cls, k).fset is None)}
     return cls(**kwargs)
 
-_MLA = "multi-head latent attention: low-rank q/kv with norms in between, no q/k/v/o projections to read"
+_DSA = ("MLA with a DSA lightning indexer: each query attends only to the top-k keys the indexer's own weights "
+        "select, which kept layers do not reproduce")
 _INKLING = "short convolutions on keys/values, relative-position logits and position-dependent query scaling"
 _EXTRA_PARAMS = "attention owns parameters mixers do not reproduce"
 _CONFIG = "the sweep's generic tiny config does not build this family yet"
@@ -98,11 +112,11 @@ _UNDIAGNOSED = "softmax identity differs: not diagnosed yet"
 #: In-scope model types that fail today, each with the reason the sweep shows. tests/test_coverage.py fails when one
 #: of them starts passing (remove it here) or when any other in-scope type fails.
 KNOWN_GAPS: dict[str, str] = {
-    **{t: _MLA for t in (
-        "axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "glm4_moe_lite", "glm_moe_dsa",
-        "hy_v4", "minicpm3", "sarvam_mla", "youtu", "longcat_flash",
-    )},
-    "gpt_oss": "rotary convention: half-width cos/sin rotating pairs (i, i + D/2); its learned sinks are read",
+    **{t: _DSA for t in ("deepseek_v32", "glm_moe_dsa")},
+    "axk2": f"{_DSA}, plus a fused query/output-gate projection (q_gate_proj)",
+    "hy_v4": f"{_DSA}, plus learned attention sinks and an output gate",
+    "deepseek_v4": "one shared key/value head (kv_proj) with compressors of past keys, learned sinks and a grouped "
+                   "low-rank output (o_a_proj/o_b_proj): not the MLA latent layout",
     "inkling_text": _INKLING,
     **{t: f"{_INKLING}; q/k/v are module classes of their own, sinks per token (sink_proj), gated o_proj module"
        for t in ("inkling2_text", "inkling2_loop_text")},
@@ -115,7 +129,6 @@ KNOWN_GAPS: dict[str, str] = {
     "doge": f"{_EXTRA_PARAMS}: dynamic mask, a per-key logit bias exp(A softplus(dt_proj(v))) with top-k key "
             "selection, which the key/value cache of mixers does not hold",
     "jetmoe": "mixture of attention heads (experts), no q/k/v/o projections",
-    "mimo_v2_flash": "value head dim differs from the query/key head dim",
     "cpmant": "relative position bias, projections named project_q/k/v",
     "bloom": "ALiBi: kept layers would need the bias (and the layer adds its residual inside attention)",
     "mpt": "ALiBi: kept layers would need the position bias",

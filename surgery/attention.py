@@ -6,7 +6,8 @@ understood: separate q/k/v projections (Llama, Mistral, Qwen2/3, Gemma3, OPT, Ph
 ``qkv_proj``, GPT-2's ``c_attn``, MPT's ``Wqkv``, GPT-NeoX's head-interleaved ``query_key_value``), each as
 ``nn.Linear`` or transformers' transposed ``Conv1D``, with the output projection under any of its usual names.
 CodeGen's ``qkv_proj``, interleaved over the model-parallel shards it was trained with (``mp_num``), is split too.
-Anything else fails loudly with the module class in the message.
+Multi-head latent attention (DeepSeek-V2/V3 style, ``surgery.latent``) is read as its own layout: q/k/v come from
+the model's own low-rank projection sub-graph. Anything else fails loudly with the module class in the message.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from surgery.attention_extras import EXTRA_CANONICAL, AttentionExtras, extra_weights, read_extras
+from surgery.latent import LatentQKV, is_latent, latent_rotary, latent_weights, read_latent
 from surgery.rotary import ROTATE_HALF, Rotary, RotaryReadError, read_rotary
 
-Layout = Literal["separate", "fused_qkv", "fused_qkv_headwise", "fused_qkv_sharded"]
+Layout = Literal["separate", "fused_qkv", "fused_qkv_headwise", "fused_qkv_sharded", "latent"]
 
 #: Canonical tensor names. They are also the parameter names of every built-in mixer, so that a weight map
 #: that copies is a dictionary lookup and LoRA targets (q_proj, k_proj, v_proj, o_proj) are the same everywhere.
@@ -48,6 +50,12 @@ class AttentionDims:
     scaling: float  # the softmax scale the pretrained layer uses (1/sqrt(head_dim) unless the model says otherwise)
     sliding_window: int | None = None  # this layer's own window, None for global attention
     softcap: float | None = None  # attention-logit soft-capping (Gemma 2 style), None when absent
+    v_head_dim: int | None = None  # value (and output) head dim; None: head_dim (MLA and MiMo differ)
+    value_scale: float = 1.0  # multiplies the values (MiMo-V2's attention_value_scale)
+
+    def __post_init__(self) -> None:
+        if self.v_head_dim is None:
+            object.__setattr__(self, "v_head_dim", self.head_dim)
 
     @property
     def groups(self) -> int:
@@ -61,7 +69,10 @@ class AttentionSite:
 
     ``q_norm``/``k_norm`` are the model's own per-head norm modules (Qwen3, Gemma3), applied to q and k before RoPE
     unless ``rotary.norms_after``; mixers deep-copy them so that the exact normalisation (eps, ``1 + w`` offsets) is
-    kept. ``rotary`` says how the layer applies RoPE (``surgery.rotary``: its own function, or none at all).
+    kept. ``rotary`` says how the layer applies RoPE (``surgery.rotary``: its own function, none at all, or only on
+    a latent site's trailing dims). A ``latent`` site (multi-head latent attention, ``surgery.latent``) has no q/k/v
+    projections: ``modules`` holds the model's own projection sub-graph by child name, which mixers deep-copy under
+    the same names.
     """
 
     layer_idx: int
@@ -76,6 +87,8 @@ class AttentionSite:
     rotary: Rotary = ROTATE_HALF
     #: Sink logits, an output gate, a pre-output norm or a separate output bias (``surgery.attention_extras``).
     extras: AttentionExtras | None = field(default=None, compare=False, repr=False)
+    latent: LatentQKV | None = None  # how q/k/v come from the latent sub-graph; None for q/k/v projections
+    modules: dict[str, nn.Module] = field(default_factory=dict, compare=False, repr=False)
 
 
 #: Projection children of each layout: (q/k/v projection names, output projection names). A module owning one set
@@ -244,7 +257,40 @@ def _norm(path: str, module: nn.Module, name: str, head_dim: int, heads: int) ->
     return norm
 
 
+def _scalar(module: nn.Module, name: str) -> float:
+    """A plain number the module multiplies by (1.0 when absent; tensors, e.g. quantisation scales, are not it)."""
+    value = getattr(module, name, 1.0)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 1.0
+
+
+def _read_latent_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> AttentionSite:
+    """A multi-head latent attention module (``surgery.latent``): q/k/v come from the model's own sub-graph."""
+    cfg = module.config if getattr(module, "config", None) is not None else model_cfg
+    layer_idx = module.layer_idx if isinstance(getattr(module, "layer_idx", None), int) else index
+    try:
+        latent, shape = read_latent(module, cfg)
+    except ValueError as exc:
+        raise _error(path, module, str(exc)) from None
+    _check_children(path, module, latent.names, "o_proj", frozenset(latent.names))
+    out = _Proj(path, module, "o_proj")
+    H, D = shape["num_heads"], shape["head_dim"]
+    # The latent is expanded into one key/value head per query head: kv heads = query heads.
+    dims = AttentionDims(
+        hidden_size=out.out_features, num_heads=H, num_kv_heads=H, head_dim=D,
+        qkv_bias=module.kv_b_proj.bias is not None, o_bias=out.bias is not None,
+        scaling=float(getattr(module, "scaling", D**-0.5)), sliding_window=_sliding_window(module, cfg, layer_idx),
+        softcap=getattr(module, "attn_logit_softcapping", None), v_head_dim=shape["v_head_dim"],
+    )  # fmt: skip
+    modules = {name: getattr(module, name) for name in latent.names}
+    return AttentionSite(
+        layer_idx, path, type(module).__name__, dims, "latent", qkv_names=latent.names, out_name="o_proj",
+        rotary=latent_rotary(module, cfg, latent), latent=latent, modules=modules,
+    )  # fmt: skip
+
+
 def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> AttentionSite:
+    if is_latent(module):
+        return _read_latent_site(path, module, index, model_cfg)
     layout, qkv_names, out_name = _layout_of(path, module)
     if layout == "fused_qkv" and _shards(module) > 1:
         layout = "fused_qkv_sharded"
@@ -257,13 +303,16 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
     D = _head_dim(module, cfg)
     if D is None or out.in_features % D:
         raise _error(path, module, f"head dim {D} does not divide {out_name}.in_features={out.in_features}")
-    Hq, C = out.in_features // D, qkv[0].in_features
+    Hq, C, Dv = out.in_features // D, qkv[0].in_features, D
     if layout == "separate":
         q, k, v = qkv
-        if q.out_features != Hq * D or k.out_features != v.out_features or k.out_features % D:
+        # The value head dim may differ (MiMo-V2): q/k give the heads, v and o the value head dim.
+        Hq, Hkv = q.out_features // D, k.out_features // D
+        Dv = v.out_features // Hkv if Hkv else 0
+        fits = not (q.out_features % D or k.out_features % D) and Hkv > 0
+        if not fits or v.out_features != Hkv * Dv or out.in_features != Hq * Dv:
             raise _error(path, module, f"q/k/v/o widths {q.out_features}/{k.out_features}/{v.out_features}/"
                          f"{out.in_features} do not fit head dim {D}")  # fmt: skip
-        Hkv = k.out_features // D
         biases = {lin.bias is not None for lin in qkv}
         if len(biases) != 1:
             raise _error(path, module, "q/k/v projections disagree on having a bias")
@@ -282,13 +331,15 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
     if Hq % Hkv:
         raise _error(path, module, f"{Hq} query heads are not a multiple of {Hkv} key/value heads")
     claimed = {*qkv_names, out_name, *(n for names in _NORM_ALIASES.values() for n in names)}
-    extras = read_extras(module, out_name, Hq, D, C, claimed, lambda why: _error(path, module, why))
+    # Gates and pre-output norms act on the attention output: Hq heads of the value head dim.
+    extras = read_extras(module, out_name, Hq, Dv, C, claimed, lambda why: _error(path, module, why))
     _check_children(path, module, qkv_names, out_name, claimed)
     softcap = getattr(module, "attn_logit_softcapping", getattr(cfg, "attn_logit_softcapping", None))
     dims = AttentionDims(
         hidden_size=C, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, qkv_bias=qkv[0].bias is not None,
         o_bias=out.bias is not None, scaling=float(getattr(module, "scaling", D**-0.5)),
-        sliding_window=_sliding_window(module, cfg, layer_idx), softcap=softcap,
+        sliding_window=_sliding_window(module, cfg, layer_idx), softcap=softcap, v_head_dim=Dv,
+        value_scale=_scalar(module, "v_scale"),
     )  # fmt: skip
     q_norm = _norm(path, module, "q_norm", D, Hq)
     k_norm = _norm(path, module, "k_norm", D, Hkv)
@@ -350,7 +401,9 @@ def find_attention(model: nn.Module) -> list[AttentionSite]:
     sites: list[AttentionSite] = []
     for index, layer in enumerate(layers):
         found = _attention_in(layer, f"{list_path}.{index}")
-        if len(found) > 1:
+        # LongCat-Flash layers hold two attention sublayers, each with its own cache slot (layer_idx).
+        own = {getattr(m, "layer_idx", None) for _, m in found}
+        if len(found) > 1 and (len(own) < len(found) or not all(isinstance(i, int) for i in own)):
             paths = ", ".join(f"{p} ({type(m).__name__})" for p, m in found)
             raise AttentionReadError(f"decoder layer {list_path}.{index} holds several attention modules: {paths}")
         # A layer without attention (a recurrent layer of a hybrid model) has nothing to replace.
@@ -363,8 +416,14 @@ def read_weights(module: nn.Module, site: AttentionSite) -> dict[str, Tensor]:
 
     Shapes: ``q_proj.weight`` [Hq*D, C], ``k_proj.weight``/``v_proj.weight`` [Hkv*D, C], ``o_proj.weight``
     [C, Hq*D], biases to match, ``q_norm.weight``/``k_norm.weight`` [D]. Absent tensors are absent keys.
+    A latent site gives its sub-graph's tensors under the module's own names (``surgery.latent.latent_weights``)
+    and ``o_proj``.
     """
     d = site.dims
+    if site.latent is not None:
+        out = _Proj(site.path, module, site.out_name)
+        parts = {**latent_weights(module, site.latent), "o_proj.weight": out.weight, "o_proj.bias": out.bias}
+        return {key: t.detach() for key, t in parts.items() if isinstance(t, Tensor)}
     qkv_names, out_name = (site.qkv_names, site.out_name) if site.out_name else _layout_of(site.path, module)[1:]
     qkv = [_Proj(site.path, module, name) for name in qkv_names]
     out = _Proj(site.path, module, out_name)

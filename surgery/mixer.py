@@ -2,8 +2,10 @@
 
 A mixer replaces one attention module. It owns HF-named projections (``q_proj``, ``k_proj``, ``v_proj``,
 ``o_proj``, and the model's ``q_norm``/``k_norm`` when it has them), so LoRA targets and weight maps are the same
-for every architecture. Subclasses implement ``mix``; ``forward`` absorbs the HF calling convention (keyword
-names that change between architectures and versions) in this one place and returns ``(output, None)``.
+for every architecture; on a multi-head latent attention site it owns copies of the model's own low-rank
+projections instead (``surgery.latent``). Subclasses implement ``mix``; ``forward`` absorbs the HF calling
+convention (keyword names that change between architectures and versions) in this one place and returns
+``(output, None)``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 
 from surgery.attention import AttentionSite
 from surgery.attention_extras import AttentionExtras
+from surgery.latent import latent_project
 from surgery.rotary import apply_rope, rotate_half
 
 __all__ = ["MixContext", "Mixer", "Options", "SharedState", "WeightMap", "apply_rope", "rotate_half"]
@@ -138,6 +141,7 @@ class Mixer(nn.Module):
         self.config = config  # the model config: transformers' attention functions read _attn_implementation
         self.layer_idx = site.layer_idx
         self.head_dim = d.head_dim
+        self.v_head_dim: int = d.v_head_dim  # type: ignore[assignment]  # filled in by AttentionDims
         self.num_heads = d.num_heads
         self.num_kv_heads = d.num_kv_heads
         self.num_key_value_groups = d.groups  # name read by transformers' attention functions
@@ -147,10 +151,15 @@ class Mixer(nn.Module):
         self.shared: SharedState | None = None  # set by the converter
         if not projections:
             return
-        self.q_proj = nn.Linear(d.hidden_size, d.num_heads * d.head_dim, bias=d.qkv_bias)
-        self.k_proj = nn.Linear(d.hidden_size, d.num_kv_heads * d.head_dim, bias=d.qkv_bias)
-        self.v_proj = nn.Linear(d.hidden_size, d.num_kv_heads * d.head_dim, bias=d.qkv_bias)
-        self.o_proj = nn.Linear(d.num_heads * d.head_dim, d.hidden_size, bias=d.o_bias)
+        if site.latent is not None:
+            # The model's own low-rank sub-graph, under its own names (weight maps, LoRA, saved tensors).
+            for name, module in site.modules.items():
+                setattr(self, name, copy.deepcopy(module))
+        else:
+            self.q_proj = nn.Linear(d.hidden_size, d.num_heads * d.head_dim, bias=d.qkv_bias)
+            self.k_proj = nn.Linear(d.hidden_size, d.num_kv_heads * d.head_dim, bias=d.qkv_bias)
+            self.v_proj = nn.Linear(d.hidden_size, d.num_kv_heads * self.v_head_dim, bias=d.qkv_bias)
+        self.o_proj = nn.Linear(d.num_heads * self.v_head_dim, d.hidden_size, bias=d.o_bias)
         self.q_norm = copy.deepcopy(site.q_norm) if site.q_norm is not None else None
         self.k_norm = copy.deepcopy(site.k_norm) if site.k_norm is not None else None
         if site.extras is not None:
@@ -163,7 +172,7 @@ class Mixer(nn.Module):
             self.sink_logits = nn.Parameter(torch.zeros(d.num_heads))  # [Hq]; read by softmax and window mixers
         gate = extras.gate
         if gate is not None:
-            width = d.num_heads if gate.per_head else d.num_heads * d.head_dim
+            width = d.num_heads if gate.per_head else d.num_heads * self.v_head_dim
             self.out_gate = nn.Linear(d.hidden_size, width, bias=gate.bias)
             if gate.head_bias:
                 self.out_gate_head_bias = nn.Parameter(torch.zeros(d.num_heads))
@@ -196,15 +205,21 @@ class Mixer(nn.Module):
     # -- helpers shared by mixers -------------------------------------------------------------------------
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q ``[B, T, Hq, D]``, k and v ``[B, T, Hkv, D]``, before RoPE.
+        """q ``[B, T, Hq, D]``, k ``[B, T, Hkv, D]`` and v ``[B, T, Hkv, Dv]`` (``Dv = v_head_dim``, usually D),
+        before RoPE.
 
         After the model's q/k norms, unless the layer applies them after RoPE (``site.rotary.norms_after``):
-        then ``rotate`` applies them, and recurrent branches see q and k unnormalised.
+        then ``rotate`` applies them, and recurrent branches see q and k unnormalised. A latent site expands its
+        compressed latent into per-head q/k/v (``surgery.latent``).
         """
+        if self.site.latent is not None:
+            return latent_project(self, x, self.site.latent, self.num_heads)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.v_head_dim)
+        if self.site.dims.value_scale != 1.0:
+            v = v * self.site.dims.value_scale
         if self.site.rotary.norms_after:
             return q, k, v
         if self.q_norm is not None:

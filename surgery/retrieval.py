@@ -53,9 +53,10 @@ def consolidate(
     return out
 
 
-def empty_memory(B: int, H: int, n: int, D: int, K: int, like: Tensor) -> dict[str, Tensor]:
+def empty_memory(B: int, H: int, n: int, D: int, K: int, like: Tensor, Dv: int | None = None) -> dict[str, Tensor]:
+    """An empty memory of ``n`` pairs: keys ``[B, H, n, D]``, values ``[B, H, n, Dv]`` (Dv defaults to D)."""
     z = like.new_zeros
-    return {"k": z(B, H, n, D), "v": z(B, H, n, D), "fk": z(B, H, n, K, dtype=torch.float32),
+    return {"k": z(B, H, n, D), "v": z(B, H, n, D if Dv is None else Dv), "fk": z(B, H, n, K, dtype=torch.float32),
             "ok": torch.zeros(B, H, n, dtype=torch.bool, device=like.device)}  # fmt: skip
 
 
@@ -111,7 +112,7 @@ def memory_branch(
     if "mem_k" in aux:
         mem = {name: aux[f"mem_{name}"] for name in ("k", "v", "fk", "ok")}
     else:
-        mem = empty_memory(B, H, n, D, K, kr)
+        mem = empty_memory(B, H, n, D, K, kr, vt.shape[-1])
     # The dense buffer: cached tokens (at most W + C) followed by this call's.
     if layer is not None and layer.keys is not None:
         kw, vw, vb = layer.window_with(kr, vt, valid)

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-Convention = Literal["rotate_half", "model", "none"]
+Convention = Literal["rotate_half", "model", "none", "latent"]
 #: Where the head axis is when the model's function is called: ``heads``: ``[B, H, T, D]``, ``time``: ``[B, T, H, D]``.
 Layout = Literal["heads", "time"]
 _PE = "position_embeddings"  # the keyword decoder layers pass rotary embeddings under
@@ -62,6 +62,9 @@ class Rotary:
     the whole object, e.g. Llama-4's complex ``freqs_cis``); ``constants`` are literal keyword arguments of the
     model's call; ``rotary_dim`` the leading head dims the layer slices out before calling it (GPT-J style).
     ``norms_after``: the layer applies its q/k norms after RoPE (HunYuan, NanoChat), not before.
+    ``latent`` (multi-head latent attention, ``surgery.latent``): only the last ``trailing`` head dims rotate (the
+    rope part after the nope part), as adjacent pairs when ``interleaved``, else rotate-half, or by complex
+    ``freqs_cis`` when the model passes those (DeepSeek-V2).
     """
 
     convention: Convention = "rotate_half"
@@ -72,6 +75,8 @@ class Rotary:
     layout: Layout = "heads"
     rotary_dim: int | None = None
     norms_after: bool = False
+    trailing: int | None = None
+    interleaved: bool = False
 
     def apply(self, q: Tensor, k: Tensor, position_embeddings: Any) -> tuple[Tensor, Tensor]:
         """q ``[B, T, Hq, D]`` and k ``[B, T, Hkv, D]`` -> ``[B, Hq, T, D]`` and ``[B, Hkv, T, D]``, rotated.
@@ -85,6 +90,9 @@ class Rotary:
             cos, sin = position_embeddings
             q, k = q.transpose(1, 2), k.transpose(1, 2)
             return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.convention == "latent":
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            return self._trailing(q, position_embeddings), self._trailing(k, position_embeddings)
         if self.layout == "heads":
             q, k = q.transpose(1, 2), k.transpose(1, 2)
         kwargs = dict(self.constants)
@@ -102,6 +110,26 @@ class Rotary:
         r = self.rotary_dim if self.rotary_dim is not None else x.shape[-1]
         rotated = self.function(**{self.tensors[0]: x[..., :r]}, **kwargs)  # type: ignore[misc]
         return rotated if r >= x.shape[-1] else torch.cat([rotated, x[..., r:]], dim=-1)
+
+
+    def _trailing(self, x: Tensor, pe: Any) -> Tensor:
+        """``x`` ``[B, H, T, D]`` with its last ``trailing`` dims rotated (all of them when D is that width: MLA's
+        shared key part ``k_pe`` alone). Same arithmetic as transformers' helpers, so kept layers stay exact."""
+        r = self.trailing if self.trailing is not None else x.shape[-1]
+        rot = x[..., x.shape[-1] - r :]
+        if isinstance(pe, Tensor) and pe.is_complex():
+            pairs = torch.view_as_complex(rot.float().reshape(*rot.shape[:-1], -1, 2))
+            rot = torch.view_as_real(pairs * pe.unsqueeze(1).to(x.device)).flatten(3).type_as(x)
+        elif self.interleaved:
+            cos, sin = pe
+            # cos/sin are cat(freqs, freqs): the first half holds one angle per pair.
+            cos, sin = cos[..., : cos.shape[-1] // 2].unsqueeze(1), sin[..., : sin.shape[-1] // 2].unsqueeze(1)
+            even, odd = rot[..., 0::2], rot[..., 1::2]
+            rot = torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
+        else:
+            cos, sin = pe
+            rot = (rot * cos.unsqueeze(1)) + (rotate_half(rot) * sin.unsqueeze(1))
+        return rot if r >= x.shape[-1] else torch.cat((x[..., : x.shape[-1] - r], rot), dim=-1)
 
 
 ROTATE_HALF = Rotary()

@@ -225,14 +225,14 @@ def swa_branch(
 
     Args:
         q: ``[B, T, Hq, D]`` pre-RoPE queries (after the model's q norm).
-        k, v: ``[B, T, Hkv, D]``.
+        k: ``[B, T, Hkv, D]``; v: ``[B, T, Hkv, Dv]``.
         ctx: the call's context (position embeddings, padding mask).
         layer: this layer's cache, or None.
         sinks: the first ``sinks`` real tokens of each row stay visible to every query (0: none).
         sink_logits: ``[Hq]`` the layer's learned sink logits (``Mixer.sink_logits``), or None.
 
     Returns:
-        ``[B, T, Hq, D]``, the ``(keys, values, valid)`` window to pass to ``layer.commit``, and the ``aux``
+        ``[B, T, Hq, Dv]``, the ``(keys, values, valid)`` window to pass to ``layer.commit``, and the ``aux``
         tensors to commit (the sinks; empty without sinks).
     """
     qr, kr = rope(q, k, ctx)

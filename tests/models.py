@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 from transformers import (
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -20,6 +22,8 @@ from transformers import (
     GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MiMoV2FlashConfig,
+    MiMoV2FlashForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     Phi3Config,
@@ -81,10 +85,31 @@ _SPECS: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel], dict[str,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         ),
     ),  # fmt: skip
+    # Kept out of ARCHS too (tests/test_latent.py): multi-head latent attention, interleaved RoPE on 8 of 24 q/k
+    # dims, value head dim 12. One key/value head per query head, as the latent expands to.
+    "deepseek_v3": (
+        DeepseekV3Config,
+        DeepseekV3ForCausalLM,
+        dict(
+            num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+            v_head_dim=12, head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            n_group=1, topk_group=1, first_k_dense_replace=3,
+        ),
+    ),  # fmt: skip
+    # MiMo-V2 with full-attention layers only (its sliding layers have sinks): value head dim 24 != q/k head dim 16,
+    # values scaled by attention_value_scale.
+    "mimo_v2_flash": (
+        MiMoV2FlashConfig,
+        MiMoV2FlashForCausalLM,
+        dict(
+            num_key_value_heads=2, head_dim=16, v_head_dim=24, attention_value_scale=0.7,
+            layer_types=["full_attention"] * 3, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        ),
+    ),  # fmt: skip
 }
 
 #: The attention implementation a model gets when the caller names none.
-_DEFAULT_IMPLEMENTATION = {"gemma2": "eager"}
+_DEFAULT_IMPLEMENTATION = {"gemma2": "eager", "mimo_v2_flash": "eager"}  # MiMo refuses sdpa
 
 
 def tiny_config(arch: str, **overrides: Any) -> PretrainedConfig:

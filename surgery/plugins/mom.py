@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from surgery.attention import AttentionSite
 from surgery.hookspecs import hookimpl
-from surgery.mixer import Mixer, Options, WeightMap
+from surgery.mixer import Mixer, MixerDimsError, Options, WeightMap
 from surgery.plugins.mom_dispatch import dispatch, load_balancing_loss, route, tokens_per_memory
 from surgery.plugins.weight_maps import CopyQKVO
 from surgery.recurrent import RecurrentMixer, State, recurrent_mixer
@@ -127,13 +127,13 @@ class MoM(RecurrentMixer):
     def __init__(self, site: AttentionSite, options: Options, config: Any, *, projections: bool = True) -> None:
         super().__init__(site, options, config, projections=projections)
         d, M = site.dims, options.num_memories
-        width = d.num_kv_heads * d.head_dim
+        width, v_width = d.num_kv_heads * d.head_dim, d.num_kv_heads * self.v_head_dim
         # The memories' cell: the recurrence without projections, and with gate "key" since mom hands it the gate.
         inner = options.recurrence_options.model_copy(update={"gate": "key"})
         self.recurrence = options.recurrence_cls(site, inner, config, projections=False)
         self.router = nn.Linear(d.hidden_size, M, bias=False)
         self.k_mem = MemoryLinear(M, d.hidden_size, width, d.qkv_bias)
-        self.v_mem = MemoryLinear(M, d.hidden_size, width, d.qkv_bias)
+        self.v_mem = MemoryLinear(M, d.hidden_size, v_width, d.qkv_bias)
         self.g_mem = MemoryLinear(M, d.hidden_size, width, d.qkv_bias) if options.gate == "projection" else None
         # Own copy even when the mixer has k_norm: as liger's branch (projections=False) it has none to share.
         self.k_mem_norm = copy.deepcopy(site.k_norm) if site.k_norm is not None else None
@@ -151,6 +151,9 @@ class MoM(RecurrentMixer):
 
     @classmethod
     def check_site(cls, site: AttentionSite, options: Options) -> None:
+        if site.latent is not None:
+            raise MixerDimsError("mom builds each memory's key/value projection from the pretrained k_proj/v_proj; "
+                                 "multi-head latent attention has none (its keys/values come from a shared latent)")
         options.recurrence_cls.check_site(site, options.recurrence_options)
 
     def routing_counts(self) -> Tensor:
@@ -166,14 +169,18 @@ class MoM(RecurrentMixer):
         )
 
     def memories(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Every memory's key, value and gate input for every token: ``[B, T, M, Hkv, D]`` each (gate None: key)."""
+        """Every memory's key, value and gate input for every token: ``[B, T, M, Hkv, D]`` each (values ``Dv``;
+        gate None: key)."""
         B, T, _ = x.shape
         shape = (B, T, self.options.num_memories, self.num_kv_heads, self.head_dim)
         keys = self.k_mem(x).view(shape)
         if self.k_mem_norm is not None:
             keys = self.k_mem_norm(keys)
         gates = self.g_mem(x).view(shape) if self.g_mem is not None else None
-        return keys, self.v_mem(x).view(shape), gates
+        values = self.v_mem(x).view(*shape[:-1], self.v_head_dim)
+        if self.site.dims.value_scale != 1.0:
+            values = values * self.site.dims.value_scale
+        return keys, values, gates
 
     def recurrent_output(
         self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, state: State | None, want_state: bool

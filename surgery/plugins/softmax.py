@@ -17,6 +17,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from surgery.attention import AttentionSite
 from surgery.hookspecs import hookimpl
+from surgery.latent import latent_softmax_inputs
 from surgery.mixer import MixContext, Mixer
 
 
@@ -99,12 +100,17 @@ class SoftmaxAttention(Mixer):
     def mix(self, x: Tensor, ctx: MixContext) -> Tensor:
         """``x`` ``[B, T, C]`` -> ``[B, T, C]``, appending this call's keys and values to ``ctx.cache``."""
         B, T, _ = x.shape
-        q, k, v = self.project(x)
-        q, k = self.rotate(q, k, ctx.position_embeddings)  # [B, H, T, D]
-        v = v.transpose(1, 2)
+        if self.site.latent is not None:
+            # Latent attention caches its compressed latent, as the pretrained layer does.
+            q, k, v = latent_softmax_inputs(self, x, self.site.latent, self.num_heads, ctx.position_embeddings,
+                                            ctx.cache, kwargs=ctx.attn_kwargs)  # fmt: skip
+        else:
+            q, k, v = self.project(x)
+            q, k = self.rotate(q, k, ctx.position_embeddings)  # [B, H, T, D]
+            v = v.transpose(1, 2)
+            if ctx.cache is not None:
+                k, v = ctx.cache.update(k, v, self.layer_idx, kwargs=ctx.attn_kwargs)
         q = ctx.scale_queries(q)
-        if ctx.cache is not None:
-            k, v = ctx.cache.update(k, v, self.layer_idx, kwargs=ctx.attn_kwargs)
         # Only pass what the pretrained layer passes: sdpa refuses any softcap key, even None.
         extra: dict[str, Any] = {}
         if self.site.dims.sliding_window is not None:

@@ -1,4 +1,8 @@
-"""The ``copy_qkvo`` weight map: the pretrained q/k/v/o projections and q/k norms, copied as they are."""
+"""The ``copy_qkvo`` weight map: the pretrained q/k/v/o projections and q/k norms, copied as they are.
+
+On a multi-head latent attention site the pretrained tensors are the model's own low-rank projections and norms
+under their own names (``q_a_proj.weight``, ``kv_b_proj.weight``...), which the mixer owns under the same names.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ from surgery.mixer import Mixer, WeightMap
 
 
 class CopyQKVO(WeightMap):
-    """Copy every canonical tensor (q/k/v/o weights and biases, q/k norms) the mixer has a parameter for.
+    """Copy every pretrained tensor (q/k/v/o weights and biases, q/k norms; a latent site's own projections) the
+    mixer has a same-named parameter for.
 
     Liger's premise: the pretrained projections are reused as they are, and only the gates are new.
     """
@@ -23,7 +28,8 @@ class CopyQKVO(WeightMap):
     def __call__(self, src: Mapping[str, Tensor], dst: Mixer) -> dict[str, Tensor]:
         own = dict(dst.named_parameters())
         out: dict[str, Tensor] = {}
-        for key in CANONICAL:
+        # Canonical names first (the usual case), then a latent site's own names.
+        for key in [*CANONICAL, *(k for k in src if k not in CANONICAL)]:
             if key in src and key in own:
                 if tuple(src[key].shape) != tuple(own[key].shape):
                     raise ValueError(

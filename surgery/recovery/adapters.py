@@ -95,7 +95,10 @@ def mixer_params(model: nn.Module) -> dict[str, nn.Parameter]:
         # A module that LoRA adapts keeps its base weight frozen, whatever its name.
         adapted = [n for n, m in mixer.named_modules() if n and isinstance(m, LoraLayer)]
         for name, param in mixer.named_parameters():
-            if name.split(".", 1)[0] in PRETRAINED_CHILDREN or any(name.startswith(a + ".") for a in adapted):
+            child = name.split(".", 1)[0]
+            # A latent site's copied sub-graph (q_a_proj, kv_b_proj...) is pretrained too.
+            pretrained = child in PRETRAINED_CHILDREN or child in mixer.site.modules
+            if pretrained or any(name.startswith(a + ".") for a in adapted):
                 continue
             out[f"{path}.{name}"] = param
     return out
