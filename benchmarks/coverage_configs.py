@@ -21,7 +21,23 @@ _MOE: dict[str, Any] = dict(
 )  # fmt: skip
 
 #: Per-type fields on top of COMMON (validation rules of the family, or a field COMMON names differently).
-EXTRA: dict[str, dict[str, Any]] = {}
+EXTRA: dict[str, dict[str, Any]] = {
+    # Falcon-40B's grouped layout (GQA). The multi-query default broadcasts one key head inside SDPA, whose
+    # kernel then rounds differently from repeated heads (~1e-7): read the same, but not bit-exact.
+    "falcon": dict(new_decoder_architecture=True, num_kv_heads=2),
+    # Attention and FFN settings live in sub-configs (the attention reads a rope_theta the sub-config lacks; its
+    # clamp fails without a bound). A clip that binds, as DBRX's real one of 8 does on large activations.
+    "dbrx": dict(
+        d_model=64, attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=0.5),
+        ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2),
+    ),
+    # Per-layer-type RoPE (sliding layers rotate, full layers are NoPE) with M-RoPE sections fitting head dim 16.
+    "cohere_compass_text": dict(
+        layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+        rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2]),
+                         "full_attention": None},
+    ),
+}
 
 _ENC_DEC = "encoder-decoder model: its decoder layers cross-attend to an encoder"
 _ENCODER = "bidirectional encoder (BERT family) with an optional causal LM head, not a decoder LLM"

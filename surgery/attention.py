@@ -44,6 +44,7 @@ class AttentionDims:
     scaling: float  # the softmax scale the pretrained layer uses (1/sqrt(head_dim) unless the model says otherwise)
     sliding_window: int | None = None  # this layer's own window, None for global attention
     softcap: float | None = None  # attention-logit soft-capping (Gemma 2 style), None when absent
+    qkv_clip: float | None = None  # q, k and v clamped to [-clip, clip] (DBRX, MPT, OLMo), None when absent
 
     @property
     def groups(self) -> int:
@@ -185,6 +186,16 @@ def _head_dim(module: nn.Module, cfg: Any) -> int | None:
     return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
 
 
+def _qkv_clip(module: nn.Module, cfg: Any) -> float | None:
+    """The bound q/k/v are clamped to, from the module or its config (MPT and DBRX keep it in ``attn_config``)."""
+    for owner in (module, cfg, getattr(cfg, "attn_config", None)):
+        value = getattr(owner, "clip_qkv", None)
+        if value is not None:
+            # MPT tests truthiness: a clip of 0 means none there, and would zero every projection anyway.
+            return float(value) if value else None
+    return None
+
+
 def _sliding_window(module: nn.Module, cfg: Any, layer_idx: int) -> int | None:
     # The module's own attribute is what it passes to the attention function (None on its global layers).
     if hasattr(module, "sliding_window"):
@@ -261,16 +272,19 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
             raise _error(path, module, f"{qkv_names[0]} width {qkv[0].out_features} is not [q {Hq}x{D} | k | v]")
         Hkv = rest // (2 * D)
     else:
-        if qkv[0].out_features != 3 * Hq * D:
-            raise _error(path, module, f"query_key_value width {qkv[0].out_features} is not 3 x {Hq} heads x {D}")
-        Hkv = Hq
+        # Rows grouped per key/value head (see read_weights): the width gives the number of groups.
+        rest = qkv[0].out_features - Hq * D
+        if rest <= 0 or rest % (2 * D) or Hq % (rest // (2 * D)):
+            raise _error(path, module, f"{qkv_names[0]} width {qkv[0].out_features} is not {Hq} query heads of "
+                         f"{D} plus a key and a value head per key/value group")  # fmt: skip
+        Hkv = rest // (2 * D)
     if Hq % Hkv:
         raise _error(path, module, f"{Hq} query heads are not a multiple of {Hkv} key/value heads")
     softcap = getattr(module, "attn_logit_softcapping", getattr(cfg, "attn_logit_softcapping", None))
     dims = AttentionDims(
         hidden_size=C, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, qkv_bias=qkv[0].bias is not None,
         o_bias=out.bias is not None, scaling=float(getattr(module, "scaling", D**-0.5)),
-        sliding_window=_sliding_window(module, cfg, layer_idx), softcap=softcap,
+        sliding_window=_sliding_window(module, cfg, layer_idx), softcap=softcap, qkv_clip=_qkv_clip(module, cfg),
     )  # fmt: skip
     q_norm = _norm(path, module, "q_norm", D, Hq)
     k_norm = _norm(path, module, "k_norm", D, Hkv)
@@ -319,13 +333,14 @@ def read_weights(module: nn.Module, site: AttentionSite) -> dict[str, Tensor]:
         for name, w, b in zip("qkv", weights, biases):
             parts[f"{name}_proj.weight"], parts[f"{name}_proj.bias"] = w, b
     else:
-        # GPT-NeoX rows are grouped per head: [q_h | k_h | v_h] for h = 0..H-1, each block D rows.
-        H, D = d.num_heads, d.head_dim
-        w = qkv[0].weight.view(H, 3, D, d.hidden_size)
-        b = qkv[0].bias.view(H, 3, D) if qkv[0].bias is not None else None
-        for i, name in enumerate("qkv"):
-            parts[f"{name}_proj.weight"] = w[:, i].reshape(H * D, d.hidden_size)
-            parts[f"{name}_proj.bias"] = b[:, i].reshape(H * D) if b is not None else None
+        # Rows grouped per key/value head g: [q_(g,0) .. q_(g,G-1) | k_g | v_g], each block D rows. GPT-NeoX is
+        # G = 1 ([q_h | k_h | v_h] per head); Falcon's grouped layout G = Hq / Hkv, its multi-query one Hkv = 1.
+        Hkv, G, D, C = d.num_kv_heads, d.groups, d.head_dim, d.hidden_size
+        w = qkv[0].weight.view(Hkv, G + 2, D, C)
+        b = qkv[0].bias.view(Hkv, G + 2, D) if qkv[0].bias is not None else None
+        for name, rows in (("q", slice(0, G)), ("k", slice(G, G + 1)), ("v", slice(G + 1, G + 2))):
+            parts[f"{name}_proj.weight"] = w[:, rows].reshape(-1, C)
+            parts[f"{name}_proj.bias"] = b[:, rows].reshape(-1) if b is not None else None
     parts["o_proj.weight"], parts["o_proj.bias"] = out.weight, out.bias
     for name in _NORMS:
         norm = next((getattr(module, a) for a in _NORM_ALIASES[name] if getattr(module, a, None) is not None), None)

@@ -178,7 +178,7 @@ class Mixer(nn.Module):
     # -- helpers shared by mixers -------------------------------------------------------------------------
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q ``[B, T, Hq, D]``, k and v ``[B, T, Hkv, D]``, after the model's q/k norms, before RoPE."""
+        """q ``[B, T, Hq, D]``, k and v ``[B, T, Hkv, D]``, after the model's q/k norms and clamp, before RoPE."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -187,6 +187,10 @@ class Mixer(nn.Module):
             q = self.q_norm(q)
         if self.k_norm is not None:
             k = self.k_norm(k)
+        clip = self.site.dims.qkv_clip
+        if clip is not None:
+            # After the norms, as OLMoE clamps; the other clamping families (DBRX, MPT, OLMo) have no q/k norms.
+            q, k, v = (t.clamp(-clip, clip) for t in (q, k, v))
         return q, k, v
 
     # -- the HF adapter ----------------------------------------------------------------------------------
