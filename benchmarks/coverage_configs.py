@@ -31,6 +31,10 @@ EXTRA: dict[str, dict[str, Any]] = {
         d_model=64, attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=0.5),
         ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2),
     ),
+    # 2 layers cannot hold KV-sharing layers (each shared type needs an unshared one first): the reader refuses them.
+    "gemma3n_text": dict(num_kv_shared_layers=0),
+    # Global layers with their own head dim, one key/value head and values taken from the key projection (26B-A4B).
+    "gemma4_text": dict(global_head_dim=32, attention_k_eq_v=True, num_global_key_value_heads=1),
     # Per-layer-type RoPE (sliding layers rotate, full layers are NoPE) with M-RoPE sections fitting head dim 16.
     "cohere_compass_text": dict(
         layer_types=["sliding_attention", "full_attention"], sliding_window=4,

@@ -23,7 +23,7 @@ Layout = Literal["separate", "fused_qkv", "fused_qkv_headwise"]
 #: that copies is a dictionary lookup and LoRA targets (q_proj, k_proj, v_proj, o_proj) are the same everywhere.
 CANONICAL = (
     "q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias",
-    "o_proj.weight", "o_proj.bias", "q_norm.weight", "k_norm.weight",
+    "o_proj.weight", "o_proj.bias", "q_norm.weight", "k_norm.weight", "v_norm.weight",
 )  # fmt: skip
 
 
@@ -45,6 +45,7 @@ class AttentionDims:
     sliding_window: int | None = None  # this layer's own window, None for global attention
     softcap: float | None = None  # attention-logit soft-capping (Gemma 2 style), None when absent
     qkv_clip: float | None = None  # q, k and v clamped to [-clip, clip] (DBRX, MPT, OLMo), None when absent
+    rope: bool = True  # False on NoPE layers: the model passes rotary embeddings, the layer ignores them
 
     @property
     def groups(self) -> int:
@@ -56,8 +57,9 @@ class AttentionDims:
 class AttentionSite:
     """One self-attention module of a model, read without touching its weights.
 
-    ``q_norm``/``k_norm`` are the model's own per-head norm modules (Qwen3, Gemma3), applied to q and k before RoPE;
-    mixers deep-copy them so that the exact normalisation (eps, ``1 + w`` offsets) is kept.
+    ``q_norm``/``k_norm`` are the model's own per-head norm modules (Qwen3, Gemma3), applied to q and k before RoPE,
+    ``v_norm`` the one on v (Gemma-3n and Gemma-4, often without a weight); mixers deep-copy them so that the exact
+    normalisation (eps, ``1 + w`` offsets) is kept.
     """
 
     layer_idx: int
@@ -67,6 +69,7 @@ class AttentionSite:
     layout: Layout
     q_norm: nn.Module | None = field(default=None, compare=False, repr=False)
     k_norm: nn.Module | None = field(default=None, compare=False, repr=False)
+    v_norm: nn.Module | None = field(default=None, compare=False, repr=False)
     qkv_names: tuple[str, ...] = ()  # the module's own projection child names, e.g. ("c_attn",)
     out_name: str = ""  # the module's own output projection name, e.g. "dense"
 
@@ -89,8 +92,8 @@ _QKV_HINTS = frozenset(
 #: Children an attention module may own besides its projections: q/k norms, under their canonical name and the
 #: names families give them. Parameter-free children (rotary embeddings, dropouts) are ignored; any other child
 #: with parameters would be lost, so it is an error.
-_NORMS = ("q_norm", "k_norm")
-_NORM_ALIASES = {"q_norm": ("q_norm", "q_layernorm"), "k_norm": ("k_norm", "k_layernorm")}
+_NORMS = ("q_norm", "k_norm", "v_norm")
+_NORM_ALIASES = {"q_norm": ("q_norm", "q_layernorm"), "k_norm": ("k_norm", "k_layernorm"), "v_norm": ("v_norm",)}
 
 
 def _error(path: str, module: nn.Module, why: str) -> AttentionReadError:
@@ -154,16 +157,28 @@ class _Proj:
 
 def _layout_of(path: str, module: nn.Module) -> tuple[Layout, tuple[str, ...], str]:
     children = dict(module.named_children())
+    if getattr(module, "is_kv_shared_layer", False):
+        raise _error(path, module, "the layer reuses the keys and values of an earlier layer (KV sharing), so it has "
+                     "no key/value projections of its own to convert")  # fmt: skip
     for layout, (qkv_sets, outs) in _LAYOUTS.items():
         out = next((o for o in outs if o in children), None)
         for qkv in qkv_sets:
             if out is not None and all(name in children for name in qkv):
                 return layout, qkv, out
+    out = next((o for o in _OUT if o in children), None)
+    if out is not None and "q_proj" in children and "k_proj" in children and _values_are_keys(module):
+        return "separate", ("q_proj", "k_proj"), out  # v_proj is k_proj (see _values_are_keys)
     known = "; ".join(f"{' or '.join('/'.join(q) for q in qkv)}" for qkv, _ in _LAYOUTS.values())
     raise _error(
         path, module, f"unknown projection layout (children: {', '.join(children)}); readable: {known}, "
         f"with an output projection named {'/'.join(_OUT)}"
     )  # fmt: skip
+
+
+def _values_are_keys(module: nn.Module) -> bool:
+    """Whether the module declares ``v_proj = None`` and takes its values from the key projection (Gemma-4's
+    ``attention_k_eq_v`` global layers: v is k_proj's output before the key norm)."""
+    return "v_proj" in vars(module) and module.v_proj is None
 
 
 def _check_children(path: str, module: nn.Module, qkv: tuple[str, ...], out: str) -> None:
@@ -186,6 +201,17 @@ def _head_dim(module: nn.Module, cfg: Any) -> int | None:
     return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
 
 
+def _applies_rope(module: nn.Module) -> bool:
+    """Whether the layer rotates q and k by the embeddings the model passes it (False: a NoPE layer).
+
+    Two conventions: a ``use_rope`` flag (SmolLM3, Llama-4), and EXAONE-4's hybrid models, whose global layers
+    (``is_sliding`` false while the module holds a ``sliding_window``) skip RoPE.
+    """
+    if not getattr(module, "use_rope", True):
+        return False
+    return not (getattr(module, "is_sliding", None) is False and getattr(module, "sliding_window", None) is not None)
+
+
 def _qkv_clip(module: nn.Module, cfg: Any) -> float | None:
     """The bound q/k/v are clamped to, from the module or its config (MPT and DBRX keep it in ``attn_config``)."""
     for owner in (module, cfg, getattr(cfg, "attn_config", None)):
@@ -197,7 +223,10 @@ def _qkv_clip(module: nn.Module, cfg: Any) -> float | None:
 
 
 def _sliding_window(module: nn.Module, cfg: Any, layer_idx: int) -> int | None:
-    # The module's own attribute is what it passes to the attention function (None on its global layers).
+    # The module's own attribute is what it passes to the attention function (None on its global layers), unless
+    # the module says it does not slide: EXAONE-4 keeps the window on every layer and passes it on sliding ones only.
+    if getattr(module, "is_sliding", None) is False:
+        return None
     if hasattr(module, "sliding_window"):
         return module.sliding_window
     window = getattr(cfg, "sliding_window", None)
@@ -244,9 +273,6 @@ def _norm(path: str, module: nn.Module, name: str, head_dim: int, heads: int) ->
 def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> AttentionSite:
     layout, qkv_names, out_name = _layout_of(path, module)
     _check_children(path, module, qkv_names, out_name)
-    if not getattr(module, "use_rope", True):
-        # Llama-4 / SmolLM3 "NoPE" layers skip RoPE; AttentionDims has no field to say so.
-        raise _error(path, module, "layer does not apply RoPE (use_rope is false), which sites cannot describe")
     if getattr(module, "is_causal", True) is False:
         raise _error(path, module, "bidirectional attention (is_causal is false) cannot be replaced in a causal LM")
     cfg = module.config if getattr(module, "config", None) is not None else model_cfg
@@ -258,7 +284,8 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
         raise _error(path, module, f"head dim {D} does not divide {out_name}.in_features={out.in_features}")
     Hq, C = out.in_features // D, qkv[0].in_features
     if layout == "separate":
-        q, k, v = qkv
+        q, k = qkv[:2]
+        v = qkv[2] if len(qkv) == 3 else k  # values from the key projection (_values_are_keys)
         if q.out_features != Hq * D or k.out_features != v.out_features or k.out_features % D:
             raise _error(path, module, f"q/k/v/o widths {q.out_features}/{k.out_features}/{v.out_features}/"
                          f"{out.in_features} do not fit head dim {D}")  # fmt: skip
@@ -285,10 +312,14 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
         hidden_size=C, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, qkv_bias=qkv[0].bias is not None,
         o_bias=out.bias is not None, scaling=float(getattr(module, "scaling", D**-0.5)),
         sliding_window=_sliding_window(module, cfg, layer_idx), softcap=softcap, qkv_clip=_qkv_clip(module, cfg),
+        rope=_applies_rope(module),
     )  # fmt: skip
     q_norm = _norm(path, module, "q_norm", D, Hq)
     k_norm = _norm(path, module, "k_norm", D, Hkv)
-    return AttentionSite(layer_idx, path, type(module).__name__, dims, layout, q_norm, k_norm, qkv_names, out_name)
+    v_norm = _norm(path, module, "v_norm", D, Hkv)
+    return AttentionSite(
+        layer_idx, path, type(module).__name__, dims, layout, q_norm, k_norm, v_norm, qkv_names, out_name
+    )
 
 
 def find_attention(model: nn.Module) -> list[AttentionSite]:
@@ -323,7 +354,7 @@ def read_weights(module: nn.Module, site: AttentionSite) -> dict[str, Tensor]:
     out = _Proj(site.path, module, out_name)
     parts: dict[str, Tensor | None] = {}
     if site.layout == "separate":
-        for name, lin in zip("qkv", qkv):
+        for name, lin in zip("qkv", (*qkv, qkv[1])[:3]):  # the key projection again when values are keys
             parts[f"{name}_proj.weight"], parts[f"{name}_proj.bias"] = lin.weight, lin.bias
     elif site.layout == "fused_qkv":
         # Phi-3, GPT-2, MPT rows: [q (Hq*D) | k (Hkv*D) | v (Hkv*D)].

@@ -1,7 +1,7 @@
 """The two plugin contracts (``Mixer`` and ``WeightMap``) and the adapter to Hugging Face decoder layers.
 
 A mixer replaces one attention module. It owns HF-named projections (``q_proj``, ``k_proj``, ``v_proj``,
-``o_proj``, and the model's ``q_norm``/``k_norm`` when it has them), so LoRA targets and weight maps are the same
+``o_proj``, and the model's ``q_norm``/``k_norm``/``v_norm`` when it has them), so LoRA targets and weight maps are the same
 for every architecture. Subclasses implement ``mix``; ``forward`` absorbs the HF calling convention (keyword
 names that change between architectures and versions) in this one place and returns ``(output, None)``.
 """
@@ -153,6 +153,7 @@ class Mixer(nn.Module):
         self.o_proj = nn.Linear(d.num_heads * d.head_dim, d.hidden_size, bias=d.o_bias)
         self.q_norm = copy.deepcopy(site.q_norm) if site.q_norm is not None else None
         self.k_norm = copy.deepcopy(site.k_norm) if site.k_norm is not None else None
+        self.v_norm = copy.deepcopy(site.v_norm) if site.v_norm is not None else None
 
     @classmethod
     def resolve_options(cls, site: AttentionSite, options: Options) -> Options:
@@ -178,7 +179,7 @@ class Mixer(nn.Module):
     # -- helpers shared by mixers -------------------------------------------------------------------------
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q ``[B, T, Hq, D]``, k and v ``[B, T, Hkv, D]``, after the model's q/k norms and clamp, before RoPE."""
+        """q ``[B, T, Hq, D]``, k and v ``[B, T, Hkv, D]``, after the model's q/k/v norms and clamp, before RoPE."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -187,6 +188,8 @@ class Mixer(nn.Module):
             q = self.q_norm(q)
         if self.k_norm is not None:
             k = self.k_norm(k)
+        if self.v_norm is not None:
+            v = self.v_norm(v)
         clip = self.site.dims.qkv_clip
         if clip is not None:
             # After the norms, as OLMoE clamps; the other clamping families (DBRX, MPT, OLMo) have no q/k norms.
@@ -217,6 +220,8 @@ class Mixer(nn.Module):
         if self.shared is not None and self.shared.padding_mask is not None:
             pm = self.shared.padding_mask[:, -T:].to(device=hidden_states.device, dtype=torch.bool)
             padding = None if bool(pm.all()) else pm
+        if not self.site.dims.rope:
+            position_embeddings = None  # a NoPE layer: the model passes embeddings the layer does not use
         ctx = MixContext(position_embeddings, attention_mask, padding, cache, kwargs)
         return self.mix(hidden_states, ctx), None
 
