@@ -35,6 +35,7 @@ EXTRA: dict[str, dict[str, Any]] = {
     "gemma3n_text": dict(num_kv_shared_layers=0),
     # Global layers with their own head dim, one key/value head and values taken from the key projection (26B-A4B).
     "gemma4_text": dict(global_head_dim=32, attention_k_eq_v=True, num_global_key_value_heads=1),
+    "zaya": dict(num_experts_per_tok=1),  # the only routing ZAYA supports
     # Per-layer-type RoPE (sliding layers rotate, full layers are NoPE) with M-RoPE sections fitting head dim 16.
     "cohere_compass_text": dict(
         layer_types=["sliding_attention", "full_attention"], sliding_window=4,
@@ -85,11 +86,22 @@ def in_scope_types() -> list[str]:
     return sorted(t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if t not in OUT_OF_SCOPE)
 
 
+def _causal_lm_class(model_type: str) -> type:
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+
+
 def tiny_config(model_type: str) -> Any:
     """The tiny config of ``model_type``: class defaults, ``COMMON`` sizes, MoE kept small, ``EXTRA`` fixes."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
+    # Multimodal types whose causal-LM class takes the text sub-config (llama4, qwen4_exp): build that one.
+    text_cls = getattr(cls, "sub_configs", {}).get("text_config")
+    if text_cls is not None and text_cls is getattr(_causal_lm_class(model_type), "config_class", None):
+        cls = text_cls
     kwargs = {**COMMON, **_MOE, **EXTRA.get(model_type, {})}
     defaults = cls()
     # Families with per-layer type lists sized for their real depth: cut them to our depth.

@@ -76,7 +76,7 @@ class AttentionSite:
 
 #: Projection children of each layout: (q/k/v projection names, output projection names). A module owning one set
 #: of q/k/v names and one output name is read; any other attention-looking module is an error rather than a guess.
-_OUT = ("o_proj", "out_proj", "dense", "c_proj")
+_OUT = ("o_proj", "out_proj", "dense", "c_proj", "Wo")
 _LAYOUTS: dict[Layout, tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]] = {
     "separate": ((("q_proj", "k_proj", "v_proj"),), _OUT),
     "fused_qkv": ((("qkv_proj",), ("c_attn",), ("Wqkv",)), _OUT),  # rows [q | k | v]
@@ -122,7 +122,7 @@ def _attention_in(layer: nn.Module, layer_path: str) -> list[tuple[str, nn.Modul
 
 def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The outermost ModuleList whose elements hold attention, searched in the decoder when the model has one."""
-    scope = model
+    scopes = [model]
     get_decoder = getattr(model, "get_decoder", None)
     if callable(get_decoder):
         try:
@@ -130,11 +130,13 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         except (AttributeError, ValueError, NotImplementedError):
             decoder = None
         if isinstance(decoder, nn.Module):
-            scope = decoder
+            # Searched first; ModernBERT-decoder's "decoder" is its LM head, so the whole model comes after it.
+            scopes.insert(0, decoder)
     names = {id(m): n for n, m in model.named_modules()}
-    for sub in scope.modules():
-        if isinstance(sub, nn.ModuleList) and any(_attention_in(layer, "") for layer in sub):
-            return names[id(sub)], sub
+    for scope in scopes:
+        for sub in scope.modules():
+            if isinstance(sub, nn.ModuleList) and any(_attention_in(layer, "") for layer in sub):
+                return names[id(sub)], sub
     raise AttentionReadError(
         f"{type(model).__name__}: no decoder layers found (no ModuleList whose layers hold an attention module "
         "with q/k/v projections)"
