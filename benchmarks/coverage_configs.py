@@ -65,7 +65,7 @@ OUT_OF_SCOPE: dict[str, str] = {
     **{t: _HYBRID for t in (
         "bamba", "falcon_h1", "granitemoehybrid", "jamba", "nemotron_h", "zamba", "zamba2", "lfm2", "lfm2_moe", "lfm3",
         "qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "kimi_linear", "olmo_hybrid",
-        "bailing_hybrid", "minimax", "recurrent_gemma",
+        "bailing_hybrid", "minimax", "recurrent_gemma", "lara_mini", "qwen4_exp", "qwen4_exp_text",
     )},
     **{t: _MULTIMODAL for t in (
         "gemma3", "gemma3n", "gemma4", "gemma4_unified", "got_ocr2", "fuyu", "git", "moshi", "moss_transcribe_diarize",
@@ -75,6 +75,8 @@ OUT_OF_SCOPE: dict[str, str] = {
     "reformer": "LSH / chunked local attention with reversible layers, not dense softmax attention",
     "gemma4_assistant": "draft model: reads the key/value cache of another model, has no keys/values of its own",
     "gemma4_unified_assistant": "draft model: reads the key/value cache of another model, has no keys/values of its own",
+    "blt": "byte-level hierarchy: an entropy patcher, local encoder and decoder that cross-attend to patches, and a "
+           "global transformer over patches, not one decoder stack",
     "ctrl": "2019 model with fixed sinusoidal positions and no released checkpoints under transformers' current API",
 }  # fmt: skip
 
@@ -122,8 +124,6 @@ _MLA = "multi-head latent attention: low-rank q/kv with norms in between, no q/k
 _SINKS = "learned attention sinks (per-head softmax logits) that mixers do not have"
 _EXTRA_PARAMS = "attention owns parameters mixers do not reproduce"
 _ROTARY = "rotary convention other than rotate-half (interleaved pairs or complex), so kept layers differ"
-_CONFIG = "the sweep's generic tiny config does not build this family yet"
-_UNDIAGNOSED = "softmax identity differs: not diagnosed yet"
 
 #: In-scope model types that fail today, each with the reason the sweep shows. tests/test_coverage.py fails when one
 #: of them starts passing (remove it here) or when any other in-scope type fails.
@@ -145,17 +145,13 @@ KNOWN_GAPS: dict[str, str] = {
     "cpmant": "relative position bias, projections named project_q/k/v",
     **{t: _ROTARY for t in (
         "cohere", "cohere2", "cohere2_moe", "glm", "glm4", "ernie4_5", "ernie4_5_moe", "helium", "gptj", "codegen",
-        "llama4_text", "kolibri1", "nanochat",
+        "llama4_text", "llama4", "nanochat",
     )},
     "bloom": "ALiBi: kept layers would need the bias (and the layer adds its residual inside attention)",
     "mpt": "ALiBi: kept layers would need the position bias",
-    "falcon": "query_key_value grouped per key/value head, a layout the reader does not split yet",
     "gpt_neo": "unscaled attention and local layers the site does not describe",
     "openai-gpt": "the block concatenates the attention output as a list; mixers return a tuple",
-    "modernbert-decoder": "decoder layers the reader does not find (attention named attn with Wqkv/Wo)",
-    **{t: _CONFIG for t in (
-        "cohere_compass_text", "dbrx", "dots3_note_text", "gemma3n_text", "llama4", "qwen4_exp", "qwen4_exp_text",
-        "zaya", "lara_mini", "blt",
-    )},
-    **{t: _UNDIAGNOSED for t in ("exaone4", "exaone_moe", "gemma4_text", "gemma4_unified_text")},
+    "dots3_note_text": f"{_MLA}, with a sparse-attention indexer and an output gate",
+    "zaya": "compressed convolutional attention: q/k/v from a token convolution with its own cache, L2 q/k norms "
+            "with learned key temperatures",
 }  # fmt: skip
