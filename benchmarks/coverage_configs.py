@@ -35,6 +35,7 @@ EXTRA: dict[str, dict[str, Any]] = {
     "gemma3n_text": dict(num_kv_shared_layers=0),
     # Global layers with their own head dim, one key/value head and values taken from the key projection (26B-A4B).
     "gemma4_text": dict(global_head_dim=32, attention_k_eq_v=True, num_global_key_value_heads=1),
+    "gpt_neo": dict(window_size=4),  # local layers' window shorter than the sweep's sequences
     "zaya": dict(num_experts_per_tok=1),  # the only routing ZAYA supports
     # Per-layer-type RoPE (sliding layers rotate, full layers are NoPE) with M-RoPE sections fitting head dim 16.
     "cohere_compass_text": dict(
@@ -149,8 +150,7 @@ KNOWN_GAPS: dict[str, str] = {
     )},
     "bloom": "ALiBi: kept layers would need the bias (and the layer adds its residual inside attention)",
     "mpt": "ALiBi: kept layers would need the position bias",
-    "gpt_neo": "unscaled attention and local layers the site does not describe",
-    "openai-gpt": "the block concatenates the attention output as a list; mixers return a tuple",
+    "openai-gpt": "no key/value cache API (forward takes no past_key_values), so converted models cannot decode",
     "dots3_note_text": f"{_MLA}, with a sparse-attention indexer and an output gate",
     "zaya": "compressed convolutional attention: q/k/v from a token convolution with its own cache, L2 q/k norms "
             "with learned key temperatures",

@@ -14,6 +14,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -46,6 +47,7 @@ class AttentionDims:
     softcap: float | None = None  # attention-logit soft-capping (Gemma 2 style), None when absent
     qkv_clip: float | None = None  # q, k and v clamped to [-clip, clip] (DBRX, MPT, OLMo), None when absent
     rope: bool = True  # False on NoPE layers: the model passes rotary embeddings, the layer ignores them
+    window_in_mask: bool = True  # False when the model's masks are plain causal and the layer applies its window
 
     @property
     def groups(self) -> int:
@@ -203,6 +205,24 @@ def _head_dim(module: nn.Module, cfg: Any) -> int | None:
     return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
 
 
+def _masks_itself(module: nn.Module) -> bool:
+    """GPT-Neo's convention: the layer keeps its own boolean causal buffer ``bias`` [1, 1, N, N], with its local
+    window cut into it (``attention_type`` "local", ``config.window_size``); the model's mask is plain causal."""
+    own = getattr(module, "bias", None)
+    return isinstance(own, Tensor) and own.dtype == torch.bool and getattr(module, "attention_type", None) is not None
+
+
+def _scaling(module: nn.Module, head_dim: int) -> float:
+    """The factor on ``q @ k^T`` before the softmax."""
+    for attr in ("scaling", "softmax_scale"):  # MPT's attn_config.softmax_scale, resolved by the module
+        value = getattr(module, attr, None)
+        if value is not None and not isinstance(value, bool):
+            return float(value)
+    if _masks_itself(module):
+        return 1.0  # GPT-Neo multiplies q by k unscaled
+    return head_dim**-0.5
+
+
 def _applies_rope(module: nn.Module) -> bool:
     """Whether the layer rotates q and k by the embeddings the model passes it (False: a NoPE layer).
 
@@ -231,6 +251,8 @@ def _sliding_window(module: nn.Module, cfg: Any, layer_idx: int) -> int | None:
         return None
     if hasattr(module, "sliding_window"):
         return module.sliding_window
+    if _masks_itself(module):
+        return cfg.window_size if module.attention_type == "local" else None
     window = getattr(cfg, "sliding_window", None)
     layer_types = getattr(cfg, "layer_types", None)
     if window is not None and isinstance(layer_types, (list, tuple)) and layer_idx < len(layer_types):
@@ -312,8 +334,8 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
     softcap = getattr(module, "attn_logit_softcapping", getattr(cfg, "attn_logit_softcapping", None))
     dims = AttentionDims(
         hidden_size=C, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, qkv_bias=qkv[0].bias is not None,
-        o_bias=out.bias is not None, scaling=float(getattr(module, "scaling", D**-0.5)),
-        sliding_window=_sliding_window(module, cfg, layer_idx), softcap=softcap, qkv_clip=_qkv_clip(module, cfg),
+        o_bias=out.bias is not None, scaling=_scaling(module, D),
+        sliding_window=_sliding_window(module, cfg, layer_idx), window_in_mask=not _masks_itself(module), softcap=softcap, qkv_clip=_qkv_clip(module, cfg),
         rope=_applies_rope(module),
     )  # fmt: skip
     q_norm = _norm(path, module, "q_norm", D, Hq)

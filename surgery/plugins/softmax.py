@@ -64,6 +64,22 @@ def eager_attention(
     return out.transpose(1, 2).contiguous(), weights
 
 
+def _with_window(mask: Any, T: int, S: int, window: int, like: Tensor) -> Tensor:
+    """``mask`` with the keys ahead of each query or ``window`` or more positions behind it masked too, for layers
+    whose model builds only a causal mask (GPT-Neo's local layers). The T queries are the last T of the S keys.
+
+    The causal window is added as its own ``finfo.min`` term, as GPT-Neo fills those scores before adding the
+    model's mask, so that rows the model masks entirely (padding) stay identical too. Returns an additive
+    ``[B | 1, 1, T, S]`` mask in ``like``'s dtype, or a boolean one (True = attend) when ``mask`` is boolean.
+    """
+    behind = torch.arange(S - T, S, device=like.device)[:, None] - torch.arange(S, device=like.device)[None, :]
+    inside = (behind >= 0) & (behind < window)  # [T, S]
+    if isinstance(mask, Tensor) and mask.dtype == torch.bool:
+        return mask & inside
+    own = torch.zeros(T, S, dtype=like.dtype, device=like.device).masked_fill(~inside, torch.finfo(like.dtype).min)
+    return own[None, None] if mask is None else mask + own
+
+
 class SoftmaxAttention(Mixer):
     """Softmax attention with the pretrained layer's projections, norms, RoPE, window, soft-cap and cache."""
 
@@ -92,6 +108,10 @@ class SoftmaxAttention(Mixer):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(k, v, self.layer_idx, kwargs=ctx.attn_kwargs)
+        mask = ctx.attention_mask
+        window = self.site.dims.sliding_window
+        if window is not None and not self.site.dims.window_in_mask:
+            mask = _with_window(mask, T, k.shape[2], window, q)
         # Only pass what the pretrained layer passes: sdpa refuses any softcap key, even None.
         extra: dict[str, Any] = {}
         if self.site.dims.sliding_window is not None:
@@ -103,7 +123,7 @@ class SoftmaxAttention(Mixer):
             q,
             k,
             v,
-            ctx.attention_mask,
+            mask,
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
             **extra,
