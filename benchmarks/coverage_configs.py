@@ -149,7 +149,6 @@ KNOWN_GAPS: dict[str, str] = {
         "llama4_text", "llama4", "nanochat",
     )},
     "bloom": "ALiBi: kept layers would need the bias (and the layer adds its residual inside attention)",
-    "mpt": "ALiBi: kept layers would need the position bias",
     "openai-gpt": "no key/value cache API (forward takes no past_key_values), so converted models cannot decode",
     "dots3_note_text": f"{_MLA}, with a sparse-attention indexer and an output gate",
     "zaya": "compressed convolutional attention: q/k/v from a token convolution with its own cache, L2 q/k norms "

@@ -71,6 +71,9 @@ class MixContext:
         padding_mask: ``[B, T]`` bool, True for real tokens of this call; None when every token is real.
         cache: the HF ``Cache`` object of this forward, or None.
         attn_kwargs: remaining keyword arguments, forwarded to transformers' attention functions.
+        position_bias: an additive bias on the attention scores that the model passes instead of rotary
+            embeddings (MPT's ALiBi), ``[H | B*H, 1 | T, S_max]``, its last ``S`` columns for ``S`` keys; None
+            when absent. Softmax attention adds it; recurrent mixers run without positions.
     """
 
     position_embeddings: tuple[Tensor, Tensor] | None
@@ -78,6 +81,7 @@ class MixContext:
     padding_mask: Tensor | None
     cache: Any
     attn_kwargs: dict[str, Any]
+    position_bias: Tensor | None = None
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -222,7 +226,8 @@ class Mixer(nn.Module):
             padding = None if bool(pm.all()) else pm
         if not self.site.dims.rope:
             position_embeddings = None  # a NoPE layer: the model passes embeddings the layer does not use
-        ctx = MixContext(position_embeddings, attention_mask, padding, cache, kwargs)
+        position_bias = kwargs.pop("position_bias", None)
+        ctx = MixContext(position_embeddings, attention_mask, padding, cache, kwargs, position_bias)
         return self.mix(hidden_states, ctx), None
 
     def mix(self, x: Tensor, ctx: MixContext) -> Tensor:

@@ -37,16 +37,20 @@ def eager_attention(
     scaling: float,
     dropout: float = 0.0,
     softcap: float | None = None,
+    position_bias: Tensor | None = None,
     **_: Any,
 ) -> tuple[Tensor, Tensor]:
     """Plain softmax attention, used when the model's implementation is "eager".
 
     Transformers resolves "eager" to each model's own function, so there is no shared one to call. This one
-    performs the same operations in the same order as those functions (scores in the input dtype, soft-capping
-    before the additive mask, softmax in fp32), which keeps eager models bit-identical.
+    performs the same operations in the same order as those functions (scores in the input dtype, soft-capping,
+    then a position bias, then the mask, softmax in fp32), which keeps eager models bit-identical.
 
     Args:
-        query: ``[B, Hq, T, D]``; key, value: ``[B, Hkv, S, D]``; attention_mask: additive ``[B, 1, T, S]`` or None.
+        query: ``[B, Hq, T, D]``; key, value: ``[B, Hkv, S, D]``; attention_mask: additive ``[B, 1, T, S]``, or
+            boolean with True for masked scores (under "eager", transformers' masks are additive: a boolean one is
+            a model's own ``.to(bool)`` of it, as MPT does), or None; position_bias: additive, broadcastable to
+            ``[B, Hq, T, S]``, or None.
 
     Returns:
         ``([B, T, Hq, D], weights [B, Hq, T, S])``.
@@ -56,7 +60,11 @@ def eager_attention(
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    if attention_mask is not None:
+    if position_bias is not None:
+        scores = scores + position_bias
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
         scores = scores + attention_mask
     weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
@@ -118,6 +126,9 @@ class SoftmaxAttention(Mixer):
             extra["sliding_window"] = self.site.dims.sliding_window
         if self.site.dims.softcap is not None:
             extra["softcap"] = self.site.dims.softcap
+        if ctx.position_bias is not None:
+            bias = ctx.position_bias[..., -k.shape[2] :]  # the columns of this call's keys
+            extra["position_bias"] = bias.view(-1, self.num_heads, *bias.shape[-2:])  # [1 | B, H, 1 | T, S]
         out, _ = self._attention_function()(
             self,
             q,
