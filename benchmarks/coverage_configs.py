@@ -143,13 +143,14 @@ KNOWN_GAPS: dict[str, str] = {
     "mimo_v2_flash": "value head dim differs from the query/key head dim",
     "hunyuan_v1_dense": "q/k norms applied after RoPE (mixers apply them before)",
     "hunyuan_v1_moe": "q/k norms applied after RoPE (mixers apply them before)",
-    "cpmant": "relative position bias, projections named project_q/k/v",
+    "cpmant": "project_q/k/v over separate query and key/value inputs, a learned relative position bias, and its "
+              "own masking (-inf fill, then zeroed probabilities)",
     **{t: _ROTARY for t in (
         "cohere", "cohere2", "cohere2_moe", "glm", "glm4", "ernie4_5", "ernie4_5_moe", "helium", "gptj", "codegen",
         "llama4_text", "llama4", "nanochat",
     )},
-    "bloom": "ALiBi: kept layers would need the bias (and the layer adds its residual inside attention)",
-    "openai-gpt": "no key/value cache API (forward takes no past_key_values), so converted models cannot decode",
+    "openai-gpt": "no key/value cache (the model takes and returns no past_key_values), so converted models cannot "
+                  "decode; its attention also applies causality itself and returns a list",
     "dots3_note_text": f"{_MLA}, with a sparse-attention indexer and an output gate",
     "zaya": "compressed convolutional attention: q/k/v from a token convolution with its own cache, L2 q/k norms "
             "with learned key temperatures",

@@ -11,6 +11,7 @@ Anything else fails loudly with the module class in the message.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -74,6 +75,9 @@ class AttentionSite:
     v_norm: nn.Module | None = field(default=None, compare=False, repr=False)
     qkv_names: tuple[str, ...] = ()  # the module's own projection child names, e.g. ("c_attn",)
     out_name: str = ""  # the module's own output projection name, e.g. "dense"
+    #: The names of the module's ``forward`` parameters after the hidden states, in order, so that the mixer
+    #: standing in for it binds positional arguments the way it did (GPT-NeoX's mask, Bloom's residual).
+    call_args: tuple[str, ...] = ()
 
 
 #: Projection children of each layout: (q/k/v projection names, output projection names). A module owning one set
@@ -342,8 +346,16 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
     k_norm = _norm(path, module, "k_norm", D, Hkv)
     v_norm = _norm(path, module, "v_norm", D, Hkv)
     return AttentionSite(
-        layer_idx, path, type(module).__name__, dims, layout, q_norm, k_norm, v_norm, qkv_names, out_name
+        layer_idx, path, type(module).__name__, dims, layout, q_norm, k_norm, v_norm, qkv_names, out_name,
+        _call_args(module),
     )
+
+
+def _call_args(module: nn.Module) -> tuple[str, ...]:
+    """The positional parameter names of ``module.forward`` after the hidden states."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = [p.name for p in inspect.signature(module.forward).parameters.values() if p.kind in kinds]
+    return tuple(params[1:])
 
 
 def find_attention(model: nn.Module) -> list[AttentionSite]:

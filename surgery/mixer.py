@@ -72,8 +72,10 @@ class MixContext:
         cache: the HF ``Cache`` object of this forward, or None.
         attn_kwargs: remaining keyword arguments, forwarded to transformers' attention functions.
         position_bias: an additive bias on the attention scores that the model passes instead of rotary
-            embeddings (MPT's ALiBi), ``[H | B*H, 1 | T, S_max]``, its last ``S`` columns for ``S`` keys; None
-            when absent. Softmax attention adds it; recurrent mixers run without positions.
+            embeddings, ``[H | B*H, 1 | T, S_max]``, its last ``S`` columns for ``S`` keys; None when absent.
+            Softmax attention adds it; recurrent mixers run without positions.
+        bias_in_product: the bias came as Bloom's ``alibi``, which the layer adds inside the score product
+            (``baddbmm``) rather than after scaling (MPT's ``position_bias``); kept layers round as it does.
     """
 
     position_embeddings: tuple[Tensor, Tensor] | None
@@ -82,6 +84,7 @@ class MixContext:
     cache: Any
     attn_kwargs: dict[str, Any]
     position_bias: Tensor | None = None
+    bias_in_product: bool = False
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -210,9 +213,14 @@ class Mixer(nn.Module):
         attention_mask: Any = None,
         **kwargs: Any,
     ) -> tuple[Tensor, None]:
-        # Decoder layers call attention with keywords; GPT-NeoX-style layers pass the mask positionally.
-        if args and attention_mask is None:
-            attention_mask = args[0]
+        # Positional arguments mean what they meant to the replaced module (GPT-NeoX's mask, Bloom's residual).
+        names = self.site.call_args or ("attention_mask",)
+        for name, value in zip(names, args, strict=False):
+            kwargs.setdefault(name, value)
+        attention_mask = kwargs.pop("attention_mask", attention_mask)
+        position_embeddings = kwargs.pop("position_embeddings", position_embeddings)
+        # Bloom adds the residual inside attention: the layer passes it, and expects it back in the output.
+        residual = kwargs.pop("residual", None)
         cache = None
         for key in ("cache", "past_key_values", "past_key_value", "layer_past"):
             value = kwargs.pop(key, None)
@@ -226,9 +234,11 @@ class Mixer(nn.Module):
             padding = None if bool(pm.all()) else pm
         if not self.site.dims.rope:
             position_embeddings = None  # a NoPE layer: the model passes embeddings the layer does not use
-        position_bias = kwargs.pop("position_bias", None)
-        ctx = MixContext(position_embeddings, attention_mask, padding, cache, kwargs, position_bias)
-        return self.mix(hidden_states, ctx), None
+        alibi = kwargs.pop("alibi", None)
+        position_bias = kwargs.pop("position_bias", alibi)
+        ctx = MixContext(position_embeddings, attention_mask, padding, cache, kwargs, position_bias, alibi is not None)
+        out = self.mix(hidden_states, ctx)
+        return (out if residual is None else residual + out), None
 
     def mix(self, x: Tensor, ctx: MixContext) -> Tensor:
         """Mix tokens: ``x`` ``[B, T, C]`` -> ``[B, T, C]``. Subclasses implement this."""

@@ -38,6 +38,7 @@ def eager_attention(
     dropout: float = 0.0,
     softcap: float | None = None,
     position_bias: Tensor | None = None,
+    bias_in_product: bool = False,
     **_: Any,
 ) -> tuple[Tensor, Tensor]:
     """Plain softmax attention, used when the model's implementation is "eager".
@@ -50,17 +51,25 @@ def eager_attention(
         query: ``[B, Hq, T, D]``; key, value: ``[B, Hkv, S, D]``; attention_mask: additive ``[B, 1, T, S]``, or
             boolean with True for masked scores (under "eager", transformers' masks are additive: a boolean one is
             a model's own ``.to(bool)`` of it, as MPT does), or None; position_bias: additive, broadcastable to
-            ``[B, Hq, T, S]``, or None.
+            ``[B, Hq, T, S]``, or None; bias_in_product: add it inside the scaled product (``baddbmm``), as Bloom
+            does, instead of after it.
 
     Returns:
         ``([B, T, Hq, D], weights [B, Hq, T, S])``.
     """
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if position_bias is not None and bias_in_product:
+        B, H, T, D = query.shape
+        S = key.shape[2]
+        bias = position_bias.expand(B, H, -1, S).reshape(B * H, -1, S)
+        k = key.reshape(B * H, S, D).transpose(1, 2)
+        scores = bias.baddbmm(query.reshape(B * H, T, D), k, beta=1.0, alpha=scaling).view(B, H, T, S)
+    else:
+        scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    if position_bias is not None:
+    if position_bias is not None and not bias_in_product:
         scores = scores + position_bias
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         scores = scores.masked_fill(attention_mask, torch.finfo(scores.dtype).min)
@@ -129,6 +138,8 @@ class SoftmaxAttention(Mixer):
         if ctx.position_bias is not None:
             bias = ctx.position_bias[..., -k.shape[2] :]  # the columns of this call's keys
             extra["position_bias"] = bias.view(-1, self.num_heads, *bias.shape[-2:])  # [1 | B, H, 1 | T, S]
+            if ctx.bias_in_product and self._attention_function() is eager_attention:
+                extra["bias_in_product"] = True  # other implementations add it after the product
         out, _ = self._attention_function()(
             self,
             q,
