@@ -2,10 +2,16 @@
 
 The converter never looks at architecture-specific classes: it asks this module for every self-attention
 ``AttentionSite`` of a causal LM, and for the site's pretrained tensors under canonical names. Two layouts are
-understood: separate q/k/v projections (Llama, Mistral, Qwen2/3, Gemma3, OPT, Phi, ...) and fused ones (Phi-3's
-``qkv_proj``, GPT-2's ``c_attn``, MPT's ``Wqkv``, GPT-NeoX's head-interleaved ``query_key_value``), each as
+understood: separate q/k/v projections (Llama, Mistral, Qwen2/3, Gemma3, OPT, Phi, ...; Gemma-4's global layers
+take their values from the key projection) and fused ones (Phi-3's ``qkv_proj``, GPT-2's ``c_attn``, MPT's
+``Wqkv``, and ``query_key_value`` grouped per key/value head: GPT-NeoX per head, Falcon per group), each as
 ``nn.Linear`` or transformers' transposed ``Conv1D``, with the output projection under any of its usual names.
-Anything else fails loudly with the module class in the message.
+
+Besides the tensors, a site records what the layer does with them that mixers must repeat: its scale, window,
+soft-cap, q/k/v clamp, q/k/v norms, whether it applies RoPE at all (NoPE layers), and whether it applies its
+window itself rather than through the model's mask (GPT-Neo). Families state these through attributes of the
+module or its config, read here by name; none is keyed on a model type. Anything else fails loudly with the module
+class in the message.
 """
 
 from __future__ import annotations
@@ -86,7 +92,7 @@ _OUT = ("o_proj", "out_proj", "dense", "c_proj", "Wo")
 _LAYOUTS: dict[Layout, tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]] = {
     "separate": ((("q_proj", "k_proj", "v_proj"),), _OUT),
     "fused_qkv": ((("qkv_proj",), ("c_attn",), ("Wqkv",)), _OUT),  # rows [q | k | v]
-    "fused_qkv_headwise": ((("query_key_value",),), _OUT),  # rows [q_h | k_h | v_h] per head
+    "fused_qkv_headwise": ((("query_key_value",),), _OUT),  # rows [q.. | k | v] per key/value head
 }
 
 #: Child names that betray an attention module whatever its class is called (GPT-2's ``c_attn``, MPT's ``Wqkv``...).
@@ -186,7 +192,7 @@ def _layout_of(path: str, module: nn.Module) -> tuple[Layout, tuple[str, ...], s
 def _values_are_keys(module: nn.Module) -> bool:
     """Whether the module declares ``v_proj = None`` and takes its values from the key projection (Gemma-4's
     ``attention_k_eq_v`` global layers: v is k_proj's output before the key norm)."""
-    return "v_proj" in vars(module) and module.v_proj is None
+    return hasattr(module, "v_proj") and module.v_proj is None
 
 
 def _check_children(path: str, module: nn.Module, qkv: tuple[str, ...], out: str) -> None:
@@ -339,8 +345,8 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
     dims = AttentionDims(
         hidden_size=C, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, qkv_bias=qkv[0].bias is not None,
         o_bias=out.bias is not None, scaling=_scaling(module, D),
-        sliding_window=_sliding_window(module, cfg, layer_idx), window_in_mask=not _masks_itself(module), softcap=softcap, qkv_clip=_qkv_clip(module, cfg),
-        rope=_applies_rope(module),
+        sliding_window=_sliding_window(module, cfg, layer_idx), softcap=softcap, qkv_clip=_qkv_clip(module, cfg),
+        rope=_applies_rope(module), window_in_mask=not _masks_itself(module),
     )  # fmt: skip
     q_norm = _norm(path, module, "q_norm", D, Hq)
     k_norm = _norm(path, module, "k_norm", D, Hkv)
@@ -353,9 +359,12 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
 
 def _call_args(module: nn.Module) -> tuple[str, ...]:
     """The positional parameter names of ``module.forward`` after the hidden states."""
+    try:
+        signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):  # no introspectable signature: the adapter's default binding applies
+        return ()
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    params = [p.name for p in inspect.signature(module.forward).parameters.values() if p.kind in kinds]
-    return tuple(params[1:])
+    return tuple(p.name for p in signature.parameters.values() if p.kind in kinds)[1:]
 
 
 def find_attention(model: nn.Module) -> list[AttentionSite]:

@@ -1,9 +1,10 @@
 """The two plugin contracts (``Mixer`` and ``WeightMap``) and the adapter to Hugging Face decoder layers.
 
 A mixer replaces one attention module. It owns HF-named projections (``q_proj``, ``k_proj``, ``v_proj``,
-``o_proj``, and the model's ``q_norm``/``k_norm``/``v_norm`` when it has them), so LoRA targets and weight maps are the same
-for every architecture. Subclasses implement ``mix``; ``forward`` absorbs the HF calling convention (keyword
-names that change between architectures and versions) in this one place and returns ``(output, None)``.
+``o_proj``, and the model's ``q_norm``/``k_norm``/``v_norm`` when it has them), so LoRA targets and weight maps are
+the same for every architecture. Subclasses implement ``mix``; ``forward`` absorbs the HF calling convention (keyword
+names that change between architectures and versions, positional arguments bound by the replaced module's
+signature, a residual some layers expect attention to add) in this one place and returns ``(output, None)``.
 """
 
 from __future__ import annotations
