@@ -139,7 +139,8 @@ KNOWN_GAPS: dict[str, str] = {
     "gpt_neox_japanese": f"{_EXTRA_PARAMS}: a separate output bias",
     "diffllama": f"{_EXTRA_PARAMS}: differential attention (two softmax maps)",
     "doge": f"{_EXTRA_PARAMS}: dynamic mask from the values",
-    "jetmoe": "mixture of attention heads (experts), no q/k/v/o projections",
+    "jetmoe": "mixture of attention heads: queries and outputs come from top-k routed expert projections, no "
+              "single q/o projection",
     "mimo_v2_flash": "value head dim differs from the query/key head dim",
     "hunyuan_v1_dense": "q/k norms applied after RoPE (mixers apply them before)",
     "hunyuan_v1_moe": "q/k norms applied after RoPE (mixers apply them before)",
