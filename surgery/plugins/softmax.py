@@ -87,7 +87,8 @@ def _with_window(mask: Any, T: int, S: int, window: int, like: Tensor) -> Tensor
 
     The causal window is added as its own ``finfo.min`` term, as GPT-Neo fills those scores before adding the
     model's mask, so that rows the model masks entirely (padding) stay identical too. Returns an additive
-    ``[B | 1, 1, T, S]`` mask in ``like``'s dtype, or a boolean one (True = attend) when ``mask`` is boolean.
+    ``[B | 1, 1, T, S]`` mask in ``like``'s dtype, or a boolean one (True = attend, as SDPA masks are) when
+    ``mask`` is boolean.
     """
     behind = torch.arange(S - T, S, device=like.device)[:, None] - torch.arange(S, device=like.device)[None, :]
     inside = (behind >= 0) & (behind < window)  # [T, S]
@@ -137,7 +138,7 @@ class SoftmaxAttention(Mixer):
             extra["softcap"] = self.site.dims.softcap
         if ctx.position_bias is not None:
             bias = ctx.position_bias[..., -k.shape[2] :]  # the columns of this call's keys
-            extra["position_bias"] = bias.view(-1, self.num_heads, *bias.shape[-2:])  # [1 | B, H, 1 | T, S]
+            extra["position_bias"] = bias.reshape(-1, self.num_heads, *bias.shape[-2:])  # [1 | B, H, 1 | T, S]
             if ctx.bias_in_product and self._attention_function() is eager_attention:
                 extra["bias_in_product"] = True  # other implementations add it after the product
         out, _ = self._attention_function()(
