@@ -72,6 +72,19 @@ def test_falcon_grouped_rows_split_like_the_module(multi_query: bool, kv_heads: 
             assert torch.equal(ours, theirs.reshape(ours.shape)), name
 
 
+def test_falcon_alibi_folded_into_the_mask_is_refused() -> None:
+    from transformers import FalconForCausalLM
+
+    from benchmarks.coverage_configs import tiny_config
+
+    config = tiny_config("falcon")
+    config.alibi = True
+    with torch.device("meta"):
+        model = FalconForCausalLM(config)
+    with pytest.raises(AttentionReadError, match=r"transformer\.h\.0\.self_attention.*FalconAttention.*ALiBi"):
+        find_attention(model)
+
+
 # -- q/k/v clamp, value norms, values from keys --------------------------------------------------------------
 
 
