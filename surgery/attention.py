@@ -2,20 +2,29 @@
 
 The converter never looks at architecture-specific classes: it asks this module for every self-attention
 ``AttentionSite`` of a causal LM, and for the site's pretrained tensors under canonical names. Two layouts are
-understood: separate q/k/v projections (Llama, Mistral, Qwen2/3, Gemma3, OPT, Phi, ...) and fused ones (Phi-3's
-``qkv_proj``, GPT-2's ``c_attn``, MPT's ``Wqkv``, GPT-NeoX's head-interleaved ``query_key_value``), each as
+understood: separate q/k/v projections (Llama, Mistral, Qwen2/3, Gemma3, OPT, Phi, ...; Gemma-4's global layers
+take their values from the key projection) and fused ones (Phi-3's ``qkv_proj``, GPT-2's ``c_attn``, MPT's
+``Wqkv``, and ``query_key_value`` grouped per key/value head: GPT-NeoX per head, Falcon per group), each as
 ``nn.Linear`` or transformers' transposed ``Conv1D``, with the output projection under any of its usual names.
 CodeGen's ``qkv_proj``, interleaved over the model-parallel shards it was trained with (``mp_num``), is split too.
 Multi-head latent attention (DeepSeek-V2/V3 style, ``surgery.latent``) is read as its own layout: q/k/v come from
-the model's own low-rank projection sub-graph. Anything else fails loudly with the module class in the message.
+the model's own low-rank projection sub-graph.
+
+Besides the tensors, a site records what the layer does with them that mixers must repeat: its scale, window,
+soft-cap, q/k/v clamp, q/k/v norms, how it applies RoPE (``surgery.rotary``; none on NoPE layers), its extras
+(``surgery.attention_extras``), and whether it applies its window itself rather than through the model's mask
+(GPT-Neo). Families state these through attributes of the module or its config, or in its ``forward``, read here
+by name; none is keyed on a model type. Anything else fails loudly with the module class in the message.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -29,7 +38,7 @@ Layout = Literal["separate", "fused_qkv", "fused_qkv_headwise", "fused_qkv_shard
 #: that copies is a dictionary lookup and LoRA targets (q_proj, k_proj, v_proj, o_proj) are the same everywhere.
 CANONICAL = (
     "q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias",
-    "o_proj.weight", "o_proj.bias", "q_norm.weight", "k_norm.weight", *EXTRA_CANONICAL,
+    "o_proj.weight", "o_proj.bias", "q_norm.weight", "k_norm.weight", "v_norm.weight", *EXTRA_CANONICAL,
 )  # fmt: skip
 
 
@@ -52,6 +61,8 @@ class AttentionDims:
     softcap: float | None = None  # attention-logit soft-capping (Gemma 2 style), None when absent
     v_head_dim: int | None = None  # value (and output) head dim; None: head_dim (MLA and MiMo differ)
     value_scale: float = 1.0  # multiplies the values (MiMo-V2's attention_value_scale)
+    qkv_clip: float | None = None  # q, k and v clamped to [-clip, clip] (DBRX, MPT, OLMo), None when absent
+    window_in_mask: bool = True  # False when the model's masks are plain causal and the layer applies its window
 
     def __post_init__(self) -> None:
         if self.v_head_dim is None:
@@ -68,11 +79,13 @@ class AttentionSite:
     """One self-attention module of a model, read without touching its weights.
 
     ``q_norm``/``k_norm`` are the model's own per-head norm modules (Qwen3, Gemma3), applied to q and k before RoPE
-    unless ``rotary.norms_after``; mixers deep-copy them so that the exact normalisation (eps, ``1 + w`` offsets) is
-    kept. ``rotary`` says how the layer applies RoPE (``surgery.rotary``: its own function, none at all, or only on
-    a latent site's trailing dims). A ``latent`` site (multi-head latent attention, ``surgery.latent``) has no q/k/v
-    projections: ``modules`` holds the model's own projection sub-graph by child name, which mixers deep-copy under
-    the same names.
+    unless ``rotary.norms_after``, ``v_norm`` the one on v (Gemma-3n and Gemma-4, often without a weight); mixers
+    deep-copy them so that the exact normalisation (eps, ``1 + w`` offsets) is kept. ``rotary`` says how the layer
+    applies RoPE (``surgery.rotary``: its own function, none at all, or only on a latent site's trailing dims). A
+    ``latent`` site (multi-head latent attention, ``surgery.latent``) has no q/k/v projections: ``modules`` holds the
+    model's own projection sub-graph by child name, which mixers deep-copy under the same names.
+
+    Construct it with keywords past ``layout``: fields are added over time.
     """
 
     layer_idx: int
@@ -82,6 +95,7 @@ class AttentionSite:
     layout: Layout
     q_norm: nn.Module | None = field(default=None, compare=False, repr=False)
     k_norm: nn.Module | None = field(default=None, compare=False, repr=False)
+    v_norm: nn.Module | None = field(default=None, compare=False, repr=False)
     qkv_names: tuple[str, ...] = ()  # the module's own projection child names, e.g. ("c_attn",)
     out_name: str = ""  # the module's own output projection name, e.g. "dense"
     rotary: Rotary = ROTATE_HALF
@@ -89,15 +103,18 @@ class AttentionSite:
     extras: AttentionExtras | None = field(default=None, compare=False, repr=False)
     latent: LatentQKV | None = None  # how q/k/v come from the latent sub-graph; None for q/k/v projections
     modules: dict[str, nn.Module] = field(default_factory=dict, compare=False, repr=False)
+    #: The names of the module's ``forward`` parameters after the hidden states, in order, so that the mixer
+    #: standing in for it binds positional arguments the way it did (GPT-NeoX's mask, Bloom's residual).
+    call_args: tuple[str, ...] = ()
 
 
 #: Projection children of each layout: (q/k/v projection names, output projection names). A module owning one set
 #: of q/k/v names and one output name is read; any other attention-looking module is an error rather than a guess.
-_OUT = ("o_proj", "out_proj", "dense", "c_proj")
+_OUT = ("o_proj", "out_proj", "dense", "c_proj", "Wo")
 _LAYOUTS: dict[Layout, tuple[tuple[tuple[str, ...], ...], tuple[str, ...]]] = {
     "separate": ((("q_proj", "k_proj", "v_proj"),), _OUT),
     "fused_qkv": ((("qkv_proj",), ("c_attn",), ("Wqkv",)), _OUT),  # rows [q | k | v]
-    "fused_qkv_headwise": ((("query_key_value",),), _OUT),  # rows [q_h | k_h | v_h] per head
+    "fused_qkv_headwise": ((("query_key_value",),), _OUT),  # rows [q.. | k | v] per key/value head
 }
 
 #: Child names that betray an attention module whatever its class is called (GPT-2's ``c_attn``, MPT's ``Wqkv``...).
@@ -109,11 +126,12 @@ _QKV_HINTS = frozenset(
 #: Children an attention module may own besides its projections: q/k norms, under their canonical name and the
 #: names families give them. Parameter-free children (rotary embeddings, dropouts) are ignored; any other child
 #: with parameters would be lost, so it is an error.
-_NORMS = ("q_norm", "k_norm")
-#: Llama-4's parameter-free ``qk_norm`` serves both.
+_NORMS = ("q_norm", "k_norm", "v_norm")
+#: Llama-4's parameter-free ``qk_norm`` serves both q and k.
 _NORM_ALIASES = {
     "q_norm": ("q_norm", "q_layernorm", "query_layernorm", "qk_norm"),
     "k_norm": ("k_norm", "k_layernorm", "key_layernorm", "qk_norm"),
+    "v_norm": ("v_norm",),
 }
 
 
@@ -143,7 +161,7 @@ def _attention_in(layer: nn.Module, layer_path: str) -> list[tuple[str, nn.Modul
 
 def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The outermost ModuleList whose elements hold attention, searched in the decoder when the model has one."""
-    scope = model
+    scopes = [model]
     get_decoder = getattr(model, "get_decoder", None)
     if callable(get_decoder):
         try:
@@ -151,11 +169,13 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         except (AttributeError, ValueError, NotImplementedError):
             decoder = None
         if isinstance(decoder, nn.Module):
-            scope = decoder
+            # Searched first; ModernBERT-decoder's "decoder" is its LM head, so the whole model comes after it.
+            scopes.insert(0, decoder)
     names = {id(m): n for n, m in model.named_modules()}
-    for sub in scope.modules():
-        if isinstance(sub, nn.ModuleList) and any(_attention_in(layer, "") for layer in sub):
-            return names[id(sub)], sub
+    for scope in scopes:
+        for sub in scope.modules():
+            if isinstance(sub, nn.ModuleList) and any(_attention_in(layer, "") for layer in sub):
+                return names[id(sub)], sub
     raise AttentionReadError(
         f"{type(model).__name__}: no decoder layers found (no ModuleList whose layers hold an attention module "
         "with q/k/v projections)"
@@ -178,16 +198,28 @@ class _Proj:
 
 def _layout_of(path: str, module: nn.Module) -> tuple[Layout, tuple[str, ...], str]:
     children = dict(module.named_children())
+    if getattr(module, "is_kv_shared_layer", False):
+        raise _error(path, module, "the layer reuses the keys and values of an earlier layer (KV sharing), so it has "
+                     "no key/value projections of its own to convert")  # fmt: skip
     for layout, (qkv_sets, outs) in _LAYOUTS.items():
         out = next((o for o in outs if o in children), None)
         for qkv in qkv_sets:
             if out is not None and all(name in children for name in qkv):
                 return layout, qkv, out
+    out = next((o for o in _OUT if o in children), None)
+    if out is not None and "q_proj" in children and "k_proj" in children and _values_are_keys(module):
+        return "separate", ("q_proj", "k_proj"), out  # v_proj is k_proj (see _values_are_keys)
     known = "; ".join(f"{' or '.join('/'.join(q) for q in qkv)}" for qkv, _ in _LAYOUTS.values())
     raise _error(
         path, module, f"unknown projection layout (children: {', '.join(children)}); readable: {known}, "
         f"with an output projection named {'/'.join(_OUT)}"
     )  # fmt: skip
+
+
+def _values_are_keys(module: nn.Module) -> bool:
+    """Whether the module declares ``v_proj = None`` and takes its values from the key projection (Gemma-4's
+    ``attention_k_eq_v`` global layers: v is k_proj's output before the key norm)."""
+    return hasattr(module, "v_proj") and module.v_proj is None
 
 
 def _check_children(
@@ -212,10 +244,43 @@ def _head_dim(module: nn.Module, cfg: Any) -> int | None:
     return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
 
 
+def _masks_itself(module: nn.Module) -> bool:
+    """GPT-Neo's convention: the layer keeps its own boolean causal buffer ``bias`` [1, 1, N, N], with its local
+    window cut into it (``attention_type`` "local", ``config.window_size``); the model's mask is plain causal."""
+    own = getattr(module, "bias", None)
+    return isinstance(own, Tensor) and own.dtype == torch.bool and getattr(module, "attention_type", None) is not None
+
+
+def _scaling(module: nn.Module, head_dim: int) -> float:
+    """The factor on ``q @ k^T`` before the softmax."""
+    for attr in ("scaling", "softmax_scale"):  # MPT's attn_config.softmax_scale, resolved by the module
+        value = getattr(module, attr, None)
+        if value is not None and not isinstance(value, bool):
+            return float(value)
+    if _masks_itself(module):
+        return 1.0  # GPT-Neo multiplies q by k unscaled
+    return head_dim**-0.5
+
+
+def _qkv_clip(module: nn.Module, cfg: Any) -> float | None:
+    """The bound q/k/v are clamped to, from the module or its config (MPT and DBRX keep it in ``attn_config``)."""
+    for owner in (module, cfg, getattr(cfg, "attn_config", None)):
+        value = getattr(owner, "clip_qkv", None)
+        if value is not None:
+            # MPT tests truthiness: a clip of 0 means none there, and would zero every projection anyway.
+            return float(value) if value else None
+    return None
+
+
 def _sliding_window(module: nn.Module, cfg: Any, layer_idx: int) -> int | None:
-    # The module's own attribute is what it passes to the attention function (None on its global layers).
+    # The module's own attribute is what it passes to the attention function (None on its global layers), unless
+    # the module says it does not slide: EXAONE-4 keeps the window on every layer and passes it on sliding ones only.
+    if getattr(module, "is_sliding", None) is False:
+        return None
     if hasattr(module, "sliding_window"):
         return module.sliding_window
+    if _masks_itself(module):
+        return cfg.window_size if module.attention_type == "local" else None
     window = getattr(cfg, "sliding_window", None)
     layer_types = getattr(cfg, "layer_types", None)
     if window is not None and isinstance(layer_types, (list, tuple)) and layer_idx < len(layer_types):
@@ -278,13 +343,13 @@ def _read_latent_site(path: str, module: nn.Module, index: int, model_cfg: Any) 
     dims = AttentionDims(
         hidden_size=out.out_features, num_heads=H, num_kv_heads=H, head_dim=D,
         qkv_bias=module.kv_b_proj.bias is not None, o_bias=out.bias is not None,
-        scaling=float(getattr(module, "scaling", D**-0.5)), sliding_window=_sliding_window(module, cfg, layer_idx),
+        scaling=_scaling(module, D), sliding_window=_sliding_window(module, cfg, layer_idx),
         softcap=getattr(module, "attn_logit_softcapping", None), v_head_dim=shape["v_head_dim"],
     )  # fmt: skip
     modules = {name: getattr(module, name) for name in latent.names}
     return AttentionSite(
         layer_idx, path, type(module).__name__, dims, "latent", qkv_names=latent.names, out_name="o_proj",
-        rotary=latent_rotary(module, cfg, latent), latent=latent, modules=modules,
+        rotary=latent_rotary(module, cfg, latent), latent=latent, modules=modules, call_args=_call_args(module),
     )  # fmt: skip
 
 
@@ -297,6 +362,10 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
     if getattr(module, "is_causal", True) is False:
         raise _error(path, module, "bidirectional attention (is_causal is false) cannot be replaced in a causal LM")
     cfg = module.config if getattr(module, "config", None) is not None else model_cfg
+    if getattr(cfg, "alibi", False) is True and "alibi" in _call_args(module):
+        # Bloom's layers add the alibi they are passed; Falcon-RW's also get it folded into the model's mask (and
+        # add it once more on their eager path), which no site setting describes.
+        raise _error(path, module, "ALiBi that the model also folds into its attention mask (Falcon with alibi=True)")
     layer_idx = module.layer_idx if isinstance(getattr(module, "layer_idx", None), int) else index
     qkv = [_Proj(path, module, name) for name in qkv_names]
     out = _Proj(path, module, out_name)
@@ -305,7 +374,8 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
         raise _error(path, module, f"head dim {D} does not divide {out_name}.in_features={out.in_features}")
     Hq, C, Dv = out.in_features // D, qkv[0].in_features, D
     if layout == "separate":
-        q, k, v = qkv
+        q, k = qkv[:2]
+        v = qkv[2] if len(qkv) == 3 else k  # values from the key projection (_values_are_keys)
         # The value head dim may differ (MiMo-V2): q/k give the heads, v and o the value head dim.
         Hq, Hkv = q.out_features // D, k.out_features // D
         Dv = v.out_features // Hkv if Hkv else 0
@@ -325,9 +395,12 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
             raise _error(path, module, f"{qkv_names[0]} is sharded over {_shards(module)} model-parallel blocks but "
                          f"has {Hkv} key/value heads for {Hq} query heads; only equal counts are split")  # fmt: skip
     else:
-        if qkv[0].out_features != 3 * Hq * D:
-            raise _error(path, module, f"query_key_value width {qkv[0].out_features} is not 3 x {Hq} heads x {D}")
-        Hkv = Hq
+        # Rows grouped per key/value head (see read_weights): the width gives the number of groups.
+        rest = qkv[0].out_features - Hq * D
+        if rest <= 0 or rest % (2 * D) or Hq % (rest // (2 * D)):
+            raise _error(path, module, f"{qkv_names[0]} width {qkv[0].out_features} is not {Hq} query heads of "
+                         f"{D} plus a key and a value head per key/value group")  # fmt: skip
+        Hkv = rest // (2 * D)
     if Hq % Hkv:
         raise _error(path, module, f"{Hq} query heads are not a multiple of {Hkv} key/value heads")
     claimed = {*qkv_names, out_name, *(n for names in _NORM_ALIASES.values() for n in names)}
@@ -337,20 +410,34 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
     softcap = getattr(module, "attn_logit_softcapping", getattr(cfg, "attn_logit_softcapping", None))
     dims = AttentionDims(
         hidden_size=C, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, qkv_bias=qkv[0].bias is not None,
-        o_bias=out.bias is not None, scaling=float(getattr(module, "scaling", D**-0.5)),
+        o_bias=out.bias is not None, scaling=_scaling(module, D),
         sliding_window=_sliding_window(module, cfg, layer_idx), softcap=softcap, v_head_dim=Dv,
-        value_scale=_scalar(module, "v_scale"),
+        value_scale=_scalar(module, "v_scale"), qkv_clip=_qkv_clip(module, cfg), window_in_mask=not _masks_itself(module),
     )  # fmt: skip
     q_norm = _norm(path, module, "q_norm", D, Hq)
     k_norm = _norm(path, module, "k_norm", D, Hkv)
-    rotary = _rotary(path, module, D)
+    v_norm = _norm(path, module, "v_norm", Dv, Hkv)
     return AttentionSite(
-        layer_idx, path, type(module).__name__, dims, layout, q_norm, k_norm, qkv_names, out_name, rotary, extras
+        layer_idx, path, type(module).__name__, dims, layout, q_norm=q_norm, k_norm=k_norm, v_norm=v_norm,
+        qkv_names=qkv_names, out_name=out_name, rotary=_rotary(path, module, D), extras=extras,
+        call_args=_call_args(module),
     )  # fmt: skip
 
 
+def _call_args(module: nn.Module) -> tuple[str, ...]:
+    """The positional parameter names of ``module.forward`` after the hidden states."""
+    try:
+        signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):  # no introspectable signature: the adapter's default binding applies
+        return ()
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in signature.parameters.values() if p.kind in kinds)[1:]
+
+
 def _rotary(path: str, module: nn.Module, head_dim: int) -> Rotary:
-    norms = tuple(a for names in _NORM_ALIASES.values() for a in names if getattr(module, a, None) is not None)
+    # Only q/k norms can sit on either side of RoPE; a v norm says nothing about it.
+    aliases = (*_NORM_ALIASES["q_norm"], *_NORM_ALIASES["k_norm"])
+    norms = tuple(dict.fromkeys(a for a in aliases if getattr(module, a, None) is not None))
     try:
         rotary = read_rotary(path, module, head_dim, norms)
     except RotaryReadError as exc:
@@ -429,7 +516,7 @@ def read_weights(module: nn.Module, site: AttentionSite) -> dict[str, Tensor]:
     out = _Proj(site.path, module, out_name)
     parts: dict[str, Tensor | None] = {}
     if site.layout == "separate":
-        for name, lin in zip("qkv", qkv):
+        for name, lin in zip("qkv", (*qkv, qkv[1])[:3]):  # the key projection again when values are keys
             parts[f"{name}_proj.weight"], parts[f"{name}_proj.bias"] = lin.weight, lin.bias
     elif site.layout == "fused_qkv_sharded":
         parts |= _split_sharded(qkv[0], _shards(module), d.num_heads * d.head_dim, site)
@@ -441,13 +528,14 @@ def read_weights(module: nn.Module, site: AttentionSite) -> dict[str, Tensor]:
         for name, w, b in zip("qkv", weights, biases):
             parts[f"{name}_proj.weight"], parts[f"{name}_proj.bias"] = w, b
     else:
-        # GPT-NeoX rows are grouped per head: [q_h | k_h | v_h] for h = 0..H-1, each block D rows.
-        H, D = d.num_heads, d.head_dim
-        w = qkv[0].weight.view(H, 3, D, d.hidden_size)
-        b = qkv[0].bias.view(H, 3, D) if qkv[0].bias is not None else None
-        for i, name in enumerate("qkv"):
-            parts[f"{name}_proj.weight"] = w[:, i].reshape(H * D, d.hidden_size)
-            parts[f"{name}_proj.bias"] = b[:, i].reshape(H * D) if b is not None else None
+        # Rows grouped per key/value head g: [q_(g,0) .. q_(g,G-1) | k_g | v_g], each block D rows. GPT-NeoX is
+        # G = 1 ([q_h | k_h | v_h] per head); Falcon's grouped layout G = Hq / Hkv, its multi-query one Hkv = 1.
+        Hkv, G, D, C = d.num_kv_heads, d.groups, d.head_dim, d.hidden_size
+        w = qkv[0].weight.view(Hkv, G + 2, D, C)
+        b = qkv[0].bias.view(Hkv, G + 2, D) if qkv[0].bias is not None else None
+        for name, rows in (("q", slice(0, G)), ("k", slice(G, G + 1)), ("v", slice(G + 1, G + 2))):
+            parts[f"{name}_proj.weight"] = w[:, rows].reshape(-1, C)
+            parts[f"{name}_proj.bias"] = b[:, rows].reshape(-1) if b is not None else None
     parts["o_proj.weight"], parts["o_proj.bias"] = out.weight, out.bias
     for name in _NORMS:
         norm = next((getattr(module, a) for a in _NORM_ALIASES[name] if getattr(module, a, None) is not None), None)

@@ -1,10 +1,11 @@
 """The two plugin contracts (``Mixer`` and ``WeightMap``) and the adapter to Hugging Face decoder layers.
 
 A mixer replaces one attention module. It owns HF-named projections (``q_proj``, ``k_proj``, ``v_proj``,
-``o_proj``, and the model's ``q_norm``/``k_norm`` when it has them), so LoRA targets and weight maps are the same
-for every architecture; on a multi-head latent attention site it owns copies of the model's own low-rank
+``o_proj``, and the model's ``q_norm``/``k_norm``/``v_norm`` when it has them), so LoRA targets and weight maps are
+the same for every architecture; on a multi-head latent attention site it owns copies of the model's own low-rank
 projections instead (``surgery.latent``). Subclasses implement ``mix``; ``forward`` absorbs the HF calling
-convention (keyword names that change between architectures and versions) in this one place and returns
+convention (keyword names that change between architectures and versions, positional arguments bound by the
+replaced module's signature, a residual some layers expect attention to add) in this one place and returns
 ``(output, None)``.
 """
 
@@ -84,6 +85,11 @@ class MixContext:
             get the context but not the mixer (``surgery.window``); None: rotate-half.
         query_scale: ``[B, 1, T, 1]`` per-position factor on the post-RoPE queries that some decoder layers pass
             (Beam's scalable softmax on its NoPE layers, keyword ``attention_scaling``), or None.
+        position_bias: an additive bias on the attention scores that the model passes instead of rotary
+            embeddings (ALiBi), ``[H | B*H, 1 | T, S_max]``, its last ``S`` columns for ``S`` keys; None when absent.
+            Softmax attention adds it; recurrent mixers run without positions.
+        bias_in_product: the bias came as Bloom's ``alibi``, which the layer adds inside the score product
+            (``baddbmm``) rather than after scaling (MPT's ``position_bias``); kept layers round as it does.
     """
 
     position_embeddings: tuple[Tensor, Tensor] | None
@@ -93,6 +99,8 @@ class MixContext:
     attn_kwargs: dict[str, Any]
     rotate: Callable[[Tensor, Tensor, Any], tuple[Tensor, Tensor]] | None = None
     query_scale: Tensor | None = None
+    position_bias: Tensor | None = None
+    bias_in_product: bool = False
 
     def scale_queries(self, q: Tensor) -> Tensor:
         """``q`` ``[B, Hq, T, D]`` (post-RoPE) times ``query_scale`` in fp32, as the pretrained layer does it."""
@@ -162,6 +170,7 @@ class Mixer(nn.Module):
         self.o_proj = nn.Linear(d.num_heads * self.v_head_dim, d.hidden_size, bias=d.o_bias)
         self.q_norm = copy.deepcopy(site.q_norm) if site.q_norm is not None else None
         self.k_norm = copy.deepcopy(site.k_norm) if site.k_norm is not None else None
+        self.v_norm = copy.deepcopy(site.v_norm) if site.v_norm is not None else None
         if site.extras is not None:
             self._build_extras(site.extras)
 
@@ -206,7 +215,7 @@ class Mixer(nn.Module):
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q ``[B, T, Hq, D]``, k ``[B, T, Hkv, D]`` and v ``[B, T, Hkv, Dv]`` (``Dv = v_head_dim``, usually D),
-        before RoPE.
+        before RoPE, after the model's v norm and q/k/v clamp.
 
         After the model's q/k norms, unless the layer applies them after RoPE (``site.rotary.norms_after``):
         then ``rotate`` applies them, and recurrent branches see q and k unnormalised. A latent site expands its
@@ -220,12 +229,17 @@ class Mixer(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.v_head_dim)
         if self.site.dims.value_scale != 1.0:
             v = v * self.site.dims.value_scale
-        if self.site.rotary.norms_after:
-            return q, k, v
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        if self.k_norm is not None:
-            k = self.k_norm(k)
+        if self.v_norm is not None:
+            v = self.v_norm(v)
+        if not self.site.rotary.norms_after:
+            if self.q_norm is not None:
+                q = self.q_norm(q)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+        clip = self.site.dims.qkv_clip
+        if clip is not None:
+            # After the norms, as OLMoE clamps; the other clamping families (DBRX, MPT, OLMo) have no q/k norms.
+            q, k, v = (t.clamp(-clip, clip) for t in (q, k, v))
         return q, k, v
 
     def rotate(self, q: Tensor, k: Tensor, position_embeddings: Any) -> tuple[Tensor, Tensor]:
@@ -282,9 +296,14 @@ class Mixer(nn.Module):
         attention_mask: Any = None,
         **kwargs: Any,
     ) -> tuple[Tensor, None] | tuple[Tensor, None, None]:
-        # Decoder layers call attention with keywords; GPT-NeoX-style layers pass the mask positionally.
-        if args and attention_mask is None:
-            attention_mask = args[0]
+        # Positional arguments mean what they meant to the replaced module (GPT-NeoX's mask, Bloom's residual).
+        names = self.site.call_args or ("attention_mask",)
+        for name, value in zip(names, args, strict=False):
+            kwargs.setdefault(name, value)
+        attention_mask = kwargs.pop("attention_mask", attention_mask)
+        position_embeddings = kwargs.pop("position_embeddings", position_embeddings)
+        # Bloom adds the residual inside attention: the layer passes it, and expects it back in the output.
+        residual = kwargs.pop("residual", None)
         cache = None
         for key in ("cache", "past_key_values", "past_key_value", "layer_past"):
             value = kwargs.pop(key, None)
@@ -298,11 +317,18 @@ class Mixer(nn.Module):
             padding = None if bool(pm.all()) else pm
         query_scale = kwargs.pop("attention_scaling", None)
         query_scale = query_scale if isinstance(query_scale, Tensor) else None
-        ctx = MixContext(position_embeddings, attention_mask, padding, cache, kwargs, self.rotate, query_scale)
+        alibi = kwargs.pop("alibi", None)
+        position_bias = kwargs.pop("position_bias", alibi)
+        ctx = MixContext(
+            position_embeddings, attention_mask, padding, cache, kwargs, rotate=self.rotate, query_scale=query_scale,
+            position_bias=position_bias, bias_in_product=alibi is not None,
+        )  # fmt: skip
+        out = self.mix(hidden_states, ctx)
+        out = out if residual is None else residual + out
         if self.site.extras is not None and self.site.extras.returns_bias:
             # The pretrained module returned its output bias for the layer to add; ``output`` added it already.
-            return self.mix(hidden_states, ctx), None, None  # type: ignore[return-value]
-        return self.mix(hidden_states, ctx), None
+            return out, None, None
+        return out, None
 
     def mix(self, x: Tensor, ctx: MixContext) -> Tensor:
         """Mix tokens: ``x`` ``[B, T, C]`` -> ``[B, T, C]``. Subclasses implement this."""

@@ -38,31 +38,65 @@ def eager_attention(
     scaling: float,
     dropout: float = 0.0,
     softcap: float | None = None,
+    position_bias: Tensor | None = None,
+    bias_in_product: bool = False,
     **_: Any,
 ) -> tuple[Tensor, Tensor]:
     """Plain softmax attention, used when the model's implementation is "eager".
 
     Transformers resolves "eager" to each model's own function, so there is no shared one to call. This one
-    performs the same operations in the same order as those functions (scores in the input dtype, soft-capping
-    before the additive mask, softmax in fp32), which keeps eager models bit-identical.
+    performs the same operations in the same order as those functions (scores in the input dtype, soft-capping,
+    then a position bias, then the mask, softmax in fp32), which keeps eager models bit-identical.
 
     Args:
-        query: ``[B, Hq, T, D]``; key, value: ``[B, Hkv, S, D]``; attention_mask: additive ``[B, 1, T, S]`` or None.
+        query: ``[B, Hq, T, D]``; key, value: ``[B, Hkv, S, D]``; attention_mask: additive ``[B, 1, T, S]``, or
+            boolean with True for masked scores (under "eager", transformers' masks are additive: a boolean one is
+            a model's own ``.to(bool)`` of it, as MPT does), or None; position_bias: additive, broadcastable to
+            ``[B, Hq, T, S]``, or None; bias_in_product: add it inside the scaled product (``baddbmm``), as Bloom
+            does, instead of after it.
 
     Returns:
         ``([B, T, Hq, D], weights [B, Hq, T, S])``.
     """
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if position_bias is not None and bias_in_product:
+        B, H, T, D = query.shape
+        S = key.shape[2]
+        bias = position_bias.expand(B, H, -1, S).reshape(B * H, -1, S)
+        k = key.reshape(B * H, S, D).transpose(1, 2)
+        scores = bias.baddbmm(query.reshape(B * H, T, D), k, beta=1.0, alpha=scaling).view(B, H, T, S)
+    else:
+        scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    if attention_mask is not None:
+    if position_bias is not None and not bias_in_product:
+        scores = scores + position_bias
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
         scores = scores + attention_mask
     weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value)
     return out.transpose(1, 2).contiguous(), weights
+
+
+def _with_window(mask: Any, T: int, S: int, window: int, like: Tensor) -> Tensor:
+    """``mask`` with the keys ahead of each query or ``window`` or more positions behind it masked too, for layers
+    whose model builds only a causal mask (GPT-Neo's local layers). The T queries are the last T of the S keys.
+
+    The causal window is added as its own ``finfo.min`` term, as GPT-Neo fills those scores before adding the
+    model's mask, so that rows the model masks entirely (padding) stay identical too. Returns an additive
+    ``[B | 1, 1, T, S]`` mask in ``like``'s dtype, or a boolean one (True = attend, as SDPA masks are) when
+    ``mask`` is boolean.
+    """
+    behind = torch.arange(S - T, S, device=like.device)[:, None] - torch.arange(S, device=like.device)[None, :]
+    inside = (behind >= 0) & (behind < window)  # [T, S]
+    if isinstance(mask, Tensor) and mask.dtype == torch.bool:
+        return mask & inside
+    own = torch.zeros(T, S, dtype=like.dtype, device=like.device).masked_fill(~inside, torch.finfo(like.dtype).min)
+    return own[None, None] if mask is None else mask + own
 
 
 class SoftmaxAttention(Mixer):
@@ -111,6 +145,10 @@ class SoftmaxAttention(Mixer):
             if ctx.cache is not None:
                 k, v = ctx.cache.update(k, v, self.layer_idx, kwargs=ctx.attn_kwargs)
         q = ctx.scale_queries(q)
+        mask = ctx.attention_mask
+        window = self.site.dims.sliding_window
+        if window is not None and not self.site.dims.window_in_mask:
+            mask = _with_window(mask, T, k.shape[2], window, q)
         # Only pass what the pretrained layer passes: sdpa refuses any softcap key, even None.
         extra: dict[str, Any] = {}
         if self.site.dims.sliding_window is not None:
@@ -119,12 +157,17 @@ class SoftmaxAttention(Mixer):
             extra["softcap"] = self.site.dims.softcap
         if self.sinks is not None:
             extra["s_aux"] = self.sinks  # the name transformers' flash/flex functions (and GPT-OSS's) take
+        if ctx.position_bias is not None:
+            bias = ctx.position_bias[..., -k.shape[2] :]  # the columns of this call's keys
+            extra["position_bias"] = bias.reshape(-1, self.num_heads, *bias.shape[-2:])  # [1 | B, H, 1 | T, S]
+            if ctx.bias_in_product and self._attention_function() is eager_attention:
+                extra["bias_in_product"] = True  # other implementations add it after the product
         out, _ = self._attention_function()(
             self,
             q,
             k,
             v,
-            ctx.attention_mask,
+            mask,
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
             **extra,
