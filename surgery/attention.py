@@ -412,7 +412,8 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
         hidden_size=C, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, qkv_bias=qkv[0].bias is not None,
         o_bias=out.bias is not None, scaling=_scaling(module, D),
         sliding_window=_sliding_window(module, cfg, layer_idx), softcap=softcap, v_head_dim=Dv,
-        value_scale=_scalar(module, "v_scale"), qkv_clip=_qkv_clip(module, cfg), window_in_mask=not _masks_itself(module),
+        value_scale=_scalar(module, "v_scale"), qkv_clip=_qkv_clip(module, cfg),
+        window_in_mask=not _masks_itself(module),
     )  # fmt: skip
     q_norm = _norm(path, module, "q_norm", D, Hq)
     k_norm = _norm(path, module, "k_norm", D, Hkv)

@@ -10,7 +10,6 @@ sweep (tests/test_coverage.py) checks whole models; these tests pin down each pi
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import torch
