@@ -18,7 +18,7 @@ from surgery.cache import MixerCacheLayer
 from surgery.plan import PlanError
 from surgery.plugins.gla import GLA
 from surgery.plugins.mom import MoM
-from surgery.plugins.mom_dispatch import Routing, dispatch, load_balancing_loss, route, tokens_per_memory
+from surgery.plugins.mom_dispatch import Routing, dispatch, load_balancing_loss, route, take_rows, tokens_per_memory
 from tests.models import tiny_model
 
 TOL = dict(rtol=1e-4, atol=2e-5)
@@ -65,6 +65,20 @@ def test_routing_invariants() -> None:
     assert counts.sum() == 3 * 11 * 2
     aux = load_balancing_loss(r, None, counts)
     assert torch.isfinite(aux) and aux >= 1 - 1e-6
+
+
+@pytest.mark.parametrize("kind", ["selection", "permutation"])
+def test_take_rows_matches_index_select_and_its_gradient(kind: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 3, 2, generator=gen, requires_grad=True)
+    index = torch.randperm(9, generator=gen)[: 5 if kind == "selection" else 9]
+    g = torch.randn(len(index), 3, 2, generator=gen)
+    ours = take_rows(x, index)
+    (ours * g).sum().backward()
+    grad, x.grad = x.grad, None
+    ref = x.index_select(0, index)
+    (ref * g).sum().backward()
+    assert torch.equal(ours, ref) and torch.equal(grad, x.grad)
 
 
 def test_load_balancing_loss_is_one_when_uniform_and_m_when_collapsed() -> None:

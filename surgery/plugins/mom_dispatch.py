@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,32 @@ def load_balancing_loss(routing: Routing, valid: Tensor | None, counts: Tensor) 
     return M * (frac * probs.sum((0, 1)) / n).sum()
 
 
+class _TakeRows(torch.autograd.Function):
+    """``x[index]`` along dim 0 for an ``index`` without repeats; the gradient is written, not scatter-added."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (index,) = ctx.saved_tensors
+        # index_select's own backward is index_add (atomic adds, slow in bf16); distinct rows need only a copy.
+        out = grad.new_zeros(ctx.rows, *grad.shape[1:]) if index.numel() < ctx.rows else grad.new_empty(
+            ctx.rows, *grad.shape[1:])
+        return out.index_copy_(0, index, grad.contiguous()), None
+
+
+def take_rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x.index_select(0, index)`` ``[len(index), ...]`` for distinct indices (a permutation or a selection).
+
+    Same values and gradients as ``index_select``; its backward copies rows where ``index_select``'s adds them.
+    """
+    return _TakeRows.apply(x, index) if torch.is_grad_enabled() and x.requires_grad else x.index_select(0, index)
+
+
 def dispatch(
     recur: Recur,
     q: Tensor,
@@ -107,14 +134,17 @@ def dispatch(
     seg = tok.div(T, rounding_mode="floor") * M + mem
     order = torch.argsort(seg, stable=True)
     tok_s = tok[order]
-    flat = tok_s * M + mem[order]  # row of [B * T * M] holding this (token, memory)
+    flat = tok_s * M + mem[order]  # row of [B * T * M] holding this (token, memory); each at most once
     lengths = torch.zeros(B * M, dtype=torch.long, device=q.device).index_add_(0, seg, torch.ones_like(seg))
     cu_seqlens = F.pad(lengths.cumsum(0), (1, 0))
 
     def rows(x: Tensor) -> Tensor:  # [B, T, M, H, D] -> [1, R, H, D], packed by segment
-        return x.reshape(B * T * M, *x.shape[3:]).index_select(0, flat).unsqueeze(0)
+        return take_rows(x.reshape(B * T * M, *x.shape[3:]), flat).unsqueeze(0)
 
-    q_s = q.reshape(B * T, *q.shape[2:]).index_select(0, tok_s).unsqueeze(0)
+    # Queries: each token's row repeated k times (a copy in (token, choice) order), then permuted, so that the
+    # backward is a permutation and a sum over k instead of an atomic scatter-add of repeated rows.
+    q_rep = q.reshape(B * T, 1, *q.shape[2:]).expand(B * T, k, *q.shape[2:]).reshape(R, *q.shape[2:])
+    q_s = take_rows(q_rep, order).unsqueeze(0)
     k_s, v_s = rows(keys), rows(values)
     g_s = k_s if gates is None else rows(gates)
     valid_s = None if valid is None else valid.reshape(B * T).index_select(0, tok_s).unsqueeze(0)
@@ -122,7 +152,7 @@ def dispatch(
     o, final = recur(q_s, k_s, v_s, g_s, valid_s, init, want_state, cu_seqlens=cu_seqlens)
     # Back to (token, choice) order: the inverse permutation, built by a scatter (no sort, no sync).
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(R, device=q.device))
-    o = o[0].index_select(0, inverse).view(B, T, k, *o.shape[2:])
+    o = take_rows(o[0], inverse).view(B, T, k, *o.shape[2:])
     out = (o * routing.weights[..., None, None]).sum(2)
     if not want_state or final is None:
         return out, None
