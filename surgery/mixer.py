@@ -141,6 +141,17 @@ class Mixer(nn.Module):
     class Options(Options):
         pass
 
+    def stats(self) -> dict[str, Any]:
+        """Counts this mixer kept since the last ``reset_stats`` (MoM: tokens per memory), or ``{}``.
+
+        Values are numbers or lists of numbers that add up across processes. Recovery resets them when a stage
+        starts and writes them, summed over processes, into the stage's result and the run's report.
+        """
+        return {}
+
+    def reset_stats(self) -> None:
+        """Start counting afresh (see ``stats``)."""
+
     def __init__(self, site: AttentionSite, options: Options, config: Any, *, projections: bool = True) -> None:
         super().__init__()
         d = site.dims

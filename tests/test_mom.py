@@ -6,6 +6,7 @@ token not routed to it made an identity step (``valid`` False), which is what "m
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -283,19 +284,38 @@ def test_gradients_and_aux_loss(registry: Any) -> None:
     assert all(m.aux_loss is None for m in moms(model))  # only training forwards set it
 
 
-def test_routing_counts_and_state_dict(registry: Any) -> None:
+def test_routing_stats_and_state_dict(registry: Any) -> None:
     model = convert("llama", "mom", {"num_memories": 3}, registry)
     for m in moms(model):
-        m.reset_routing_counts()
+        m.reset_stats()
     x = ids(2, 10)
     mask = torch.ones_like(x)
     mask[0, :4] = 0
     with torch.no_grad():
         model(x, attention_mask=mask)
     for m in moms(model):
-        counts = m.routing_counts()
-        assert counts.shape == (3,) and counts.sum() == (20 - 4) * 2
+        counts = m.stats()["tokens_per_memory"]
+        assert len(counts) == 3 and sum(counts) == (20 - 4) * 2
         assert "token_counts" not in m.state_dict()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_recovery_reports_tokens_per_memory(checkpointing: bool, registry: Any, tmp_path: Any) -> None:
+    """Every (token, choice) pair of a stage is counted once per layer, a recomputed forward not again."""
+    from surgery.recovery import recover
+    from tests.test_recover import char_tokenizer, make_spec, write_data
+
+    model = convert("llama", "mom", {"num_memories": 3, "topk": 2}, registry)
+    spec = make_spec(write_data(tmp_path / "data.jsonl"), max_steps=3, batch_size=2,
+                     gradient_checkpointing=checkpointing)  # fmt: skip
+    result = recover(model, spec=spec, tokenizer=char_tokenizer(), out_dir=tmp_path / "run")
+    stats = result.stages["lora"].extra["mixer_stats"]
+    assert sorted(stats) == [f"layer {i} mom" for i in range(model.config.num_hidden_layers)]
+    for layer in stats.values():
+        assert len(layer["tokens_per_memory"]) == 3
+        assert sum(layer["tokens_per_memory"]) == 3 * 2 * 64 * 2  # steps x batch x seq_len x k
+    saved = json.loads((tmp_path / "run" / "lora" / "done.json").read_text())
+    assert saved["extra"]["mixer_stats"] == stats  # a reloaded stage reports the same
 
 
 def test_weight_map(registry: Any) -> None:

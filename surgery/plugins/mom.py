@@ -156,11 +156,11 @@ class MoM(RecurrentMixer):
                                  "multi-head latent attention has none (its keys/values come from a shared latent)")
         options.recurrence_cls.check_site(site, options.recurrence_options)
 
-    def routing_counts(self) -> Tensor:
-        """``[M]`` int64: (real token, choice) pairs routed to each memory since construction or the last reset."""
-        return self.token_counts.detach().clone()
+    def stats(self) -> dict[str, Any]:
+        """``tokens_per_memory``: (real token, choice) pairs routed to each memory since the last reset."""
+        return {"tokens_per_memory": self.token_counts.tolist()}
 
-    def reset_routing_counts(self) -> None:
+    def reset_stats(self) -> None:
         self.token_counts.zero_()
 
     def recur(self, *args: Any, **kwargs: Any) -> tuple[Tensor, State | None]:
@@ -192,8 +192,9 @@ class MoM(RecurrentMixer):
         with torch.autocast(x.device.type, enabled=False):  # routing in fp32 even under bf16 autocast
             routing = route(F.linear(x.float(), self.router.weight.float()), opts.topk)
         counts = tokens_per_memory(routing, valid, opts.num_memories)
-        with torch.no_grad():
-            self.token_counts += counts
+        if torch._C._current_graph_task_id() == -1:  # not a forward recomputed in backward (checkpointing)
+            with torch.no_grad():
+                self.token_counts += counts
         if self.training and opts.aux_loss_scale > 0:
             # Overwritten, not accumulated: a recomputed forward (activation checkpointing) must not count twice.
             self.aux_loss = opts.aux_loss_scale * load_balancing_loss(routing, valid, counts)

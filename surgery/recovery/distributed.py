@@ -74,6 +74,26 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def sum_counts(counts: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``counts`` (per key, numbers or lists of numbers) added up over every process; the input on one process.
+
+    A collective when distributed (every process calls it, with the same keys): counts travel as objects, which
+    works over gloo and NCCL alike and is cheap for what it carries (a few numbers per layer).
+    """
+    if world_size() == 1 or not torch.distributed.is_initialized():
+        return counts
+    gathered: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, counts)
+
+    def add(a: Any, b: Any) -> Any:
+        return [add(x, y) for x, y in zip(a, b, strict=True)] if isinstance(a, list) else a + b
+
+    total = copy.deepcopy(gathered[0])
+    for other in gathered[1:]:
+        total = {k: {n: add(v, other[k][n]) for n, v in stats.items()} for k, stats in total.items()}
+    return total
+
+
 def split_batch(batch_size: int, grad_accum: int, world: int, where: str = "recover.stages") -> tuple[int, int]:
     """Per-process micro-batch and accumulation steps that make the global batch ``batch_size * grad_accum``.
 

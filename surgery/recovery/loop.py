@@ -38,7 +38,8 @@ from surgery.recovery.data import PackedChunks, load_chunks
 from surgery.recovery.distributed import barrier, init, is_main, is_sharded, shards, skeleton, unsharded
 from surgery.recovery.spec import NEUTRAL_TRAIN_KEYS, RecoverSpec
 from surgery.recovery.stage import Stage, StageContext, StageResult
-from surgery.recovery.trainer import last_checkpoint, tokens_per_step, training_arguments, use_bf16, write_loss_curve
+from surgery.recovery.trainer import last_checkpoint, mixer_stats, reset_mixer_stats, tokens_per_step, training_arguments
+from surgery.recovery.trainer import use_bf16, write_loss_curve
 
 log = logging.getLogger("surgery.recovery")
 
@@ -297,6 +298,17 @@ def _teacher(model: nn.Module, plan: Any, teacher_model: Teacher) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
 
 
+def describe_stats(stats: dict[str, dict[str, Any]]) -> str:
+    """One line on the mixers' counts: for MoM, the share of the busiest and the idlest memory over all layers."""
+    shares = [c / max(sum(v["tokens_per_memory"]), 1) for v in stats.values() if "tokens_per_memory" in v
+              for c in v["tokens_per_memory"]]  # fmt: skip
+    if not shares:
+        return f"{len(stats)} mixer(s) kept counts (see the report)"
+    layers = sum("tokens_per_memory" in v for v in stats.values())
+    return (f"MoM routing over {layers} layer(s): memory shares {min(shares):.3f} to {max(shares):.3f} of the "
+            f"tokens (tokens per memory per layer in the report)")
+
+
 def _run_stage(
     stage: Stage, ctx: StageContext, stage_dir: Path, resume: bool, callbacks: Sequence[TrainerCallback],
     distributed: str = "ddp",
@@ -320,6 +332,7 @@ def _run_stage(
         load_adapter_weights(ctx.peft_model, ckpt)
         load_mixer_params(ctx.peft_model.get_base_model(), ckpt, expected=list(ctx.mixer_params))
     step_tokens = tokens_per_step(train, ctx.chunks.seq_len)
+    reset_mixer_stats(ctx.model)
     with stage.trainer(ctx, **kwargs) as trainer:
         if is_main():
             print(f"recover {stage.name}: {trainer.engine()}", flush=True)
@@ -329,11 +342,15 @@ def _run_stage(
             if is_main():
                 write_loss_curve(trainer.state.log_history, step_tokens, stage_dir, f"recover: {stage.name}")
         trainer.save_adapter(result)  # gathered from every process, written by rank 0
+    stats = mixer_stats(ctx.model)  # counted since this run of the stage began (a resume counts from there)
+    if stats and is_main():
+        print(f"recover {stage.name}: {describe_stats(stats)}", flush=True)
     losses = [float(e["loss"]) for e in trainer.state.log_history if "loss" in e]
     steps = trainer.state.global_step
     summary = StageResult(steps=steps, tokens=steps * step_tokens,
                           final_loss=sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-                          seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
+                          seconds=round(time.perf_counter() - t0, 1),
+                          extra={"mixer_stats": stats} if stats else {})  # fmt: skip
     if is_main():
         done.write_text(json.dumps(asdict(summary)))
     barrier()

@@ -33,7 +33,7 @@ from surgery.recovery.spec import TrainOptions
 from surgery.recovery.stage import TrainingDiverged
 from surgery.recovery.adapters import save_mixer_params
 from surgery.recovery.distributed import fsdp_arguments, full_tensors, load_optimizer_state, optimizer_state
-from surgery.recovery.distributed import barrier, shards, split_batch
+from surgery.recovery.distributed import barrier, shards, split_batch, sum_counts
 from surgery.recovery.distributed import world_size as dist_world_size
 from surgery.recovery.state import has_state, load_state, rng_states, save_state, set_rng_states
 
@@ -132,6 +132,19 @@ def mixer_aux_loss(model: nn.Module) -> Tensor | None:
     return total
 
 
+def reset_mixer_stats(model: nn.Module) -> None:
+    """Zero every mixer's counters (``Mixer.reset_stats``), e.g. MoM's tokens per memory, as a stage starts."""
+    for module in model.modules():
+        if isinstance(module, Mixer):
+            module.reset_stats()
+
+
+def mixer_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{"layer <i> <mixer>": stats}`` of every mixer that counts something, summed over processes (collective)."""
+    named = {f"layer {m.layer_idx} {m.name}": m.stats() for m in model.modules() if isinstance(m, Mixer)}
+    return sum_counts({k: v for k, v in named.items() if v})
+
+
 # transformers renamed gradient_checkpointing to activation_checkpointing (5.2x); we support both.
 _CHECKPOINTING_ARG = next(
     (n for n in ("activation_checkpointing", "gradient_checkpointing") if n in TrainingArguments.__dataclass_fields__),
@@ -198,8 +211,9 @@ class StageTrainer(Trainer):
         """How this stage trains, for the log: processes, process-group backend, and DDP or FSDP2."""
         world = self.args.world_size
         group = self.accelerator.state.backend if torch.distributed.is_initialized() else None  # "nccl", "gloo"
-        how = "FSDP2" if self.is_fsdp_enabled else "DDP" if world > 1 else "one process"
-        return f"{world} process{'es' if world > 1 else ''}" + (f" over {group}" if group else "") + f", {how}"
+        how = "FSDP2" if self.is_fsdp_enabled else "DDP" if world > 1 else ""
+        return f"{world} process{'es' if world > 1 else ''}" + (f" over {group}" if group else "") + (
+            f", {how}" if how else "")
 
     def trainable_state(self) -> dict[str, Tensor]:
         """Full CPU copies of the LoRA tensors and the mixers' own parameters (peft-model names) on rank 0.
