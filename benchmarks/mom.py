@@ -1,12 +1,14 @@
 """MoM benchmark: Liger Attention over MoM vs over GLA at the same token budget, and MoM kernel timings on a GPU.
 
-Quality (default; CPU is fine, about twice the demo's time): ``examples/mom.yaml`` (SmolLM2-135M, liger_attention
-over MoM with M = 4, k = 2 and a shared memory) and the same plan with ``recurrent: gla`` (``copy_qkvo``), i.e. the
-demo's recipe and budget. Both are converted, recovered with ``surgery.recover`` and measured on the 20 held-out
-512-token windows: token perplexity, perplexity at positions >= 256, and, for MoM, the tokens each memory of each
-layer received on those windows::
+Quality (default; CPU is fine): three rows of ``benchmarks/recall.py`` measured alike: the base, ``default``
+(``examples/demo.yaml``: liger_attention over one GLA memory) and ``mom`` (the same recipe and token budget with
+``examples/mom.yaml``'s conversion: liger_attention over MoM, M = 4, k = 2, shared memory). Columns: passkey at
+1K/2K/4K and 4-key, held-out token perplexity (all positions and >= 256), next-sentence accuracy, decode memory; and
+for ``mom`` the tokens each memory of each layer received on the held-out windows. ``--reuse`` copies rows already
+measured (a ``recall.py`` results.json, e.g. ``benchmarks/results/recall-cpu.json``) instead of rerunning them; on
+2 CPU cores the ``mom`` row takes about 30 minutes::
 
-    python benchmarks/mom.py [--plan examples/mom.yaml] [--out runs/bench-mom] [--budget 1.0]
+    python benchmarks/mom.py [--out runs/bench-mom] [--reuse benchmarks/results/recall-cpu.json]
 
 Speed (``--gpu``): one layer at the Llama-3-8B attention shape (C = 4096, 32 query heads, 8 kv heads, D = 128,
 bf16), MoM (M = 4, k = 2, shared memory, GLA memories) vs GLA: forward + backward over 32K tokens (as one sequence and
@@ -23,89 +25,41 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import surgery  # noqa: E402
-from benchmarks.recovery import heldout_windows, token_ppl  # noqa: E402
+from benchmarks import recall  # noqa: E402
 from surgery.attention import AttentionDims, AttentionSite  # noqa: E402
 from surgery.mixer import MixContext  # noqa: E402
-from surgery.plugins.mom import MoM  # noqa: E402
 from surgery.registry import load_registry  # noqa: E402
 
 # -- quality -------------------------------------------------------------------------------------------------------
 
 
-def gla_twin(raw: dict[str, Any]) -> dict[str, Any]:
-    """The same plan with GLA as the recurrent branch (the demo's mixer) and copy_qkvo: same recipe, same budget."""
-    raw = json.loads(json.dumps(raw))
-    for rule in raw["convert"]:
-        rule["options"]["recurrent"] = {"mixer": "gla", "options": {"gate_normalizer": 16}}
-        rule["options"]["w_rec"] = 0.5  # Liger's; the MoM plan halves it (see examples/mom.yaml)
-        rule["weights"] = "copy_qkvo"
-        rule.pop("weight_options", None)
-    raw["output"] = str(Path(raw.get("output", "runs/x")).with_name("smollm2-liger-gla"))
-    return raw
-
-
-def scale_budget(raw: dict[str, Any], factor: float) -> dict[str, Any]:
-    raw = json.loads(json.dumps(raw))
-    for options in (raw.get("recover", {}).get("stages") or {}).values():
-        if isinstance(options, dict) and "tokens" in options:
-            options["tokens"] = int(options["tokens"] * factor)
-            options["save_steps"] = max(1, int(options.get("save_steps", 100) * factor))
-    return raw
-
-
-def memory_counts(model: torch.nn.Module) -> list[list[int]]:
-    """Tokens per memory of every MoM in ``model``, in layer order."""
-    return [m.routing_counts().tolist() for m in model.modules() if isinstance(m, MoM)]
+ROWS = ("base", "default", "mom")  # benchmarks/recall.py's rows: the base, the demo (liger over GLA), liger over MoM
 
 
 def quality(args: argparse.Namespace) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from surgery import demo
-
-    model_dir, data = demo.prepare_demo()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = base.to(device)
-    windows = heldout_windows(data, tokenizer)
-    rows: dict[str, Any] = {"base": token_ppl(base, windows)}
-    raw_mom = scale_budget(yaml.safe_load(Path(args.plan).read_text()), args.budget)
-    raw_mom["model"] = str(model_dir)
-    for name, raw in (("liger-gla", gla_twin(raw_mom)), ("liger-mom", raw_mom)):
-        out = Path(args.out) / name
-        plan = surgery.load_plan(raw)
-        t0 = time.perf_counter()
-        model = surgery.convert(plan)
-        result = surgery.recover(model, plan, tokenizer=tokenizer, out_dir=out / "recover", teacher_model=base)
-        model = result.model.to(device).eval()
-        for m in model.modules():
-            if isinstance(m, MoM):
-                m.reset_routing_counts()
-        row = {"tokens": result.tokens, "steps": result.steps, "train_s": round(time.perf_counter() - t0, 1)}
-        row.update(token_ppl(model, windows))
-        counts = memory_counts(model)
-        if counts:
-            row["tokens_per_memory"] = counts
-        rows[name] = row
-        print(json.dumps({name: {k: v for k, v in row.items() if k != "tokens_per_memory"}}), flush=True)
-    lines = ["| model | recovery tokens | ppl | ppl pos >= 256 |", "|---|---|---|---|"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r.get('tokens', 0)} | {r['ppl']:.3f} | {r['ppl_pos256']:.3f} |")
-    if "tokens_per_memory" in rows["liger-mom"]:
-        lines += ["", "| layer | tokens per memory (held-out windows) | max / mean |", "|---|---|---|"]
-        for i, c in enumerate(rows["liger-mom"]["tokens_per_memory"]):
-            lines.append(f"| {i} | {c} | {max(c) / max(sum(c) / len(c), 1e-9):.2f} |")
+    """The three rows of benchmarks/recall.py, measured alike; rows already in ``--reuse`` are copied, not rerun."""
+    out = Path(args.out)
+    if args.reuse:
+        recorded = json.loads(Path(args.reuse).read_text())["rows"]
+        for name in ROWS:
+            saved = out / name / "row.json"
+            if name in recorded and not saved.exists():
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                saved.write_text(json.dumps(recorded[name] | {"reused_from": args.reuse}, indent=1))
+    recall.run_rows(list(ROWS), Path("examples/demo.yaml"), out)
+    rows = {name: json.loads((out / name / "row.json").read_text()) for name in ROWS}
+    print(recall.table(rows, rows["base"]))
+    counts = rows["mom"].get("tokens_per_memory", [])
+    lines = ["| layer | tokens per memory (held-out windows) | max / mean |", "|---|---|---|"]
+    for i, c in enumerate(counts):
+        lines.append(f"| {i} | {c} | {max(c) / max(sum(c) / len(c), 1e-9):.2f} |")
     print("\n".join(lines))
     return rows
 
@@ -185,9 +139,8 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--plan", default="examples/mom.yaml", help="the MoM plan; its GLA twin is derived from it")
+    ap.add_argument("--reuse", default=None, help="a recall results.json whose base/default rows to copy")
     ap.add_argument("--out", default="runs/bench-mom", help="output directory")
-    ap.add_argument("--budget", type=float, default=1.0, help="multiple of the plan's recovery token budget")
     ap.add_argument("--gpu", action="store_true", help="time one Llama-3-8B-shaped layer instead (needs CUDA)")
     ap.add_argument("--tokens", type=int, default=32768, help="--gpu: tokens per fwd+bwd")
     ap.add_argument("--contexts", default="1024,8192,32768", help="--gpu: prefill lengths before decoding")

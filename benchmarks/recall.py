@@ -38,6 +38,7 @@ from benchmarks.recovery import heldout_windows, token_ppl  # noqa: E402
 from surgery import demo  # noqa: E402
 from surgery.cache import MixerCacheLayer  # noqa: E402
 from surgery.convert import convert  # noqa: E402
+from surgery.mixer import Mixer  # noqa: E402
 from surgery.plan import load_plan  # noqa: E402
 from surgery.recovery import recover  # noqa: E402
 
@@ -51,6 +52,10 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- the measures
 
 
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def passkey_acc(model: torch.nn.Module, tokenizer: Any, items: list[dict[str, Any]]) -> float:
     """Share of items whose every target token is the argmax given the prompt and the earlier target tokens."""
     hits = 0
@@ -58,10 +63,10 @@ def passkey_acc(model: torch.nn.Module, tokenizer: Any, items: list[dict[str, An
         for it in items:
             ctx = tokenizer(it["prompt"])["input_ids"]
             tgt = tokenizer(it["target"], add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([ctx + tgt])
+            ids = torch.tensor([ctx + tgt], device=_device(model))
             # Only the logits that predict the key: the LM head over 4K positions costs a fifth of the forward.
             logits = model(ids, logits_to_keep=len(tgt) + 1).logits[0, :-1]
-            hits += int(torch.equal(logits.argmax(-1), torch.tensor(tgt)))
+            hits += int(torch.equal(logits.argmax(-1).cpu(), torch.tensor(tgt)))
     return hits / len(items)
 
 
@@ -74,8 +79,8 @@ def nextsent_acc(model: torch.nn.Module, tokenizer: Any, items: list[dict[str, A
             conts = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in it["choices"]]
             seqs = [ctx + c for c in conts]
             n = max(map(len, seqs))
-            ids = torch.tensor([s + [0] * (n - len(s)) for s in seqs])  # right padding: causal, never seen
-            logp = model(ids).logits.float().log_softmax(-1)
+            ids = torch.tensor([s + [0] * (n - len(s)) for s in seqs], device=_device(model))  # right padding
+            logp = model(ids).logits.float().log_softmax(-1).cpu()
             scores = []
             for i, (c, choice) in enumerate(zip(conts, it["choices"])):
                 pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(c))
@@ -89,7 +94,7 @@ def decode_bytes(model: torch.nn.Module, tokenizer: Any, item: dict[str, Any]) -
     """Bytes of the generation cache for one sequence after prefilling ``item``'s prompt (about 4K tokens)."""
     from transformers import DynamicCache
 
-    ids = torch.tensor([tokenizer(item["prompt"])["input_ids"]])
+    ids = torch.tensor([tokenizer(item["prompt"])["input_ids"]], device=_device(model))
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -112,7 +117,13 @@ def measure(model: torch.nn.Module, tokenizer: Any, data: demo.DataPaths, window
         row[name] = passkey_acc(model, tokenizer, _rows(path))
         print(f"  {name} {row[name]:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     row["n_passkey"] = len(_rows(data.passkey_1k))
+    mixers = [m for m in model.modules() if isinstance(m, Mixer)]
+    for m in mixers:
+        m.reset_stats()
     row.update(token_ppl(model, windows))
+    counts = [m.stats()["tokens_per_memory"] for m in mixers if "tokens_per_memory" in m.stats()]
+    if counts:  # MoM: (token, choice) pairs each memory of each layer got on the held-out windows
+        row["tokens_per_memory"] = counts
     row["nextsent"] = nextsent_acc(model, tokenizer, _rows(data.nextsent))
     row["n_nextsent"] = len(_rows(data.nextsent))
     row["decode_bytes_4k"] = decode_bytes(model, tokenizer, _rows(data.passkey_4k)[0])
@@ -128,6 +139,13 @@ def _liger_options(raw: dict[str, Any], **update: Any) -> dict[str, Any]:
     for rule in raw["convert"]:
         if rule["mixer"] == LIGER:
             rule["options"] = {**rule.get("options", {}), **update}
+    return raw
+
+
+def _mom(raw: dict[str, Any]) -> dict[str, Any]:
+    """The demo's recipe and budget with examples/mom.yaml's conversion (liger_attention over MoM)."""
+    raw = copy.deepcopy(raw)
+    raw["convert"] = yaml.safe_load(Path("examples/mom.yaml").read_text())["convert"]
     return raw
 
 
@@ -184,6 +202,7 @@ ROWS: dict[str, Row] = {
     "default_sinks4_inf": (_same, {"sinks": 4}, "default", None),
     "default_mem64_inf": (_same, {"sinks": 4, "memory": 64}, "default", None),
     "default_mem128_inf": (_same, {"sinks": 4, "memory": 128}, "default", None),
+    "mom": (_mom, {}, None, None),
     "sinks4": (lambda raw: _liger_options(raw, sinks=4), {}, None, None),
     "memory64": (lambda raw: _liger_options(raw, sinks=4, memory=64), {}, None, None),
     "wdrop": (lambda raw: _liger_options(raw, sinks=4, window_dropout=0.25), {}, None, None),
@@ -245,6 +264,34 @@ def table(rows: dict[str, dict[str, Any]], base: dict[str, Any] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_rows(names: list[str], plan: Path, out: Path) -> None:
+    """Build, recover and measure each row of ``names`` into ``<out>/<row>/row.json`` (finished rows are kept)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    raw = yaml.safe_load(plan.read_text())
+    model_dir, data = demo.prepare_demo()
+    raw["model"] = str(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().to(device)
+    windows = heldout_windows(data, tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        saved = out / name / "row.json"
+        if saved.exists():
+            print(f"[recall] {name}: reusing {saved}", flush=True)
+            continue
+        print(f"[recall] {name}", flush=True)
+        torch.manual_seed(0)
+        model, info = build(name, raw, base, tokenizer, out)
+        model = model.to(device)
+        row = info | measure(model, tokenizer, data, windows)
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(row, indent=1, default=str))
+        print(json.dumps({k: v for k, v in row.items() if k != "plan"}), flush=True)
+        del model
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--plan", default="examples/demo.yaml")
@@ -257,29 +304,8 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown rows {unknown}; rows: {', '.join(ROWS)}")
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    raw = yaml.safe_load(Path(args.plan).read_text())
-    model_dir, data = demo.prepare_demo()
-    raw["model"] = str(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    windows = heldout_windows(data, tokenizer)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        saved = out / name / "row.json"
-        if saved.exists():
-            print(f"[recall] {name}: reusing {saved}", flush=True)
-            continue
-        print(f"[recall] {name}", flush=True)
-        torch.manual_seed(0)
-        model, info = build(name, raw, base, tokenizer, out)
-        row = info | measure(model, tokenizer, data, windows)
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(row, indent=1, default=str))
-        print(json.dumps({k: v for k, v in row.items() if k != "plan"}), flush=True)
-        del model
+    run_rows(names, Path(args.plan), out)
     rows = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/row.json"))}
     order = [n for n in ROWS if n in rows]
     rows = {n: rows[n] for n in order}
