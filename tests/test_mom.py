@@ -18,8 +18,9 @@ from surgery.attention import find_attention
 from surgery.cache import MixerCacheLayer
 from surgery.plan import PlanError
 from surgery.plugins.gla import GLA
-from surgery.plugins.mom import MoM
-from surgery.plugins.mom_dispatch import Routing, dispatch, load_balancing_loss, route, take_rows, tokens_per_memory
+from surgery.plugins.mom import MemoryLinear, MoM
+from surgery.plugins.mom_dispatch import Routing, dense_rows, dispatch, load_balancing_loss, route, take_rows
+from surgery.plugins.mom_dispatch import pack, tokens_per_memory
 from tests.models import tiny_model
 
 TOL = dict(rtol=1e-4, atol=2e-5)
@@ -132,7 +133,7 @@ def test_dispatch_equals_masked_reference(T: int, padded: bool, registry: Any) -
         if T == 1:
             valid[2, 0] = False
     routing = route(logits, k)
-    got, got_state = dispatch(cell.recur, q, keys, values, None, routing, valid, state, True)
+    got, got_state = dispatch(cell.recur, q, dense_rows(keys, values, None), routing, valid, state, True)
     ref, ref_state = _masked_reference(cell.recur, q, keys, values, routing, valid, state)
     torch.testing.assert_close(got, ref, **TOL)
     torch.testing.assert_close(got_state[0], ref_state[0], **TOL)
@@ -142,6 +143,42 @@ def test_dispatch_equals_masked_reference(T: int, padded: bool, registry: Any) -
     for name, a, b in zip(("q", "keys", "values", "router logits"), grads, ref_grads):
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a, b, **TOL, msg=name)
+
+
+@pytest.mark.parametrize("arch,options", [("qwen2", {}), ("qwen3", {"gate": "projection"})],
+                         ids=["bias", "k-norm-gate-projection"])
+@pytest.mark.parametrize("T", [9, 1], ids=["prefill", "decode-step"])
+def test_grouped_projection_equals_every_memory_then_select(arch: str, options: dict, T: int, registry: Any) -> None:
+    """Projecting only the routed rows (grouped GEMM) == projecting every memory and selecting, values and grads."""
+    mom = moms(convert(arch, "mom", options, registry, weight_options={"noise": 0.2}))[0]
+    assert mom.k_mem.bias is not None or mom.k_mem_norm is not None
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, T, mom.site.dims.hidden_size, generator=g, requires_grad=True)
+    packing, _ = pack(route(torch.randn(2, T, 4, generator=g), 2).experts, 4)
+    assert mom.k_mem.grouped(x)
+    got = mom.memory_rows(x)(packing)
+    ref = dense_rows(*mom.memories(x))(packing)
+    assert got[2] is not None if options else got[2] is None
+    params = [x, *(p for p in mom.parameters() if p.requires_grad and p is not mom.router.weight)]
+    probes = [torch.randn(r.shape, generator=g) for r in ref if r is not None]
+    grads = torch.autograd.grad(sum((r * w).sum() for r, w in zip(got, probes)), params, allow_unused=True)
+    ref_grads = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, probes)), params, allow_unused=True)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, **TOL)
+    for a, b in zip(grads, ref_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, **TOL)
+
+
+def test_grouped_projection_is_refused_where_no_grouped_kernel_runs(registry: Any) -> None:
+    """float64, and rows whose width is not 16 bytes, take the dense form (the grouped op refuses them)."""
+    mom = moms(convert("llama", "mom", {}, registry))[0]
+    C = mom.site.dims.hidden_size
+    assert mom.k_mem.grouped(torch.zeros(1, C))
+    assert not mom.k_mem.grouped(torch.zeros(1, C, dtype=torch.float64))
+    odd = MemoryLinear(2, 6, 8, bias=False)
+    assert not odd.grouped(torch.zeros(1, 6))
 
 
 def test_decode_step_touches_only_the_chosen_memories(registry: Any) -> None:
@@ -154,7 +191,7 @@ def test_decode_step_touches_only_the_chosen_memories(registry: Any) -> None:
     routing = route(torch.randn(B, 1, M, generator=g), 2)
     before = torch.randn(B, M, Hkv, D, D, generator=g)
     with torch.no_grad():
-        _, (after,) = dispatch(cell.recur, q, keys, values, None, routing, None, (before.clone(),), True)
+        _, (after,) = dispatch(cell.recur, q, dense_rows(keys, values, None), routing, None, (before.clone(),), True)
     for b in range(B):
         for m in range(M):
             changed = not torch.equal(after[b, m], before[b, m])

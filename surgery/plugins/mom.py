@@ -15,9 +15,10 @@ mixer sets ``aux_loss = aux_loss_scale * M * sum_e frac_e * P_e`` (1 before scal
 Parameters: ``router`` (``nn.Linear(C, M)``, no bias), ``k_mem``/``v_mem`` (``MemoryLinear``: weight
 ``[M, Hkv * D, C]``, bias ``[M, Hkv * D]`` when the model's qkv has one), ``g_mem`` likewise with ``gate:
 projection``, and ``k_mem_norm`` (a copy of the model's k norm, if it has one). Stacked weights rather than a
-``ModuleList``: all M key (or value) projections are one GEMM, ``x @ W.view(M * Hkv * D, C).T``. That computes
-every memory's key for every token, M / k times the FLOPs of the routed keys, in exchange for no grouped GEMM and no
-host sync (about +6% of a Llama-3-8B layer at M = 4, k = 2, counting the MLP).
+``ModuleList``: the routed rows, grouped by memory, go through their own memory's map in one grouped GEMM
+(``torch._grouped_mm`` over device-side group ends: no host sync), k / M of the work of projecting every memory. Where
+that kernel does not run (fp32 on CUDA, pre-Hopper GPUs, unaligned widths), all M projections are one plain GEMM,
+``x @ W.view(M * Hkv * D, C).T``, and the routed rows are selected from it.
 
 Cache: the state tuple is the recurrence's own entries with shape ``[B, M, ...]`` (e.g. ``[B, M, Hkv, D, D]`` for
 gla), followed, with ``shared_memory``, by the shared memory's ``[B, ...]`` entries. Batch first, so the cache's
@@ -39,7 +40,8 @@ from torch import Tensor, nn
 from surgery.attention import AttentionSite
 from surgery.hookspecs import hookimpl
 from surgery.mixer import Mixer, MixerDimsError, Options, WeightMap
-from surgery.plugins.mom_dispatch import dispatch, load_balancing_loss, route, tokens_per_memory
+from surgery.plugins.mom_dispatch import MemoryRows, Packing, dense_rows, dispatch, load_balancing_loss, route
+from surgery.plugins.mom_dispatch import tokens_per_memory
 from surgery.plugins.weight_maps import CopyQKVO
 from surgery.recurrent import RecurrentMixer, State, recurrent_mixer
 from surgery.registry import context_registry
@@ -66,9 +68,39 @@ class MemoryLinear(nn.Module):
         bias = self.bias.reshape(M * Fo) if self.bias is not None else None
         return F.linear(x, self.weight.reshape(M * Fo, C), bias).view(*x.shape[:-1], M, Fo)
 
+    def rows(self, x: Tensor, memory: Tensor, ends: Tensor) -> Tensor:
+        """Row r of ``x`` ``[R, C]`` through memory ``memory[r]``'s map alone: ``[R, F]``, one grouped GEMM.
+
+        Rows come grouped by memory; memory m's rows end at ``ends[m]`` (``[M]`` int32, no host sync). Only
+        usable where ``grouped(x)`` says so.
+        """
+        dtype = _compute_dtype(x)
+        # [M, F, C] viewed as [M, C, F]: the column-major operand the grouped kernel takes without a copy.
+        out = torch._grouped_mm(x.to(dtype), self.weight.to(dtype).transpose(1, 2), offs=ends)
+        return out if self.bias is None else out + self.bias.to(out.dtype).index_select(0, memory)
+
+    def grouped(self, x: Tensor) -> bool:
+        """Whether ``rows`` runs for ``x``: CUDA's grouped kernel (bf16 on Hopper/Blackwell; elsewhere torch's
+        fallback copies the offsets to the host, a sync per call) or the CPU form (fp32/bf16/fp16); rows of 16 bytes.
+        """
+        if not hasattr(torch, "_grouped_mm"):
+            return False
+        dtype, C = _compute_dtype(x), self.weight.shape[-1]
+        if (C * dtype.itemsize) % 16 or (self.weight.shape[1] * dtype.itemsize) % 16:
+            return False
+        if x.device.type == "cuda":
+            return dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] in (9, 10)
+        return x.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)
+
     def extra_repr(self) -> str:
         M, Fo, C = self.weight.shape
         return f"memories={M}, in_features={C}, out_features={Fo}, bias={self.bias is not None}"
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype ``F.linear`` would compute ``x`` in: autocast's where it is on (``_grouped_mm`` is not cast)."""
+    on = torch.is_autocast_enabled(x.device.type)
+    return torch.get_autocast_dtype(x.device.type) if on else x.dtype
 
 
 class MoM(RecurrentMixer):
@@ -174,13 +206,38 @@ class MoM(RecurrentMixer):
         B, T, _ = x.shape
         shape = (B, T, self.options.num_memories, self.num_kv_heads, self.head_dim)
         keys = self.k_mem(x).view(shape)
-        if self.k_mem_norm is not None:
-            keys = self.k_mem_norm(keys)
         gates = self.g_mem(x).view(shape) if self.g_mem is not None else None
         values = self.v_mem(x).view(*shape[:-1], self.v_head_dim)
+        return self._finish(keys, values, gates)
+
+    def _finish(self, keys: Tensor, values: Tensor, gates: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The model's k norm on keys and its value scale on values, as its attention applies them."""
+        if self.k_mem_norm is not None:
+            keys = self.k_mem_norm(keys)
         if self.site.dims.value_scale != 1.0:
             values = values * self.site.dims.value_scale
         return keys, values, gates
+
+    def memory_rows(self, x: Tensor) -> MemoryRows:
+        """Each routed row's key/value/gate through its own memory, for ``x`` ``[B, T, C]``.
+
+        Where a grouped GEMM runs (``MemoryLinear.grouped``), only the k routed memories of a token are projected:
+        k / M of the work of projecting all of them, and no ``[B, T, M, ...]`` tensors kept for the backward.
+        Elsewhere every memory's projection is computed once and the routed rows are selected (``dense_rows``).
+        """
+        if not self.k_mem.grouped(x):
+            return dense_rows(*self.memories(x))
+
+        def rows(p: Packing) -> tuple[Tensor, Tensor, Tensor | None]:
+            x_rows = p.tokens(x.reshape(-1, x.shape[-1]))  # [R, C]
+
+            def project(lin: MemoryLinear, dim: int) -> Tensor:
+                return lin.rows(x_rows, p.memory, p.ends).view(-1, self.num_kv_heads, dim)
+
+            gates = project(self.g_mem, self.head_dim) if self.g_mem is not None else None
+            return self._finish(project(self.k_mem, self.head_dim), project(self.v_mem, self.v_head_dim), gates)
+
+        return rows
 
     def recurrent_output(
         self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, state: State | None, want_state: bool
@@ -199,9 +256,8 @@ class MoM(RecurrentMixer):
             # Overwritten, not accumulated: a recomputed forward (activation checkpointing) must not count twice.
             self.aux_loss = opts.aux_loss_scale * load_balancing_loss(routing, valid, counts)
         n = 0 if state is None else (len(state) // 2 if opts.shared_memory else len(state))
-        keys, values, gates = self.memories(x)
         routed = None if state is None else state[:n]
-        o, routed = dispatch(self.recurrence.recur, q, keys, values, gates, routing, valid, routed, want_state)
+        o, routed = dispatch(self.recurrence.recur, q, self.memory_rows(x), routing, valid, routed, want_state)
         if not opts.shared_memory:
             return o, routed
         shared = None if state is None else state[n:]

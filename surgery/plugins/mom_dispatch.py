@@ -2,10 +2,12 @@
 
 Each token goes to ``k`` of the ``M`` memories. A memory is a gated linear recurrence that sees only the tokens
 routed to it, in their order, so per sequence b the tokens of memory m form one variable-length segment. All
-``B * M`` segments are packed (segment ``b * M + m``, empty ones included) and run by a single ``recur`` call with
-``cu_seqlens``; each segment starts from, and ends in, its own state. Outputs are unpacked and summed with the
-routing weights. Nothing loops over memories or sequences in Python and nothing reads a value back to the host:
-segment lengths come from a scatter-add, not ``bincount`` (which synchronises on CUDA to size its output).
+``M * B`` segments are packed (segment ``m * B + b``, empty ones included) and run by a single ``recur`` call with
+``cu_seqlens``; each segment starts from, and ends in, its own state. Rows grouped by memory are also what a grouped
+GEMM takes, so each row's key/value can be projected by its own memory alone (``MemoryRows``). Outputs are unpacked
+and summed with the routing weights. Nothing loops over memories or sequences in Python and nothing reads a value
+back to the host: segment lengths come from a scatter-add, not ``bincount`` (which synchronises on CUDA to size its
+output).
 
 Decoding (one token per sequence) takes a shorter way: the ``B * k`` chosen states are gathered into a batch, run
 through the recurrence's token kernel, and written back; the other memories' states are not touched.
@@ -96,12 +98,80 @@ def take_rows(x: Tensor, index: Tensor) -> Tensor:
     return _TakeRows.apply(x, index) if torch.is_grad_enabled() and x.requires_grad else x.index_select(0, index)
 
 
+@dataclass(frozen=True)
+class Packing:
+    """Where each routed (token, choice) row sits in the packed order that the recurrence runs.
+
+    Rows come grouped by memory, then by sequence, then in time order: segment ``m * B + b`` holds sequence b's
+    tokens routed to memory m. Grouping by memory first is what lets all M projections run as one grouped GEMM.
+
+    Attributes:
+        order: ``[R]`` int64, packed row -> (token, choice) row ``token * k + choice`` (``token = b * T + t``).
+        memory: ``[R]`` int64, the memory of each packed row (non-decreasing).
+        ends: ``[M]`` int32, the end of memory m's rows (``torch._grouped_mm``'s ``offs``).
+        topk: k, choices per token.
+    """
+
+    order: Tensor
+    memory: Tensor
+    ends: Tensor
+    topk: int
+
+    @property
+    def token(self) -> Tensor:
+        """``[R]`` int64: the token (``b * T + t``) of each packed row."""
+        return self.order.div(self.topk, rounding_mode="floor")
+
+    def tokens(self, x: Tensor) -> Tensor:
+        """Each packed row's token row of ``x`` ``[B * T, ...]``: ``[R, ...]``.
+
+        ``x`` is repeated k times (a copy in (token, choice) order) and then permuted, so the backward is a
+        permutation and a sum over k, not an atomic scatter-add of repeated rows.
+        """
+        rep = x.unsqueeze(1).expand(x.shape[0], self.topk, *x.shape[1:]).reshape(-1, *x.shape[1:])
+        return take_rows(rep, self.order)
+
+
+#: ``rows(packing) -> (k, v, g)``: key, value and gate input ``[R, Hkv, D]`` (``Dv`` for values; g None: the key)
+#: of every packed row, each through its own memory's projections.
+MemoryRows = Callable[[Packing], tuple[Tensor, Tensor, "Tensor | None"]]
+
+
+def dense_rows(keys: Tensor, values: Tensor, gates: Tensor | None) -> MemoryRows:
+    """``MemoryRows`` that select from every memory's key/value/gate for every token, ``[B, T, M, Hkv, D]`` each."""
+    M = keys.shape[2]
+
+    def rows(p: Packing) -> tuple[Tensor, Tensor, Tensor | None]:
+        flat = p.token * M + p.memory  # each (token, memory) at most once: a selection without repeats
+
+        def pick(x: Tensor) -> Tensor:
+            return take_rows(x.reshape(-1, *x.shape[3:]), flat)
+
+        return pick(keys), pick(values), None if gates is None else pick(gates)
+
+    return rows
+
+
+def pack(experts: Tensor, num_memories: int) -> tuple[Packing, Tensor]:
+    """The packed order of ``experts`` ``[B, T, k]`` and its ``cu_seqlens`` ``[M * B + 1]`` (segment m * B + b).
+
+    A stable sort keeps each segment in time order; lengths come from a scatter-add, not ``bincount`` (which
+    synchronises on CUDA to size its output), so nothing here reads a value back to the host.
+    """
+    B, T, k = experts.shape
+    mem = experts.reshape(-1)
+    seg = mem * B + torch.arange(B, device=mem.device).repeat_interleave(T * k)
+    order = torch.argsort(seg, stable=True)
+    lengths = torch.zeros(num_memories * B, dtype=torch.long, device=mem.device)
+    cu_seqlens = F.pad(lengths.index_add_(0, seg, torch.ones_like(seg)).cumsum(0), (1, 0))
+    ends = cu_seqlens[B::B].to(torch.int32)
+    return Packing(order, mem[order], ends, k), cu_seqlens
+
+
 def dispatch(
     recur: Recur,
     q: Tensor,
-    keys: Tensor,
-    values: Tensor,
-    gates: Tensor | None,
+    rows: MemoryRows,
     routing: Routing,
     valid: Tensor | None,
     state: tuple[Tensor, ...] | None,
@@ -112,8 +182,7 @@ def dispatch(
     Args:
         recur: the recurrence every memory runs (one call, or one per decode step).
         q: ``[B, T, Hq, D]`` shared queries.
-        keys, values: ``[B, T, M, Hkv, D]`` every memory's key and value for every token.
-        gates: ``[B, T, M, Hkv, D]`` gate inputs, or None when the gate is the key itself.
+        rows: each routed row's key/value/gate through its memory (``dense_rows``, or a grouped projection).
         routing: the router's decision, ``[B, T, k]``.
         valid: ``[B, T]`` bool (False: left padding, an identity step in the memories it is routed to) or None.
         state: the recurrence's state tuple with every entry ``[B, M, ...]`` (one state per sequence and memory),
@@ -123,73 +192,59 @@ def dispatch(
     Returns:
         ``o`` ``[B, T, Hq, D]`` fp32 and the state tuple or None.
     """
-    if q.shape[1] == 1:
-        return _decode_step(recur, q, keys, values, gates, routing, valid, state, want_state)
-    B, T, M = keys.shape[:3]
-    k = routing.experts.shape[-1]
-    R = B * T * k
-    # Row r = (token, choice); token = b * T + t. Segment b * M + m; a stable sort keeps each segment in time order.
-    tok = torch.arange(B * T, device=q.device).repeat_interleave(k)
-    mem = routing.experts.reshape(R)
-    seg = tok.div(T, rounding_mode="floor") * M + mem
-    order = torch.argsort(seg, stable=True)
-    tok_s = tok[order]
-    flat = tok_s * M + mem[order]  # row of [B * T * M] holding this (token, memory); each at most once
-    lengths = torch.zeros(B * M, dtype=torch.long, device=q.device).index_add_(0, seg, torch.ones_like(seg))
-    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0))
-
-    def rows(x: Tensor) -> Tensor:  # [B, T, M, H, D] -> [1, R, H, D], packed by segment
-        return take_rows(x.reshape(B * T * M, *x.shape[3:]), flat).unsqueeze(0)
-
-    # Queries: each token's row repeated k times (a copy in (token, choice) order), then permuted, so that the
-    # backward is a permutation and a sum over k instead of an atomic scatter-add of repeated rows.
-    q_rep = q.reshape(B * T, 1, *q.shape[2:]).expand(B * T, k, *q.shape[2:]).reshape(R, *q.shape[2:])
-    q_s = take_rows(q_rep, order).unsqueeze(0)
-    k_s, v_s = rows(keys), rows(values)
-    g_s = k_s if gates is None else rows(gates)
-    valid_s = None if valid is None else valid.reshape(B * T).index_select(0, tok_s).unsqueeze(0)
-    init = None if state is None else tuple(s.reshape(B * M, *s.shape[2:]) for s in state)
-    o, final = recur(q_s, k_s, v_s, g_s, valid_s, init, want_state, cu_seqlens=cu_seqlens)
-    # Back to (token, choice) order: the inverse permutation, built by a scatter (no sort, no sync).
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(R, device=q.device))
-    o = take_rows(o[0], inverse).view(B, T, k, *o.shape[2:])
-    out = (o * routing.weights[..., None, None]).sum(2)
+    B, T, k = routing.experts.shape
+    M = routing.probs.shape[-1]
+    packing, cu_seqlens = pack(routing.experts, M)
+    k_s, v_s, g_s = rows(packing)
+    q_s = packing.tokens(q.reshape(B * T, *q.shape[2:]))
+    g_s = k_s if g_s is None else g_s
+    valid_s = None if valid is None else valid.reshape(B * T).index_select(0, packing.token)
+    if T == 1:
+        return _decode_step(recur, q_s, k_s, v_s, g_s, valid_s, packing, routing, state, want_state)
+    # Segments are (memory, sequence); the cache keeps states (sequence, memory).
+    init = None if state is None else tuple(s.transpose(0, 1).reshape(M * B, *s.shape[2:]) for s in state)
+    o, final = recur(q_s[None], k_s[None], v_s[None], g_s[None], None if valid_s is None else valid_s[None], init,
+                     want_state, cu_seqlens=cu_seqlens)  # fmt: skip
+    out = _combine(o[0], packing, routing)
     if not want_state or final is None:
         return out, None
-    return out, tuple(s.view(B, M, *s.shape[1:]) for s in final)
+    return out, tuple(s.view(M, B, *s.shape[1:]).transpose(0, 1).contiguous() for s in final)
+
+
+def _combine(o: Tensor, packing: Packing, routing: Routing) -> Tensor:
+    """``o`` ``[R, Hq, D]`` in packed order -> ``[B, T, Hq, D]``: back to (token, choice) order, weighted, summed."""
+    B, T, k = routing.experts.shape
+    R = o.shape[0]
+    # The inverse permutation, built by a scatter (no sort, no sync).
+    inverse = torch.empty_like(packing.order).scatter_(0, packing.order, torch.arange(R, device=o.device))
+    o = take_rows(o, inverse).view(B, T, k, *o.shape[1:])
+    return (o * routing.weights[..., None, None]).sum(2)
 
 
 def _decode_step(
     recur: Recur,
     q: Tensor,
-    keys: Tensor,
-    values: Tensor,
-    gates: Tensor | None,
-    routing: Routing,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
     valid: Tensor | None,
+    packing: Packing,
+    routing: Routing,
     state: tuple[Tensor, ...] | None,
     want_state: bool,
 ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
     """``dispatch`` for ``T = 1``: the ``B * k`` chosen (sequence, memory) states form one batch of the token kernel.
 
-    The state update writes only those ``B * k`` entries (in place when no gradient is recorded: the cache owns
-    the tensor, and copying every memory's state per token would cost M / k times the work of the step).
+    ``q``/``k``/``v``/``g`` are the packed rows ``[B * k, H, D]``. The state update writes only those ``B * k``
+    entries (in place when no gradient is recorded: the cache owns the tensor, and copying every memory's state per
+    token would cost M / k times the work of the step).
     """
-    B, _, M = keys.shape[:3]
-    k = routing.experts.shape[-1]
-    b = torch.arange(B, device=q.device).repeat_interleave(k)
-    mem = routing.experts.reshape(B * k)
-
-    def rows(x: Tensor) -> Tensor:  # [B, 1, M, H, D] -> [B * k, 1, H, D]
-        return x[:, 0][b, mem].unsqueeze(1)
-
-    q_r = q.repeat_interleave(k, dim=0)
-    k_r, v_r = rows(keys), rows(values)
-    g_r = k_r if gates is None else rows(gates)
-    valid_r = None if valid is None else valid.repeat_interleave(k, dim=0)
+    B, M = routing.probs.shape[0], routing.probs.shape[-1]
+    b, mem = packing.token, packing.memory  # T = 1: the token is the sequence
     init = None if state is None else tuple(s[b, mem] for s in state)
-    o, final = recur(q_r, k_r, v_r, g_r, valid_r, init, want_state)
-    out = (o.view(B, k, *o.shape[2:]) * routing.weights.view(B, k, 1, 1)).sum(1, keepdim=True)
+    o, final = recur(q[:, None], k[:, None], v[:, None], g[:, None], None if valid is None else valid[:, None], init,
+                     want_state)  # fmt: skip
+    out = _combine(o[:, 0], packing, routing)
     if not want_state or final is None:
         return out, None
     if state is None:
