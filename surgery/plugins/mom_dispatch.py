@@ -90,6 +90,26 @@ class _TakeRows(torch.autograd.Function):
         return out.index_copy_(0, index, grad.contiguous()), None
 
 
+class _TakeRepeated(torch.autograd.Function):
+    """``x[order // k]``: row ``order[r]`` of ``x`` repeated k times; ``order`` a permutation of ``[len(x) * k]``.
+
+    Forward is one gather (no expanded copy of ``x``). Backward writes each row's gradient to its (token, choice)
+    slot, which is unique, and sums the k slots of a token: no atomic scatter-add of repeated rows.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, order: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(order)
+        ctx.k = k
+        return x.index_select(0, order.div(k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (order,) = ctx.saved_tensors
+        slots = grad.new_empty(grad.shape).index_copy_(0, order, grad.contiguous())
+        return slots.view(-1, ctx.k, *grad.shape[1:]).sum(1), None, None
+
+
 def take_rows(x: Tensor, index: Tensor) -> Tensor:
     """``x.index_select(0, index)`` ``[len(index), ...]`` for distinct indices (a permutation or a selection).
 
@@ -123,13 +143,10 @@ class Packing:
         return self.order.div(self.topk, rounding_mode="floor")
 
     def tokens(self, x: Tensor) -> Tensor:
-        """Each packed row's token row of ``x`` ``[B * T, ...]``: ``[R, ...]``.
-
-        ``x`` is repeated k times (a copy in (token, choice) order) and then permuted, so the backward is a
-        permutation and a sum over k, not an atomic scatter-add of repeated rows.
-        """
-        rep = x.unsqueeze(1).expand(x.shape[0], self.topk, *x.shape[1:]).reshape(-1, *x.shape[1:])
-        return take_rows(rep, self.order)
+        """Each packed row's token row of ``x`` ``[B * T, ...]``: ``[R, ...]`` (a token's row appears k times)."""
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return x.index_select(0, self.token)
+        return _TakeRepeated.apply(x, self.order, self.topk)
 
 
 #: ``rows(packing) -> (k, v, g)``: key, value and gate input ``[R, Hkv, D]`` (``Dv`` for values; g None: the key)
