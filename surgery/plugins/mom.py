@@ -4,7 +4,7 @@ M memories, each a gated linear recurrence of a registered recurrent mixer (``re
 ``recur`` runs them: MoM never restates a formula). A router sends each token to k of them; a shared memory sees
 every token. With shared pre-RoPE queries ``q`` and per-memory keys/values ``k^m = x W_k^m``, ``v^m = x W_v^m``::
 
-    p_t = softmax(x_t W_r)  (fp32),   (w_t, E_t) = top-k(p_t),   w_t <- w_t / sum(w_t)
+    p_t = softmax(x_t W_r)  (softmax in fp32),   (w_t, E_t) = top-k(p_t),   w_t <- w_t / sum(w_t)
     S^m_t = REC(S^m_{t-1}; k^m_t, v^m_t)  if m in E_t  else  S^m_{t-1}          (per sequence, per kv head)
     o_t = sum_{j<k} w_{t,j} q_t S^{E_{t,j}}_t  +  q_t S^shared_t,        y = o_proj(o)
 
@@ -246,8 +246,9 @@ class MoM(RecurrentMixer):
         ``[B, T, Hq, D]`` and ``k``/``v`` ``[B, T, Hkv, D]`` (the shared memory's); ``state`` as the module doc says.
         """
         opts = self.options
-        with torch.autocast(x.device.type, enabled=False):  # routing in fp32 even under bf16 autocast
-            routing = route(F.linear(x.float(), self.router.weight.float()), opts.topk)
+        # Logits in the compute dtype (as a linear layer under autocast computes them), softmax and top-k in fp32
+        # (route): an fp32 copy of x for a d -> M product would cost more than the product.
+        routing = route(self.router(x), opts.topk)
         counts = tokens_per_memory(routing, valid, opts.num_memories)
         if torch._C._current_graph_task_id() == -1:  # not a forward recomputed in backward (checkpointing)
             with torch.no_grad():
