@@ -6,6 +6,7 @@ token not routed to it made an identity step (``valid`` False), which is what "m
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -179,6 +180,34 @@ def test_grouped_projection_is_refused_where_no_grouped_kernel_runs(registry: An
     assert not mom.k_mem.grouped(torch.zeros(1, C, dtype=torch.float64))
     odd = MemoryLinear(2, 6, 8, bias=False)
     assert not odd.grouped(torch.zeros(1, 6))
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_model_equals_its_fp32_cpu_form(registry: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA in bf16 (grouped projection, varlen Triton recurrence): the loss and the router/memory gradients
+    follow the fp32 CPU model, and dense selection gives the same loss as the grouped projection."""
+    torch.manual_seed(0)
+    cpu = convert("llama", "mom", {}, registry, weight_options={"noise": 0.1}, hidden_size=256, head_dim=64,
+                  num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    gpu = copy.deepcopy(cpu).to("cuda", torch.bfloat16).train()
+    x = ids(2, 200, seed=5)
+    mom = moms(gpu)[0]
+    assert mom.k_mem.grouped(torch.zeros(1, 256, device="cuda", dtype=torch.bfloat16))
+    cpu.train()
+    losses, grads = [], []
+    for model, inp in ((cpu, x), (gpu, x.cuda())):
+        loss = model(inp, labels=inp, use_cache=False).loss
+        loss.backward()
+        losses.append(loss.float().item())
+        grads.append([moms(model)[0].router.weight.grad.float().cpu(), moms(model)[0].v_mem.weight.grad.float().cpu()])
+    assert abs(losses[0] - losses[1]) < 2e-2 * abs(losses[0])
+    for a, b in zip(*grads):
+        assert torch.isfinite(b).all()
+        assert (a - b).norm() <= 0.1 * a.norm()
+    monkeypatch.setattr(MemoryLinear, "grouped", lambda self, x: False)
+    with torch.no_grad():
+        dense = gpu(x.cuda(), labels=x.cuda(), use_cache=False).loss.float().item()
+    assert abs(dense - losses[1]) < 1e-2 * abs(losses[1])
 
 
 def test_decode_step_touches_only_the_chosen_memories(registry: Any) -> None:
