@@ -45,8 +45,13 @@ def consolidate(
     both = {name: torch.cat([mem[name], cand[name]], dim=2) for name in ("k", "v", "fk", "ok")}
     recon = torch.einsum("bhmk,bhkv->bhmv", both["fk"].float(), state.float())
     score = 1 - torch.nn.functional.cosine_similarity(recon, both["v"].float(), dim=-1, eps=1e-6)
-    score = score.masked_fill(~both["ok"], NEG)
-    top = score.topk(n, dim=2).indices.sort(dim=2).values  # sorted: slot order follows arrival, for readability
+    # Rounded, then ties to the older slot (a stable sort): a pair repeated in the text (same token, so the same key
+    # features and value) scores exactly alike in exact arithmetic, and prefill and decode must not pick between
+    # such pairs by rounding noise (their states differ in the last bits). 2**-12 is far above that noise and far
+    # below the score differences that matter.
+    score = (score * 4096).round().masked_fill(~both["ok"], NEG)
+    top = score.sort(dim=2, descending=True, stable=True).indices[..., :n]
+    top = top.sort(dim=2).values  # slot order follows arrival, for readability
     out = {name: both[name].gather(2, top[..., None].expand(-1, -1, -1, both[name].shape[-1]))
            for name in ("k", "v", "fk")}  # fmt: skip
     out["ok"] = both["ok"].gather(2, top)

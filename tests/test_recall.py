@@ -126,6 +126,27 @@ def test_consolidate_keeps_the_pairs_the_state_recalls_worst() -> None:
     assert v[0, 0, 3].tolist() in kept and v[0, 0, 1].tolist() not in kept
 
 
+def test_consolidate_breaks_ties_between_repeated_pairs_by_age_not_by_rounding() -> None:
+    """A token repeated in one chunk gives two pairs with the same features and value (keys differ by RoPE): they
+    score alike up to rounding noise (prefill and decode states differ in the last bits), and the older pair is
+    kept whichever way the noise goes, so decoding selects what prefill selected."""
+    torch.manual_seed(0)
+    state = torch.randn(1, 1, 8, 8)
+    fk = torch.randn(1, 1, 3, 8)
+    v = torch.randn(1, 1, 3, 8)
+    v[:, :, 0] = fk[0, 0, 0] @ state[0, 0]  # reconstructed exactly (score 0): pair 1 is the worse ...
+    fk[:, :, 2], v[:, :, 2] = fk[:, :, 1], v[:, :, 1]  # ... and the same token again, later in the chunk
+    kept = []
+    for sign in (1.0, -1.0):
+        cand = {"k": torch.arange(3.0).view(1, 1, 3, 1).expand(1, 1, 3, 8), "v": v.clone(), "fk": fk.clone(),
+                "ok": torch.ones(1, 1, 3, dtype=torch.bool)}  # fmt: skip
+        toward = fk[0, 0, 1] @ state[0, 0]  # moving the value toward its reconstruction lowers the score
+        cand["v"][:, :, 2] += sign * 1e-5 * toward  # noise on the repeat's score, either way
+        empty = {name: t[:, :, :0] for name, t in cand.items()}
+        kept.append(consolidate(empty, cand, state, 1)["k"][0, 0, 0, 0].item())
+    assert kept == [1.0, 1.0]
+
+
 def test_memory_needs_the_gla_branch() -> None:
     with pytest.raises(Exception, match="recurrent: gla"):  # a PlanError naming the rule
         _convert("liger_attention", {"memory": 4, "recurrent": "hgrn2"})
