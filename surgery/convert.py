@@ -238,6 +238,19 @@ def _load_mapped(mixer: Mixer, mapped: dict[str, Tensor], m: Match) -> None:
             raise RuntimeError(f"{where}: '{k}' differs from the mapped tensor after loading")
 
 
+def _keep_pretrained_dtypes(mixer: Mixer, src: dict[str, Tensor]) -> None:
+    """Give the mixer's parameters that stand for a pretrained tensor of the same name that tensor's dtype.
+
+    Models keep some tensors in fp32 whatever their dtype (HY-V4's sinks, its indexer's norm and weights
+    projection), and compute in fp32 where they meet them: cast to the model's dtype, a kept layer would differ.
+    """
+    own = dict(mixer.named_parameters())
+    for name, tensor in src.items():
+        param = own.get(name)
+        if param is not None and param.dtype != tensor.dtype:
+            param.data = param.data.to(tensor.dtype)
+
+
 def _probe(mixer: Mixer, m: Match, registry: Registry, ref: Tensor) -> None:
     """Run a 3-token forward through a new mixer: a plugin returning the wrong shape is named here, not later
     inside the model's code."""
@@ -277,16 +290,19 @@ def apply_plan(
     for m, rule in match(plan, list(sites.values()), num_layers(model), registry):
         site = sites[m.layer]
         old = model.get_submodule(site.path)
-        ref = next(old.parameters())
+        # The output projection's dtype, not the module's first parameter's: that may be an fp32 extra (HY-V4's
+        # sinks come first) in a bf16 model.
+        ref = getattr(old, site.out_name).weight
         mixer_cls = registry.mixer(m.mixer)
         with torch.device(ref.device):
             mixer = mixer_cls(site, m.options, model.config)
         mixer.to(dtype=ref.dtype)
+        src = read_weights(old, site)
+        _keep_pretrained_dtypes(mixer, src)
         if map_weights:
             misfit = _misfit(m, mixer, registry)
             if misfit:
                 raise PlanError(misfit)
-            src = read_weights(old, site)
             mapped = registry.weight_map(m.weights)(rule.weight_options)(src, mixer)
             _load_mapped(mixer, mapped, m)
             _probe(mixer, m, registry, ref)
