@@ -110,9 +110,31 @@ def match(plan: Plan, sites: list[AttentionSite], n_layers: int, registry: Regis
                 continue
             weights = rule.weights or mixer_cls.default_weights_for(options)
             out.append((Match(i, layer, site.path, site.module_class, rule.mixer, weights, options), rule))
+    problems += _reused_selection_problems([m for m, _ in out], by_layer, registry)
     if problems:
         raise PlanError(problems)
     return sorted(out, key=lambda mr: mr[0].layer)
+
+
+def _reused_selection_problems(
+    matches: list[Match], by_layer: dict[int, AttentionSite], registry: Registry
+) -> list[tuple[str, str]]:
+    """A layer that reuses the key selection of an earlier one (a shared DSA layer, ``surgery.key_selection``) and
+    keeps it needs that earlier layer to keep its indexer: converted to a mixer that drops it, it selects nothing."""
+    mixer_of = {m.layer: m.mixer for m in matches}
+    problems = []
+    for m in matches:
+        selection = by_layer[m.layer].key_selection
+        if selection is None or not selection.shared or not registry.mixer(m.mixer).uses_key_selection:
+            continue
+        source = max((i for i, s in by_layer.items() if i < m.layer and s.key_selection is not None
+                      and not s.key_selection.shared), default=None)  # fmt: skip
+        if source is None or source not in mixer_of or registry.mixer(mixer_of[source]).uses_key_selection:
+            continue
+        problems.append((f"convert.{m.rule}.layers", f"layer {m.layer} ({m.path}, {m.module_class}) reuses the key "
+                         f"selection of layer {source}, whose mixer '{mixer_of[source]}' drops its indexer: keep "
+                         f"layer {source} as softmax or convert layer {m.layer} too"))  # fmt: skip
+    return problems
 
 
 def _hub_reachable(timeout: float = 2.0) -> bool:
