@@ -101,6 +101,10 @@ OUT_OF_SCOPE: dict[str, str] = {
     "blt": "byte-level hierarchy: an entropy patcher, local encoder and decoder that cross-attend to patches, and a "
            "global transformer over patches, not one decoder stack",
     "ctrl": "2019 model with fixed sinusoidal positions and no released checkpoints under transformers' current API",
+    # CpmAntModel.forward sets context = 1 for every token, and _prepare_attention_mask ORs context into the mask
+    # before the directional (causal) part: a plain forward lets each token see later ones.
+    "cpmant": "bidirectional over its input: its forward marks every token as context, and context tokens attend "
+              "to the whole sequence (its causal mask applies only to non-context tokens)",
 }  # fmt: skip
 
 
@@ -164,8 +168,6 @@ KNOWN_GAPS: dict[str, str] = {
             "selection, which the key/value cache of mixers does not hold",
     "jetmoe": "mixture of attention heads: queries and outputs come from top-k routed expert projections, no "
               "single q/o projection",
-    "cpmant": "project_q/k/v over separate query and key/value inputs, a learned relative position bias, and its "
-              "own masking (-inf fill, then zeroed probabilities)",
     "openai-gpt": "no key/value cache (the model takes and returns no past_key_values), so converted models cannot "
                   "decode; its attention also applies causality itself and returns a list",
     "zaya": "compressed convolutional attention: q/k/v from a token convolution with its own cache, L2 q/k norms "
