@@ -27,6 +27,9 @@ _MLA_SIZES: dict[str, Any] = dict(
     head_dim=8,
 )  # fmt: skip
 
+#: A DSA indexer (``surgery.key_selection``) at sweep size: 2 heads of 16 dims, the top 4 keys per query.
+_DSA_SIZES: dict[str, Any] = dict(index_topk=4, index_head_dim=16, index_n_heads=2)
+
 #: Per-type fields on top of COMMON (validation rules of the family, or a field COMMON names differently).
 EXTRA: dict[str, dict[str, Any]] = {
     # GPT-J / CodeGen default to 64 rotary dims, wider than the shared head dim of 16.
@@ -36,10 +39,10 @@ EXTRA: dict[str, dict[str, Any]] = {
         "minicpm3", "youtu", "longcat_flash",
     )},
     "sarvam_mla": {**_MLA_SIZES, "q_lora_rank": None},  # the full-rank q_proj query path
+    # DSA: the indexer keeps 4 of up to 9 keys, so that its selection changes the logits and must be reproduced.
+    **{t: {**_MLA_SIZES, **_DSA_SIZES} for t in ("axk2", "deepseek_v32", "glm_moe_dsa", "hy_v4")},
     # Its validation wants head_dim = nope + rope, an indexer no wider than its heads, and two routed groups.
-    "dots3_note_text": {
-        **_MLA_SIZES, "head_dim": 24, "index_head_dim": 16, "index_n_heads": 2, "n_group": 2, "topk_group": 1,
-    },
+    "dots3_note_text": {**_MLA_SIZES, **_DSA_SIZES, "head_dim": 24, "n_group": 2, "topk_group": 1},
     "mimo_v2_flash": dict(v_head_dim=24),  # value head dim != query/key head dim 16, kept small
     # Falcon-40B's grouped layout (GQA). The multi-query default broadcasts one key head inside SDPA, whose
     # kernel then rounds differently from repeated heads (~1e-7): read the same, but not bit-exact.
@@ -98,6 +101,10 @@ OUT_OF_SCOPE: dict[str, str] = {
     "blt": "byte-level hierarchy: an entropy patcher, local encoder and decoder that cross-attend to patches, and a "
            "global transformer over patches, not one decoder stack",
     "ctrl": "2019 model with fixed sinusoidal positions and no released checkpoints under transformers' current API",
+    # CpmAntModel.forward sets context = 1 for every token, and _prepare_attention_mask ORs context into the mask
+    # before the directional (causal) part: a plain forward lets each token see later ones.
+    "cpmant": "bidirectional over its input: its forward marks every token as context, and context tokens attend "
+              "to the whole sequence (its causal mask applies only to non-context tokens)",
 }  # fmt: skip
 
 
@@ -140,19 +147,12 @@ def tiny_config(model_type: str) -> Any:
     kwargs = {k: v for k, v in kwargs.items() if not (isinstance(getattr(cls, k, None), property) and getattr(cls, k).fset is None)}
     return cls(**kwargs)
 
-_DSA = ("MLA with a DSA lightning indexer: each query attends only to the top-k keys the indexer's own weights "
-        "select, which kept layers do not reproduce")
 _INKLING = "short convolutions on keys/values, relative-position logits and position-dependent query scaling"
 _EXTRA_PARAMS = "attention owns parameters mixers do not reproduce"
 
 #: In-scope model types that fail today, each with the reason the sweep shows. tests/test_coverage.py fails when one
 #: of them starts passing (remove it here) or when any other in-scope type fails.
 KNOWN_GAPS: dict[str, str] = {
-    **{t: _DSA for t in ("deepseek_v32", "glm_moe_dsa")},
-    "axk2": f"{_DSA}, plus a fused query/output-gate projection (q_gate_proj)",
-    "hy_v4": f"{_DSA}, plus learned attention sinks and an output gate",
-    "dots3_note_text": "MLA with an RMSNorm on the shared rotary key part (k_rope_only_layernorm) that the latent "
-                       "layout does not apply, a per-head output gate (g_proj), and a DSA indexer on indexed layers",
     "deepseek_v4": "one shared key/value head (kv_proj) with compressors of past keys, learned sinks and a grouped "
                    "low-rank output (o_a_proj/o_b_proj): not the MLA latent layout",
     "inkling_text": _INKLING,
@@ -168,8 +168,6 @@ KNOWN_GAPS: dict[str, str] = {
             "selection, which the key/value cache of mixers does not hold",
     "jetmoe": "mixture of attention heads: queries and outputs come from top-k routed expert projections, no "
               "single q/o projection",
-    "cpmant": "project_q/k/v over separate query and key/value inputs, a learned relative position bias, and its "
-              "own masking (-inf fill, then zeroed probabilities)",
     "openai-gpt": "no key/value cache (the model takes and returns no past_key_values), so converted models cannot "
                   "decode; its attention also applies causality itself and returns a list",
     "zaya": "compressed convolutional attention: q/k/v from a token convolution with its own cache, L2 q/k norms "

@@ -8,7 +8,8 @@ take their values from the key projection) and fused ones (Phi-3's ``qkv_proj``,
 ``nn.Linear`` or transformers' transposed ``Conv1D``, with the output projection under any of its usual names.
 CodeGen's ``qkv_proj``, interleaved over the model-parallel shards it was trained with (``mp_num``), is split too.
 Multi-head latent attention (DeepSeek-V2/V3 style, ``surgery.latent``) is read as its own layout: q/k/v come from
-the model's own low-rank projection sub-graph.
+the model's own low-rank projection sub-graph; a DSA indexer that selects the keys each query sees is read with it
+(``surgery.key_selection``).
 
 Besides the tensors, a site records what the layer does with them that mixers must repeat: its scale, window,
 soft-cap, q/k/v clamp, q/k/v norms, how it applies RoPE (``surgery.rotary``; none on NoPE layers), its extras
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from surgery.attention_extras import EXTRA_CANONICAL, AttentionExtras, extra_weights, read_extras
+from surgery.key_selection import KeySelection, key_selection_weights, read_key_selection
 from surgery.latent import LatentQKV, is_latent, latent_rotary, latent_weights, read_latent
 from surgery.rotary import ROTATE_HALF, Rotary, RotaryReadError, read_rotary
 
@@ -103,6 +105,8 @@ class AttentionSite:
     extras: AttentionExtras | None = field(default=None, compare=False, repr=False)
     latent: LatentQKV | None = None  # how q/k/v come from the latent sub-graph; None for q/k/v projections
     modules: dict[str, nn.Module] = field(default_factory=dict, compare=False, repr=False)
+    #: A learned top-k key selection (DSA indexer, ``surgery.key_selection``), or None: every key is seen.
+    key_selection: KeySelection | None = None
     #: The names of the module's ``forward`` parameters after the hidden states, in order, so that the mixer
     #: standing in for it binds positional arguments the way it did (GPT-NeoX's mask, Bloom's residual).
     call_args: tuple[str, ...] = ()
@@ -336,20 +340,25 @@ def _read_latent_site(path: str, module: nn.Module, index: int, model_cfg: Any) 
         latent, shape = read_latent(module, cfg)
     except ValueError as exc:
         raise _error(path, module, str(exc)) from None
-    _check_children(path, module, latent.names, "o_proj", frozenset(latent.names))
+    H, D, Dv = shape["num_heads"], shape["head_dim"], shape["v_head_dim"]
     out = _Proj(path, module, "o_proj")
-    H, D = shape["num_heads"], shape["head_dim"]
+    selection = read_key_selection(module, latent.rope_dim, lambda why: _error(path, module, why))
+    claimed = {*latent.names, "o_proj", *((selection.name,) if selection is not None and selection.name else ())}
+    # Sinks and output gates as on any other site (HY-V4's sinks and gate_proj, Dots3's per-head g_proj).
+    extras = read_extras(module, "o_proj", H, Dv, out.out_features, claimed, lambda why: _error(path, module, why))
+    _check_children(path, module, latent.names, "o_proj", frozenset(claimed))
     # The latent is expanded into one key/value head per query head: kv heads = query heads.
     dims = AttentionDims(
         hidden_size=out.out_features, num_heads=H, num_kv_heads=H, head_dim=D,
         qkv_bias=module.kv_b_proj.bias is not None, o_bias=out.bias is not None,
         scaling=_scaling(module, D), sliding_window=_sliding_window(module, cfg, layer_idx),
-        softcap=getattr(module, "attn_logit_softcapping", None), v_head_dim=shape["v_head_dim"],
+        softcap=getattr(module, "attn_logit_softcapping", None), v_head_dim=Dv,
     )  # fmt: skip
     modules = {name: getattr(module, name) for name in latent.names}
     return AttentionSite(
         layer_idx, path, type(module).__name__, dims, "latent", qkv_names=latent.names, out_name="o_proj",
-        rotary=latent_rotary(module, cfg, latent), latent=latent, modules=modules, call_args=_call_args(module),
+        rotary=latent_rotary(module, cfg, latent), extras=extras, latent=latent, modules=modules,
+        call_args=_call_args(module), key_selection=selection,
     )  # fmt: skip
 
 
@@ -510,8 +519,10 @@ def read_weights(module: nn.Module, site: AttentionSite) -> dict[str, Tensor]:
     d = site.dims
     if site.latent is not None:
         out = _Proj(site.path, module, site.out_name)
-        parts = {**latent_weights(module, site.latent), "o_proj.weight": out.weight, "o_proj.bias": out.bias}
-        return {key: t.detach() for key, t in parts.items() if isinstance(t, Tensor)}
+        parts = {**latent_weights(module, site.latent), "o_proj.weight": out.weight, "o_proj.bias": out.bias,
+                 **key_selection_weights(module, site.key_selection)}  # fmt: skip
+        found = {key: t.detach() for key, t in parts.items() if isinstance(t, Tensor)}
+        return found | extra_weights(module, site.extras)
     qkv_names, out_name = (site.qkv_names, site.out_name) if site.out_name else _layout_of(site.path, module)[1:]
     qkv = [_Proj(site.path, module, name) for name in qkv_names]
     out = _Proj(site.path, module, out_name)

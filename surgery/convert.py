@@ -110,9 +110,31 @@ def match(plan: Plan, sites: list[AttentionSite], n_layers: int, registry: Regis
                 continue
             weights = rule.weights or mixer_cls.default_weights_for(options)
             out.append((Match(i, layer, site.path, site.module_class, rule.mixer, weights, options), rule))
+    problems += _reused_selection_problems([m for m, _ in out], by_layer, registry)
     if problems:
         raise PlanError(problems)
     return sorted(out, key=lambda mr: mr[0].layer)
+
+
+def _reused_selection_problems(
+    matches: list[Match], by_layer: dict[int, AttentionSite], registry: Registry
+) -> list[tuple[str, str]]:
+    """A layer that reuses the key selection of an earlier one (a shared DSA layer, ``surgery.key_selection``) and
+    keeps it needs that earlier layer to keep its indexer: converted to a mixer that drops it, it selects nothing."""
+    mixer_of = {m.layer: m.mixer for m in matches}
+    problems = []
+    for m in matches:
+        selection = by_layer[m.layer].key_selection
+        if selection is None or not selection.shared or not registry.mixer(m.mixer).uses_key_selection:
+            continue
+        source = max((i for i, s in by_layer.items() if i < m.layer and s.key_selection is not None
+                      and not s.key_selection.shared), default=None)  # fmt: skip
+        if source is None or source not in mixer_of or registry.mixer(mixer_of[source]).uses_key_selection:
+            continue
+        problems.append((f"convert.{m.rule}.layers", f"layer {m.layer} ({m.path}, {m.module_class}) reuses the key "
+                         f"selection of layer {source}, whose mixer '{mixer_of[source]}' drops its indexer: keep "
+                         f"layer {source} as softmax or convert layer {m.layer} too"))  # fmt: skip
+    return problems
 
 
 def _hub_reachable(timeout: float = 2.0) -> bool:
@@ -238,6 +260,19 @@ def _load_mapped(mixer: Mixer, mapped: dict[str, Tensor], m: Match) -> None:
             raise RuntimeError(f"{where}: '{k}' differs from the mapped tensor after loading")
 
 
+def _keep_pretrained_dtypes(mixer: Mixer, src: dict[str, Tensor]) -> None:
+    """Give the mixer's parameters that stand for a pretrained tensor of the same name that tensor's dtype.
+
+    Models keep some tensors in fp32 whatever their dtype (HY-V4's sinks, its indexer's norm and weights
+    projection), and compute in fp32 where they meet them: cast to the model's dtype, a kept layer would differ.
+    """
+    own = dict(mixer.named_parameters())
+    for name, tensor in src.items():
+        param = own.get(name)
+        if param is not None and param.dtype != tensor.dtype:
+            param.data = param.data.to(tensor.dtype)
+
+
 def _probe(mixer: Mixer, m: Match, registry: Registry, ref: Tensor) -> None:
     """Run a 3-token forward through a new mixer: a plugin returning the wrong shape is named here, not later
     inside the model's code."""
@@ -277,16 +312,19 @@ def apply_plan(
     for m, rule in match(plan, list(sites.values()), num_layers(model), registry):
         site = sites[m.layer]
         old = model.get_submodule(site.path)
-        ref = next(old.parameters())
+        # The output projection's dtype, not the module's first parameter's: that may be an fp32 extra (HY-V4's
+        # sinks come first) in a bf16 model.
+        ref = getattr(old, site.out_name).weight
         mixer_cls = registry.mixer(m.mixer)
         with torch.device(ref.device):
             mixer = mixer_cls(site, m.options, model.config)
         mixer.to(dtype=ref.dtype)
+        src = read_weights(old, site)
+        _keep_pretrained_dtypes(mixer, src)
         if map_weights:
             misfit = _misfit(m, mixer, registry)
             if misfit:
                 raise PlanError(misfit)
-            src = read_weights(old, site)
             mapped = registry.weight_map(m.weights)(rule.weight_options)(src, mixer)
             _load_mapped(mixer, mapped, m)
             _probe(mixer, m, registry, ref)

@@ -3,10 +3,11 @@
 A mixer replaces one attention module. It owns HF-named projections (``q_proj``, ``k_proj``, ``v_proj``,
 ``o_proj``, and the model's ``q_norm``/``k_norm``/``v_norm`` when it has them), so LoRA targets and weight maps are
 the same for every architecture; on a multi-head latent attention site it owns copies of the model's own low-rank
-projections instead (``surgery.latent``). Subclasses implement ``mix``; ``forward`` absorbs the HF calling
-convention (keyword names that change between architectures and versions, positional arguments bound by the
-replaced module's signature, a residual some layers expect attention to add) in this one place and returns
-``(output, None)``.
+projections instead (``surgery.latent``), and a mixer that keeps the layer's learned key selection owns a copy of its
+DSA indexer (``Mixer.uses_key_selection``, ``surgery.key_selection``). Subclasses implement ``mix``; ``forward``
+absorbs the HF calling convention (keyword names that change between architectures and versions, positional
+arguments bound by the replaced module's signature, a residual some layers expect attention to add) in this one
+place and returns ``(output, None)`` (a third output where the pretrained module returns one).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from surgery.attention import AttentionSite
 from surgery.attention_extras import AttentionExtras
-from surgery.latent import latent_project
+from surgery.latent import latent_compress, latent_gate, latent_project
 from surgery.rotary import apply_rope, rotate_half
 
 __all__ = ["MixContext", "Mixer", "Options", "SharedState", "WeightMap", "apply_rope", "rotate_half"]
@@ -90,6 +91,10 @@ class MixContext:
             Softmax attention adds it; recurrent mixers run without positions.
         bias_in_product: the bias came as Bloom's ``alibi``, which the layer adds inside the score product
             (``baddbmm``) rather than after scaling (MPT's ``position_bias``); kept layers round as it does.
+        previous_selection: the keys the previous layer's indexer selected, ``[B, T, k]`` indices, as the decoder
+            layer passes them (``prev_topk_indices``, ``surgery.key_selection``); None when it passes none.
+        selection: the keys this layer selected, set by a mixer that runs the layer's key selection; the adapter
+            returns it to the decoder layer (or ``previous_selection`` on a layer that reuses it).
     """
 
     position_embeddings: tuple[Tensor, Tensor] | None
@@ -101,6 +106,8 @@ class MixContext:
     query_scale: Tensor | None = None
     position_bias: Tensor | None = None
     bias_in_product: bool = False
+    previous_selection: Tensor | None = None
+    selection: Tensor | None = None
 
     def scale_queries(self, q: Tensor) -> Tensor:
         """``q`` ``[B, Hq, T, D]`` (post-RoPE) times ``query_scale`` in fp32, as the pretrained layer does it."""
@@ -134,6 +141,10 @@ class Mixer(nn.Module):
     #: Whether this mixer runs a softmax that takes the pretrained layer's learned sink logits (``sink_logits``
     #: ``[Hq]``, see ``surgery.attention_extras``). Others do not own them, and the manifest reports them dropped.
     uses_sink_logits: ClassVar[bool] = False
+    #: Whether this mixer reproduces the pretrained layer's learned key selection (a DSA indexer: each query sees
+    #: only the top-k keys it scores, ``surgery.key_selection``). Such a mixer owns a copy of the indexer under its
+    #: own name; others attend to every key by construction, and the manifest reports the indexer dropped.
+    uses_key_selection: ClassVar[bool] = False
     #: A scalar a mixer may set during a training forward (e.g. a load-balancing loss); recovery adds it to the
     #: stage's loss and clears it.
     aux_loss: Tensor | None = None
@@ -184,6 +195,9 @@ class Mixer(nn.Module):
         self.v_norm = copy.deepcopy(site.v_norm) if site.v_norm is not None else None
         if site.extras is not None:
             self._build_extras(site.extras)
+        selection = site.key_selection
+        if selection is not None and selection.module is not None and self.uses_key_selection:
+            setattr(self, selection.name, copy.deepcopy(selection.module))
 
     def _build_extras(self, extras: AttentionExtras) -> None:
         """The pretrained layer's sink logits, output gate, pre-output norm and output bias (canonical names)."""
@@ -233,7 +247,9 @@ class Mixer(nn.Module):
         compressed latent into per-head q/k/v (``surgery.latent``).
         """
         if self.site.latent is not None:
-            return latent_project(self, x, self.site.latent, self.num_heads)
+            parts, k, v = latent_project(self, x, self.site.latent, self.num_heads)
+            self.keep_latent_gate(x, parts.gate)
+            return parts.q, k, v
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -271,12 +287,30 @@ class Mixer(nn.Module):
                 k = k_norm(k.transpose(1, 2)).transpose(1, 2)
         return q, k
 
+    def keep_latent_gate(self, x: Tensor, gate: Tensor | None) -> None:
+        """Hold the output gate that a latent site's fused query projection gave for ``x`` (AXK2) until ``output``."""
+        if gate is not None:
+            self.__dict__["_kept_latent_gate"] = (x, gate)  # a plain attribute: no parameter, no buffer, not saved
+
+    def _latent_gate(self, x: Tensor) -> Tensor:
+        """The fused gate logits ``[B, T, Hq * Dv]`` of ``x``: the ones ``project`` kept, else computed again."""
+        kept = self.__dict__.pop("_kept_latent_gate", None)
+        if kept is not None and kept[0] is x:
+            return kept[1]
+        gate = latent_compress(self, x, self.site.latent, self.num_heads).gate  # type: ignore[arg-type]
+        assert gate is not None
+        return gate
+
     def output(self, o: Tensor, x: Tensor) -> Tensor:
         """The output projection of the attention output ``o`` ``[B, T, Hq * D]`` of layer input ``x`` ``[B, T, C]``.
 
         Every mixer ends with it: ``o_proj`` alone, or, where the pretrained layer has them, its output gate (from
-        ``x``), its norm before ``o_proj`` and its separate output bias, in the pretrained order.
+        ``x``, or fused into a latent site's query projection), its norm before ``o_proj`` and its separate output
+        bias, in the pretrained order.
         """
+        latent = self.site.latent
+        if latent is not None and latent.q_gate:
+            o = latent_gate(o, self._latent_gate(x))
         extras = self.site.extras
         if extras is None or not extras.on_output:
             return self.o_proj(o)
@@ -306,7 +340,7 @@ class Mixer(nn.Module):
         position_embeddings: tuple[Tensor, Tensor] | None = None,
         attention_mask: Any = None,
         **kwargs: Any,
-    ) -> tuple[Tensor, None] | tuple[Tensor, None, None]:
+    ) -> tuple[Tensor, None] | tuple[Tensor, None, Tensor | None]:
         # Positional arguments mean what they meant to the replaced module (GPT-NeoX's mask, Bloom's residual).
         names = self.site.call_args or ("attention_mask",)
         for name, value in zip(names, args, strict=False):
@@ -330,12 +364,19 @@ class Mixer(nn.Module):
         query_scale = query_scale if isinstance(query_scale, Tensor) else None
         alibi = kwargs.pop("alibi", None)
         position_bias = kwargs.pop("position_bias", alibi)
+        previous_selection = kwargs.pop("prev_topk_indices", None)
         ctx = MixContext(
             position_embeddings, attention_mask, padding, cache, kwargs, rotate=self.rotate, query_scale=query_scale,
             position_bias=position_bias, bias_in_product=alibi is not None,
+            previous_selection=previous_selection,
         )  # fmt: skip
         out = self.mix(hidden_states, ctx)
         out = out if residual is None else residual + out
+        selection = self.site.key_selection
+        if selection is not None and selection.passes_on:
+            # The decoder layer hands the third output to the next layer as its previous selection: this layer's,
+            # or on a layer that reuses one, the one it was given; None after a layer whose mixer selects none.
+            return out, None, ctx.selection if not selection.shared else ctx.previous_selection
         if self.site.extras is not None and self.site.extras.returns_bias:
             # The pretrained module returned its output bias for the layer to add; ``output`` added it already.
             return out, None, None

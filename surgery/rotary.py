@@ -129,6 +129,8 @@ class Rotary:
         else:
             cos, sin = pe
             rot = (rot * cos.unsqueeze(1)) + (rotate_half(rot) * sin.unsqueeze(1))
+        # Back to x's dtype when the embeddings are wider (Dots3 passes fp32 ones in a bf16 model and casts back).
+        rot = rot.to(x.dtype)
         return rot if r >= x.shape[-1] else torch.cat((x[..., : x.shape[-1] - r], rot), dim=-1)
 
 

@@ -3,7 +3,8 @@
 It is the identity of the framework. A layer a plan keeps (or converts to ``softmax``) computes exactly what the
 pretrained layer computed, bit for bit, through whichever attention function the model is configured with
 (``config._attn_implementation``: sdpa, eager, flash, flex), so that a converted model differs from its base
-only where the plan says so, and so that the converter itself can be tested for exactness.
+only where the plan says so, and so that the converter itself can be tested for exactness. On a DSA layer it runs a
+copy of the model's own indexer and attends only to the keys it selects (``surgery.key_selection``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from surgery.attention import AttentionSite
 from surgery.hookspecs import hookimpl
+from surgery.key_selection import select_keys, selection_mask
 from surgery.latent import latent_softmax_inputs
 from surgery.mixer import MixContext, Mixer
 
@@ -106,6 +108,7 @@ class SoftmaxAttention(Mixer):
     description = "The model's own softmax attention, unchanged (identity; kept layers)."
     default_weights = "copy_qkvo"
     uses_sink_logits = True
+    uses_key_selection = True
 
     class Options(Mixer.Options):
         pass
@@ -131,13 +134,37 @@ class SoftmaxAttention(Mixer):
                              "(it has no extra softmax logit); use eager, flash or flex attention")  # fmt: skip
         return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, extras.eager if sinks else eager_attention)
 
+    def _select_keys(self, x: Tensor, q_latent: Tensor | None, ctx: MixContext, num_keys: int) -> Tensor | None:
+        """The indices ``[B, T, k]`` of the keys each query sees: from this layer's copy of the model's indexer
+        (which appends its own keys to the cache), or the previous layer's on a layer that reuses them.
+
+        None (every key) only on a layer that reuses a selection, called without one and without a mask: a call
+        outside the model (the converter's probe); the DSA models always pass a mask.
+        """
+        selection = self.site.key_selection
+        assert selection is not None
+        if selection.shared:
+            if ctx.previous_selection is None and ctx.attention_mask is None:
+                return None
+            if ctx.previous_selection is None:
+                raise ValueError(f"{self.site.path} ({self.site.module_class}): this layer reuses the key selection "
+                                 "of the layer before it, which passed none: keep that layer's indexer (softmax) "
+                                 "too")  # fmt: skip
+            return ctx.previous_selection
+        indexer = getattr(self, selection.name)
+        return select_keys(indexer, selection, x, q_latent, ctx.position_embeddings, ctx.attention_mask, ctx.cache,
+                           num_keys)  # fmt: skip
+
     def mix(self, x: Tensor, ctx: MixContext) -> Tensor:
         """``x`` ``[B, T, C]`` -> ``[B, T, C]``, appending this call's keys and values to ``ctx.cache``."""
         B, T, _ = x.shape
+        q_latent = None
         if self.site.latent is not None:
             # Latent attention caches its compressed latent, as the pretrained layer does.
-            q, k, v = latent_softmax_inputs(self, x, self.site.latent, self.num_heads, ctx.position_embeddings,
-                                            ctx.cache, kwargs=ctx.attn_kwargs)  # fmt: skip
+            q, k, v, parts = latent_softmax_inputs(self, x, self.site.latent, self.num_heads, ctx.position_embeddings,
+                                                   ctx.cache, kwargs=ctx.attn_kwargs)  # fmt: skip
+            q_latent = parts.q_latent
+            self.keep_latent_gate(x, parts.gate)
         else:
             q, k, v = self.project(x)
             q, k = self.rotate(q, k, ctx.position_embeddings)  # [B, H, T, D]
@@ -146,6 +173,10 @@ class SoftmaxAttention(Mixer):
                 k, v = ctx.cache.update(k, v, self.layer_idx, kwargs=ctx.attn_kwargs)
         q = ctx.scale_queries(q)
         mask = ctx.attention_mask
+        if self.site.key_selection is not None:
+            ctx.selection = self._select_keys(x, q_latent, ctx, k.shape[2])
+            if ctx.selection is not None:
+                mask = selection_mask(ctx.selection, mask, k.shape[2], x.dtype)
         window = self.site.dims.sliding_window
         if window is not None and not self.site.dims.window_in_mask:
             mask = _with_window(mask, T, k.shape[2], window, q)
