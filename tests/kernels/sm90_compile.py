@@ -4,7 +4,7 @@ The interpreter (``TRITON_INTERPRET=1``) checks what the kernels compute, not wh
 things the compiler rejects (a plain global read inside a kernel, dot shapes under 16, mixed dtypes in a dot) and
 knows nothing of shared memory. Here a stand-in driver reports an sm_90 target and turns launches into no-ops, so
 the real launchers (``chunk_gla_fwd``/``chunk_gla_bwd``, the sliding-window autograd Function, the fused-recurrent
-kernels) run on CPU tensors and every kernel they launch goes through Triton's full pipeline down to ptxas, with
+kernels, the Liger decode step) run on CPU tensors and every kernel they launch goes through Triton's full pipeline down to ptxas, with
 the shared-memory limit of an H200 checked. Outputs are garbage (nothing runs); only compilation is tested.
 
     python -m tests.kernels.sm90_compile            # from the repository root; TRITON_INTERPRET must be unset
@@ -121,6 +121,16 @@ def _recurrent_case(dtype: torch.dtype) -> None:
                               torch.zeros(B, Hkv, D, D), 0.5)
 
 
+def _decode_case(dtype: torch.dtype, rope: bool) -> None:
+    from surgery.kernels.liger.decode import window_decode
+
+    B, Hq, Hkv, W, D = 8, 32, 8, 64, 128
+    q, k, v = torch.randn(B, Hq, D).to(dtype), torch.randn(B, Hkv, D).to(dtype), torch.randn(B, Hkv, D).to(dtype)
+    cos, sin = (torch.randn(B, D).to(dtype), torch.randn(B, D).to(dtype)) if rope else (None, None)
+    window_decode(q, k, v, torch.randn(B, Hq, D), torch.randn(B, Hkv, W, D).to(dtype),
+                  torch.randn(B, Hkv, W, D).to(dtype), torch.ones(B, W, dtype=torch.bool), 0.088, 0.5, 0.5, cos, sin)
+
+
 CASES: list[tuple[str, Any, tuple]] = [
     ("gla bf16 G4 K=V=128", _gla_case, (torch.bfloat16, 8, 2, 128, 128, False, False)),
     ("gla bf16 G4 K=V=128 varlen", _gla_case, (torch.bfloat16, 4, 1, 128, 128, False, True)),
@@ -132,6 +142,8 @@ CASES: list[tuple[str, Any, tuple]] = [
     ("swa bf16 G4 D=128 softcap", _swa_case, (torch.bfloat16, 32, 8, 128, 30.0, False)),
     ("swa fp32 G1 D=64", _swa_case, (torch.float32, 4, 4, 64, None, True)),
     ("fused recurrent bf16", _recurrent_case, (torch.bfloat16,)),
+    ("liger decode step bf16 G4 D=128 + rope", _decode_case, (torch.bfloat16, True)),
+    ("liger decode step fp32 G4 D=128", _decode_case, (torch.float32, False)),
 ]
 
 
