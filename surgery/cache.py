@@ -42,6 +42,9 @@ class MixerCacheLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False  # a recurrent state cannot be rolled back token by token
     supports_early_init = False  # installed by the mixer after the cache exists; never pre-allocated
+    #: Buffers at fixed addresses, updated in place (``surgery.static_cache``): a window of exactly ``window`` slots
+    #: with its ``valid`` ``[B, W]``, which a mixer may update in place itself (then it commits without keys).
+    static = False
 
     def __init__(self, window: int = 0) -> None:
         super().__init__()

@@ -59,6 +59,8 @@ class StaticMixerLayer(MixerCacheLayer):
         layer_idx: the layer's index (for messages).
     """
 
+    static = True
+
     def __init__(self, batch_size: int, layer_idx: int) -> None:
         super().__init__(0)
         self.window: int | None = None  # type: ignore[assignment]  # adopted from the mixer (bind)

@@ -175,6 +175,24 @@ def test_captured_greedy_equals_hf_dynamic_cache_fp32() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("options", [{"window": 8}, {"window": 4, "recurrent": "hgrn2"}])
+def test_fused_liger_decode_step_equals_the_two_branch_step(options: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused window kernel (RoPE, window attention, window update and mix in one launch) decodes what the
+    two-branch path decodes over the same static cache, left padding included (fp32)."""
+    import surgery.plugins.liger as liger_plugin
+
+    model = convert("liger_attention", options, device="cuda")
+    x, mask = padded_batch()
+    x, mask = x.cuda(), mask.cuda()
+    fused = generate(model, x, mask, max_new_tokens=12, capture="eager", output_logits=True)
+    monkeypatch.setattr(liger_plugin, "FUSED_DECODE", False)
+    plain = generate(model, x, mask, max_new_tokens=12, capture="eager", output_logits=True)
+    assert torch.equal(fused.sequences, plain.sequences)
+    for a, b in zip(fused.logits, plain.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
 def test_slot_refill_under_a_captured_graph() -> None:
     """The graph stays valid when a slot is reset and refilled (same buffers): row 1 decodes its new prompt as if
     alone, row 0 is untouched."""

@@ -34,6 +34,11 @@ from surgery.retrieval import memory_branch
 from surgery.window import rope, swa_branch, update_sinks
 
 
+#: Decode steps over a static cache on CUDA take the fused window kernel (``LigerAttention._decode_step``); tests
+#: switch it off to compare with the two-branch path.
+FUSED_DECODE = True
+
+
 class RecurrentBranch(Options):
     """``recurrent:`` of Liger Attention: a registered recurrent mixer and its own options."""
 
@@ -165,6 +170,10 @@ class LigerAttention(Mixer):
         fused = self._fused(x, q, k, v, ctx, layer)
         if fused is not None:
             return fused
+        if T == 1 and layer is not None:
+            step = self._decode_step(x, q, k, v, ctx, layer)
+            if step is not None:
+                return step
         state = layer.states if layer is not None else None
         rec, state = self.recurrent.recurrent_output(x, q, k, v, ctx.padding_mask, state, layer is not None)
         swa, (kw, vw, valid), aux = swa_branch(q, k, v, ctx, layer, opts.window, self.scaling,
@@ -206,6 +215,45 @@ class LigerAttention(Mixer):
         o, _ = liger_attention(qr.transpose(1, 2), kr.transpose(1, 2), fq, fk, v, gk, window=opts.window,
                                scale=self.scaling, softcap=self.site.dims.softcap, w_swa=opts.w_swa, w_rec=opts.w_rec)
         return self.output(o.reshape(B, T, -1).to(x.dtype), x)
+
+    def _decode_step(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: MixContext, layer: Any) -> Tensor | None:
+        """One token per row over a static cache on CUDA: the window branch, its RoPE, the window update and the mix
+        in one launch (``surgery.kernels.liger.decode``), else None (the two-branch path).
+
+        ``x`` ``[B, 1, C]``; ``q`` ``[B, 1, Hq, D]``, ``k`` ``[B, 1, Hkv, D]``, ``v`` ``[B, 1, Hkv, Dv]`` (pre-RoPE). It
+        runs without sinks, soft-capping, sink logits or a query scale, on a full static window (``static``), so the
+        captured decode step of ``surgery.generate`` takes it; RoPE is fused when the layer rotates rotate-half over
+        the whole head, else the layer's own rotation runs first.
+        """
+        opts = self.options
+        if not (FUSED_DECODE and x.is_cuda and layer.static) or self.training or opts.sinks > 0 or opts.window == 0:
+            return None
+        if layer.keys is None or layer.keys.shape[2] != opts.window or layer.states is None:
+            return None
+        if ctx.query_scale is not None or self.site.dims.softcap is not None:
+            return None
+        if getattr(self, "sink_logits", None) is not None:
+            return None
+        from surgery.kernels.liger.decode import window_decode
+
+        B = x.shape[0]
+        rec, state = self.recurrent.recurrent_output(x, q, k, v, ctx.padding_mask, layer.states, True)
+        pe, rotary = ctx.position_embeddings, self.site.rotary
+        cos = sin = None
+        if (isinstance(pe, tuple) and rotary.convention == "rotate_half" and not rotary.norms_after
+                and pe[0].dim() == 3 and pe[0].shape[-1] == q.shape[-1]):  # fmt: skip
+            D = q.shape[-1]  # cos/sin [B or 1, T, D]: this step's row of each
+            qh, kh, cos, sin = q[:, 0], k[:, 0], pe[0][:, -1].expand(B, D), pe[1][:, -1].expand(B, D)
+        else:
+            qr, kr = rope(q, k, ctx)  # [B, H, 1, D]
+            qh, kh = qr[:, :, 0], kr[:, :, 0]
+        o = window_decode(qh, kh, v[:, 0], rec[:, 0], layer.keys, layer.values, layer.valid, self.scaling,
+                          opts.w_swa, opts.w_rec, cos, sin)  # fmt: skip
+        pad = ctx.padding_mask
+        real = pad[:, -1:].to(torch.bool) if pad is not None else torch.ones_like(layer.valid[:, :1])
+        layer.valid.copy_(torch.cat([layer.valid[:, 1:], real], 1))
+        layer.commit(1, states=state)
+        return self.output(o.reshape(B, 1, -1).to(x.dtype), x)
 
     def _mix_with_memory(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: MixContext) -> Tensor:
         """``mix`` with the retrieval memory: the recurrence runs span by span between consolidations."""
