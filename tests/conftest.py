@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 # Must happen before any Triton kernel is defined (env.md F6): kernels read the flag when decorated.
 import torch
@@ -51,3 +52,13 @@ def registry():
     from surgery.registry import load_registry
 
     return load_registry(autoload=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module (``pytestmark``), restored after it (code under test may set its own): the
+    tests' matrices are tiny, and a second thread only adds synchronisation (several times slower on 2 busy cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -7,7 +7,7 @@ the generation cache.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pluggy
 import pytest
@@ -37,13 +37,7 @@ FEATURES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """64-wide matmuls gain nothing from threads, and two threads on a loaded 2-core machine run 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _expected_window(arch: str, layer: int) -> int | None:

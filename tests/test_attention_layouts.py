@@ -9,7 +9,6 @@ sweep (tests/test_coverage.py) checks whole models; these tests pin down each pi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,12 +21,7 @@ from surgery.plugins.softmax import SoftmaxAttention, _with_window, eager_attent
 from surgery.plugins.weight_maps import CopyQKVO
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _softmax_for(model: nn.Module, index: int) -> tuple[nn.Module, SoftmaxAttention]:

@@ -52,12 +52,7 @@ def registry() -> Any:
     return _registry()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def convert(registry: Any, mixer: str, options: dict, arch: str, seed: int = 0) -> Any:

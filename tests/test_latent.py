@@ -33,12 +33,7 @@ def registry() -> Any:
     return load_registry(autoload=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _convert(model: Any, mixer: str, registry: Any, options: dict | None = None) -> Any:

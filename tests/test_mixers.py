@@ -19,13 +19,7 @@ from tests.models import tiny_model
 ARCHS = ["llama", "qwen2", "gemma3"]
 W = 5  # window of the softmax branch in these tests: sequences are longer, so keys really leave the window
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    """Tiny matrices: one thread is several times faster than two, and far faster on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def convert(arch: str, mixer: str, options: dict[str, Any], registry: Any, layers: Any = "all", **kw: Any) -> Any:

@@ -32,12 +32,7 @@ def branch(cls: Any, options: Any, hq: int = 4, hkv: int = 2, d: int = 8) -> Any
     return cls(site, cls.resolve_options(site, options), None, projections=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- sliding-window attention -------------------------------------------------------------------------------

@@ -27,12 +27,7 @@ from tests.models import tiny_model
 TOL = dict(rtol=1e-4, atol=2e-5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def convert(arch: str, mixer: str, options: dict[str, Any], registry: Any, weights: str | None = None,

@@ -136,13 +136,7 @@ def layer_mse(model: nn.Module, teacher: nn.Module, ids: Tensor) -> list[float]:
     return found
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> object:
-    """Tiny matmuls: a second OpenMP thread only adds synchronisation (5x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

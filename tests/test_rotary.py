@@ -7,7 +7,6 @@ runs it. Real families (Cohere-2, HunYuan, GPT-J, Llama-4, CodeGen) check the re
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,12 +21,7 @@ from surgery.rotary import ROTATE_HALF, Rotary, _evaluate, read_rotary
 from surgery.window import rope
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def apply_rotary_pos_emb(

@@ -53,12 +53,7 @@ def _cases() -> list[Any]:
     return [pytest.param(name, cls.test_options[0], id=name) for name, cls in sorted(REGISTRY.mixers.items())]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("mixer,options", _cases())

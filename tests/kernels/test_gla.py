@@ -82,13 +82,7 @@ def closed_form(q, k, v, gk, gv, scale, h0):
     return scale * o.reshape(T, Hq, V), s
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add overhead, 10x when they spin on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 HEADS = [(1, 1), (3, 1), (4, 2)]

@@ -15,13 +15,7 @@ TIGHT = {"atol": 1e-10, "rtol": 1e-10}
 NAMES = ("q", "k", "v", "s", "g", "hk0", "hv0")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add overhead, 10x when they spin on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(B, T, Hq, Hkv, init, K=8, V=6, M=5, N=None, dtype=F64, seed=0):
