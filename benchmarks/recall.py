@@ -189,6 +189,7 @@ def _selected(k: int) -> list[int]:
 #: training-free.
 Row = tuple[Callable[[dict], dict] | None, dict[str, Any], str | None, Callable[[], list[int]] | None]
 _same = lambda raw: raw  # noqa: E731
+_MEM128 = _training_free(LIGER, window=64, sinks=4, memory=128, w_swa=1.0, w_rec=0.0)
 ROWS: dict[str, Row] = {
     "base": (None, {}, None, None),
     "swa64": (_training_free("swa", window=64), {}, None, None),
@@ -196,8 +197,7 @@ ROWS: dict[str, Row] = {
     # Window + sinks + retrieval memory, no training: the recurrent branch only scores pairs (its weight is 0).
     "swa64_sinks4_mem64": (_training_free(LIGER, window=64, sinks=4, memory=64, w_swa=1.0, w_rec=0.0), {}, None,
                            None),
-    "swa64_sinks4_mem128": (_training_free(LIGER, window=64, sinks=4, memory=128, w_swa=1.0, w_rec=0.0), {}, None,
-                            None),
+    "swa64_sinks4_mem128": (_MEM128, {}, None, None),
     "default": (_same, {}, None, None),
     "default_sinks4_inf": (_same, {"sinks": 4}, "default", None),
     "default_mem64_inf": (_same, {"sinks": 4, "memory": 64}, "default", None),
@@ -218,6 +218,9 @@ ROWS: dict[str, Row] = {
     "hybrid2_even": (_keep_softmax(evenly_spaced(2)), {}, None, None),
     "hybrid4_selected": (lambda raw: _keep_softmax(_selected(4))(raw), {}, None, None),
     "hybrid4_even": (_keep_softmax(evenly_spaced(4)), {}, None, None),
+    # Training-free hybrids: K layers kept as softmax, the rest window + sinks + memory (the swa64_sinks4_mem128 row).
+    "hybrid4_selected_mem128": (lambda raw: _keep_softmax(_selected(4))(_MEM128(raw)), {}, None, None),
+    "hybrid4_even_mem128": (lambda raw: _keep_softmax(evenly_spaced(4))(_MEM128(raw)), {}, None, None),
 }
 
 
