@@ -9,7 +9,11 @@ On CUDA the model has the Llama-3-8B shape (32 layers, hidden 4096, 32 query / 8
 MLP 14336, bf16) with random weights from a ``LlamaConfig``, at T = 4K, 16K and 32K. ``--tiny`` runs a 2-layer tiny
 Llama at T = 64 on the CPU (fp32), so that CI can call it.
 
-    python benchmarks/train_step.py [--tiny] [--lengths 4096 16384] [--mixers gla gsa] [--steps 3] [--out r.json]
+Converted layers recompute their token mixing in the backward on CUDA (``Mixer.recompute``, the training default);
+``--stored`` adds a row per mixer that keeps those activations instead.
+
+    python benchmarks/train_step.py [--tiny] [--lengths 4096 16384] [--mixers gla gsa] [--stored] [--steps 3]
+                                    [--out r.json]
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import surgery  # noqa: E402
+from surgery.mixer import Mixer  # noqa: E402
 
 MIXERS = ["gla", "hgrn2", "gsa", "liger_attention"]
 
@@ -44,8 +49,10 @@ def llama_config(tiny: bool, max_len: int) -> Any:
                        max_position_embeddings=max_len)
 
 
-def build(mixer: str | None, tiny: bool, max_len: int, device: torch.device, dtype: torch.dtype) -> Any:
-    """A freshly initialised model (same seed every time), converted to ``mixer`` unless None, all weights frozen."""
+def build(mixer: str | None, tiny: bool, max_len: int, device: torch.device, dtype: torch.dtype,
+          recompute: bool | None = None) -> Any:
+    """A freshly initialised model (same seed every time), converted to ``mixer`` unless None, all weights frozen;
+    ``recompute`` sets every mixer's ``Mixer.recompute`` (None: the default, on for CUDA)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -60,6 +67,9 @@ def build(mixer: str | None, tiny: bool, max_len: int, device: torch.device, dty
         plan = surgery.load_plan({"version": 1, "model": "unused", "convert": [{"layers": "all", "mixer": mixer}]})
         model = surgery.convert(plan, model)
         model.to(device=device, dtype=dtype)  # parameters the mixer created new
+        for m in model.modules():
+            if isinstance(m, Mixer):
+                m.recompute = recompute
     model.requires_grad_(False)
     return model.train()
 
@@ -120,6 +130,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--tiny", action="store_true", help="2-layer tiny Llama, T = 64, on the CPU")
     ap.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths (default 4K 16K 32K)")
     ap.add_argument("--mixers", nargs="+", default=MIXERS, choices=MIXERS)
+    ap.add_argument("--stored", action="store_true",
+                    help="also run each mixer with its activations kept (Mixer.recompute = False): rows 'MIXER/stored'")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per row (the median is reported)")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
@@ -132,11 +144,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for T in lengths:
         base: dict[str, Any] | None = None
-        for mixer in [None, *args.mixers]:
-            row: dict[str, Any] = {"model": mixer or "base", "T": T}
+        variants = [(m, None) for m in args.mixers] + ([(m, False) for m in args.mixers] if args.stored else [])
+        for mixer, recompute in [(None, None), *variants]:
+            name = (mixer or "base") + ("/stored" if recompute is False else "")
+            row: dict[str, Any] = {"model": name, "T": T}
             model = None
             try:
-                model = build(mixer, args.tiny, max(lengths), device, dtype)
+                model = build(mixer, args.tiny, max(lengths), device, dtype, recompute)
                 row.update(measure(model, T, args.steps, 1 if args.tiny else 2, device, dtype))
             except torch.OutOfMemoryError:
                 row["error"] = "out of memory"

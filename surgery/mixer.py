@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from surgery.attention import AttentionSite
 from surgery.attention_extras import AttentionExtras
@@ -148,6 +149,10 @@ class Mixer(nn.Module):
     #: A scalar a mixer may set during a training forward (e.g. a load-balancing loss); recovery adds it to the
     #: stage's loss and clears it.
     aux_loss: Tensor | None = None
+    #: Recompute the token mixing (feature maps, gates, kernels) in the backward rather than keep its activations:
+    #: None (the default) does so for CUDA tensors, True always, False never. It applies to a training forward that
+    #: records gradients and has no cache; inference keeps its path. Recovery sets it from ``recompute_mixers``.
+    recompute: bool | None = None
 
     class Options(Options):
         pass
@@ -330,6 +335,17 @@ class Mixer(nn.Module):
             o = self.o_norm(o)
         out = self.o_proj(o)
         return out + self.o_bias if extras.o_bias else out
+
+    def recomputed(self, fn: Callable[..., Tensor], *args: Tensor) -> Tensor:
+        """``fn(*args)``, a tensor. In a training forward that records gradients (and ``recompute`` allows it), the
+        activations inside ``fn`` are not kept but recomputed in the backward (``torch.utils.checkpoint``): only
+        ``args`` are saved, e.g. q/k/v ``[B, T, H, D]`` where the kernels would keep fp32 feature maps, gates and
+        both branches' inputs. The checkpoint restores the RNG and autocast state, so ``fn`` reruns identically.
+        """
+        on = self.recompute if self.recompute is not None else args[0].is_cuda
+        if on and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     # -- the HF adapter ----------------------------------------------------------------------------------
 

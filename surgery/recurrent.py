@@ -153,9 +153,11 @@ class RecurrentMixer(Mixer):
         B, T, _ = x.shape
         q, k, v = self.project(x)
         layer = mixer_cache(ctx.cache, self.layer_idx)
-        state = layer.states if layer is not None else None
-        o, state = self.recurrent_output(x, q, k, v, ctx.padding_mask, state, layer is not None)
-        if layer is not None:
+        if layer is None:  # training and uncached forwards: nothing to carry, the mixing may be recomputed
+            valid = ctx.padding_mask
+            o = self.recomputed(lambda *a: self.recurrent_output(*a, valid, None, False)[0], x, q, k, v)
+        else:
+            o, state = self.recurrent_output(x, q, k, v, ctx.padding_mask, layer.states, True)
             layer.commit(T, states=state)
         return self.output(o.reshape(B, T, -1).to(x.dtype), x)
 

@@ -174,19 +174,26 @@ class LigerAttention(Mixer):
             step = self._decode_step(x, q, k, v, ctx, layer)
             if step is not None:
                 return step
+        if layer is None:  # training and uncached forwards: the mixing may be recomputed in the backward
+            o = self.recomputed(lambda *a: self._branches(*a, ctx, None), x, q, k, v)
+        else:
+            o = self._branches(x, q, k, v, ctx, layer)
+        return self.output(o.reshape(B, T, -1).to(x.dtype), x)
+
+    def _branches(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: MixContext, layer: Any) -> Tensor:
+        """Both branches in PyTorch and their mix ``[B, T, Hq, Dv]`` fp32, the cache (if any) continued."""
+        B, opts = x.shape[0], self.options
         state = layer.states if layer is not None else None
         rec, state = self.recurrent.recurrent_output(x, q, k, v, ctx.padding_mask, state, layer is not None)
         swa, (kw, vw, valid), aux = swa_branch(q, k, v, ctx, layer, opts.window, self.scaling,
                                                self.site.dims.softcap, sinks=opts.sinks,
                                                sink_logits=getattr(self, "sink_logits", None))
         if layer is not None:
-            layer.commit(T, states=state, keys=kw, values=vw, valid=valid, aux=aux)
+            layer.commit(x.shape[1], states=state, keys=kw, values=vw, valid=valid, aux=aux)
         if self.training and opts.window_dropout > 0:
             drop = (torch.rand(B, 1, 1, 1, device=x.device) < opts.window_dropout).float()
-            o = (1 - drop) * (opts.w_swa * swa.float() + opts.w_rec * rec) + drop * (opts.w_swa + opts.w_rec) * rec
-        else:
-            o = opts.w_swa * swa.float() + opts.w_rec * rec
-        return self.output(o.reshape(B, T, -1).to(x.dtype), x)
+            return (1 - drop) * (opts.w_swa * swa.float() + opts.w_rec * rec) + drop * (opts.w_swa + opts.w_rec) * rec
+        return opts.w_swa * swa.float() + opts.w_rec * rec
 
     def _fused(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: MixContext, layer: Any) -> Tensor | None:
         """Both branches in one op (``surgery.kernels.liger``: Triton on CUDA) when the call allows it, else None.
@@ -204,16 +211,22 @@ class LigerAttention(Mixer):
             return None  # the fused kernel has neither a query scale nor sink logits
         if self.training and opts.window_dropout > 0:
             return None
-        form = self.recurrent.gla_form(q, k, v, self.recurrent.gate_source(x, k), None)
-        if form is None or form[4] is not None:
+        rec = self.recurrent
+        # Whether the branch is one GLA call with key-side gates only, asked on an empty slice (no work).
+        empty = rec.gla_form(q[:, :0], k[:, :0], v[:, :0], rec.gate_source(x[:, :0], k[:, :0]), None)
+        if empty is None or empty[4] is not None:
             return None
         from surgery.kernels.liger import liger_attention
 
+        def mixed(x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            fq, fk, _, gk, _ = rec.gla_form(q, k, v, rec.gate_source(x, k), None)
+            qr, kr = rope(q, k, ctx)  # [B, H, T, D]
+            return liger_attention(qr.transpose(1, 2), kr.transpose(1, 2), fq, fk, v, gk, window=opts.window,
+                                   scale=self.scaling, softcap=self.site.dims.softcap, w_swa=opts.w_swa,
+                                   w_rec=opts.w_rec)[0]
+
         B, T, _ = x.shape
-        fq, fk, _, gk, _ = form
-        qr, kr = rope(q, k, ctx)  # [B, H, T, D]
-        o, _ = liger_attention(qr.transpose(1, 2), kr.transpose(1, 2), fq, fk, v, gk, window=opts.window,
-                               scale=self.scaling, softcap=self.site.dims.softcap, w_swa=opts.w_swa, w_rec=opts.w_rec)
+        o = self.recomputed(mixed, x, q, k, v)  # training keeps q/k/v only, not the feature maps and both branches
         return self.output(o.reshape(B, T, -1).to(x.dtype), x)
 
     def _decode_step(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: MixContext, layer: Any) -> Tensor | None:

@@ -250,12 +250,16 @@ class MoM(RecurrentMixer):
         # (route): an fp32 copy of x for a d -> M product would cost more than the product.
         routing = route(self.router(x), opts.topk)
         counts = tokens_per_memory(routing, valid, opts.num_memories)
-        if torch._C._current_graph_task_id() == -1:  # not a forward recomputed in backward (checkpointing)
+        first = torch._C._current_graph_task_id() == -1  # not a forward recomputed in backward (checkpointing)
+        if first:
             with torch.no_grad():
                 self.token_counts += counts
         if self.training and opts.aux_loss_scale > 0:
-            # Overwritten, not accumulated: a recomputed forward (activation checkpointing) must not count twice.
-            self.aux_loss = opts.aux_loss_scale * load_balancing_loss(routing, valid, counts)
+            # Computed by a recomputed forward too (it must save what the first one saved), but kept from the first
+            # only: one set in the backward would be a stale loss for the next step.
+            aux = opts.aux_loss_scale * load_balancing_loss(routing, valid, counts)
+            if first:
+                self.aux_loss = aux
         n = 0 if state is None else (len(state) // 2 if opts.shared_memory else len(state))
         routed = None if state is None else state[:n]
         o, routed = dispatch(self.recurrence.recur, q, self.memory_rows(x), routing, valid, routed, want_state)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, default_data_collator
 
+from surgery.mixer import Mixer
 from surgery.outputs import OutputError, OutputLock
 from surgery.recovery.adapters import find_mixers, inject_lora, load_adapter_weights, load_mixer_params, lora_config
 from surgery.recovery.data import PackedChunks, load_chunks
@@ -333,6 +334,9 @@ def _run_stage(
         load_mixer_params(ctx.peft_model.get_base_model(), ckpt, expected=list(ctx.mixer_params))
     step_tokens = tokens_per_step(train, ctx.chunks.seq_len)
     reset_mixer_stats(ctx.model)
+    for module in ctx.model.modules():
+        if isinstance(module, Mixer):
+            module.recompute = train.recompute_mixers
     with stage.trainer(ctx, **kwargs) as trainer:
         if is_main():
             print(f"recover {stage.name}: {trainer.engine()}", flush=True)

@@ -51,6 +51,10 @@ class TrainOptions(Options):
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU (a half-precision model is trained in fp32)"
     )
     gradient_checkpointing: bool = False
+    recompute_mixers: bool | None = Field(
+        None, description="recompute each converted layer's token mixing in the backward instead of keeping its "
+                          "activations (less memory than the base model, a few % slower); None: on CUDA only"
+    )
 
     @model_validator(mode="after")
     def _check_budget(self) -> TrainOptions:
@@ -60,7 +64,7 @@ class TrainOptions(Options):
 
 
 #: Settings that do not change the trained weights: a resumed run may differ in them.
-NEUTRAL_TRAIN_KEYS = frozenset({"save_steps", "keep_checkpoints", "logging_steps"})
+NEUTRAL_TRAIN_KEYS = frozenset({"save_steps", "keep_checkpoints", "logging_steps", "recompute_mixers"})
 
 
 class LoraSpec(Options):

@@ -8,9 +8,9 @@ from benchmarks import train_step
 
 
 def test_tiny_run_prints_a_row_per_model(capsys: pytest.CaptureFixture[str]) -> None:
-    rows = train_step.main(["--tiny", "--steps", "1"])
+    rows = train_step.main(["--tiny", "--steps", "1", "--stored"])
     out = capsys.readouterr().out
-    assert [r["model"] for r in rows] == ["base", *train_step.MIXERS]
+    assert [r["model"] for r in rows] == ["base", *train_step.MIXERS, *(m + "/stored" for m in train_step.MIXERS)]
     for r in rows:
         assert "error" not in r, r
         assert r["T"] == 64 and r["step_ms"] > 0 and r["tok_s"] > 0
