@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from surgery.attention import AttentionSite
 from surgery.attention_extras import AttentionExtras
+from surgery.kernels import transient_saves
 from surgery.latent import latent_compress, latent_gate, latent_project
 from surgery.rotary import apply_rope, rotate_half
 
@@ -343,9 +344,14 @@ class Mixer(nn.Module):
         both branches' inputs. The checkpoint restores the RNG and autocast state, so ``fn`` reruns identically.
         """
         on = self.recompute if self.recompute is not None else args[0].is_cuda
-        if on and self.training and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+        if not (on and self.training and torch.is_grad_enabled()):
+            return fn(*args)
+
+        def run(*a: Tensor) -> Tensor:
+            with transient_saves():  # what fn's kernels save lives until the backward that follows the recompute
+                return fn(*a)
+
+        return checkpoint(run, *args, use_reentrant=False)
 
     # -- the HF adapter ----------------------------------------------------------------------------------
 

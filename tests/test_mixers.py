@@ -170,3 +170,20 @@ def test_liger_fused_kernel_equals_the_two_branch_path_on_cuda(recurrent: str, r
         parts += [model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(100, 150)]
     # fp32 inputs run the Triton kernels' dot products in TF32: agreement to about 1e-2, not to fp32 rounding.
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_liger_rotates_in_time_major_layout_as_the_layer_does(arch: str, registry: Any) -> None:
+    """The fused path's RoPE on [B, T, H, D] rows gives exactly the layer's rotation (rope), transposed."""
+    from surgery.mixer import MixContext
+    from surgery.window import rope
+
+    model = convert(arch, "liger_attention", {"window": W}, registry)
+    mixer = model.model.layers[0].self_attn
+    x = torch.randn(2, 9, model.config.hidden_size)
+    q, k, _ = mixer.project(x)
+    pe = model.model.rotary_emb(x, torch.arange(9)[None].expand(2, 9))
+    ctx = MixContext(pe, None, None, None, {}, rotate=mixer.rotate)
+    qt, kt = mixer._rope_time_major(q, k, ctx)
+    qr, kr = rope(q, k, ctx)
+    assert torch.equal(qt, qr.transpose(1, 2)) and torch.equal(kt, kr.transpose(1, 2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -123,3 +124,25 @@ def test_on_cuda_recompute_is_the_default_and_exact(mixer: str, registry: Any) -
         peaks[on] = torch.cuda.max_memory_allocated() - before
     torch.testing.assert_close(found[None][0], found[False][0], rtol=1e-5, atol=1e-6)
     assert peaks[None] < peaks[False], peaks
+
+
+def test_chunk_kernel_keeps_its_states_when_saves_are_transient() -> None:
+    """Inside ``transient_saves()`` the GLA chunk kernel keeps its per-chunk states (no recompute in its backward),
+    with the same gradients."""
+    from surgery.kernels import transient_saves
+    from surgery.kernels.gla.chunk import chunk_gla_triton
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 70, 2, 16, generator=g, requires_grad=True) for _ in range(3))
+    gk = (-torch.rand(1, 70, 2, 16, generator=g) * 0.2).requires_grad_()
+    found, sizes = [], []
+    for transient in (False, True):
+        seen: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t.numel()) or t, lambda t: t):
+            with transient_saves() if transient else contextlib.nullcontext():
+                o, _ = chunk_gla_triton(q, k, v, gk)
+        found.append(torch.autograd.grad(o.square().sum(), (q, k, v, gk)))
+        sizes.append(sum(seen))
+    assert sizes[1] > sizes[0]
+    for a, b in zip(*found, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

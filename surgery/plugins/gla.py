@@ -13,6 +13,7 @@ weight map gives the general pool as a separate ``g_proj``.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
@@ -34,7 +35,8 @@ class GLA(RecurrentMixer):
         gate_normalizer: float = Field(16.0, gt=0, description="log alpha = logsigmoid(gate) / gate_normalizer")
 
     def gla_form(self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor, valid: Tensor | None) -> GLAForm:
-        fq, fk = q.float().softmax(-1), k.float().softmax(-1)
+        # softmax(dtype=fp32) converts inside the op: the same numbers as q.float().softmax(-1), one pass less
+        fq, fk = q.softmax(-1, dtype=torch.float32), k.softmax(-1, dtype=torch.float32)
         gk = F.logsigmoid(gate.float()) / self.options.gate_normalizer
         fk, gk = identity_on_padding(valid, fk, gk)
         return fq, fk, v.float(), gk, None

@@ -45,7 +45,7 @@ class HGRN2(RecurrentMixer):
             log_alpha = torch.logaddexp(torch.full_like(g, math.log(lb)), math.log1p(-lb) + log_alpha)
             kt = (1.0 - lb) * kt
         kt, log_alpha = identity_on_padding(valid, kt, log_alpha)
-        return q.float().softmax(-1), kt, v.float(), log_alpha, None
+        return q.softmax(-1, dtype=torch.float32), kt, v.float(), log_alpha, None
 
 
 @hookimpl

@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from surgery.kernels import saves_are_transient
 from surgery.kernels.gla.chunk_bwd import chunk_gla_bwd
 from surgery.kernels.gla.chunk_common import CONFIG, interpreting
 from surgery.kernels.gla.chunk_fwd import chunk_gla_fwd
@@ -107,11 +108,13 @@ def chunk_gla_triton(
             recomputes them there: one cumsum, one state update and one scan more per backward (on an H200 at the
             Llama-3-8B shape, 32K tokens, about 8% of fwd+bwd), for ``B*T*Hkv*K*(4 + 2V/64)`` bytes less
             activation memory per layer (about 0.27 GB at 32K tokens, bf16). ``benchmarks/kernels.py`` times both.
+            Inside ``surgery.kernels.transient_saves()`` (a recomputed forward) they are always kept.
 
     Returns:
         o ``[B, T, Hq, V]`` in v's dtype and the final state ``[N, Hkv, K, V]`` fp32 (or None).
     """
     check_inputs(q, k, v, gk, gv, initial_state, cu_seqlens, "chunk_gla_triton")
+    save_states = save_states or saves_are_transient()  # recomputed anyway: keeping them costs no memory for long
     if max(q.shape[3], v.shape[3]) > 256:  # an unsupported size, not a bad input: the dispatcher falls back
         raise NotImplementedError(f"chunk_gla_triton: K and V must be <= 256, got K={q.shape[3]}, V={v.shape[3]}")
     if q.device.type != "cuda" and not interpreting():
