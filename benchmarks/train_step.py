@@ -12,8 +12,8 @@ Llama at T = 64 on the CPU (fp32), so that CI can call it.
 Converted layers recompute their token mixing in the backward on CUDA (``Mixer.recompute``, the training default);
 ``--stored`` adds a row per mixer that keeps those activations instead.
 
-    python benchmarks/train_step.py [--tiny] [--lengths 4096 16384] [--mixers gla gsa] [--stored] [--steps 3]
-                                    [--out r.json]
+    python benchmarks/train_step.py [--tiny] [--lengths 4096 16384] [--mixers gla gsa] [--stored] [--profile]
+                                    [--steps 3] [--out r.json]
 """
 
 from __future__ import annotations
@@ -115,6 +115,26 @@ def measure(model: Any, T: int, steps: int, warmup: int, device: torch.device,
     return row
 
 
+def profile(model: Any, T: int, device: torch.device, dtype: torch.dtype, top: int = 20) -> str:
+    """The ``top`` kernels of one step by total device time (after a warm-up step), as text."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    x = torch.randn(1, T, model.config.hidden_size, device=device, dtype=dtype)
+    step(model, x)
+    sync(device)
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with torch_profile(activities=[activity]) as prof:
+        step(model, x)
+        sync(device)
+    events = [e for e in prof.key_averages() if e.device_time_total or e.self_cpu_time_total]
+    key = (lambda e: e.device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+    total = sum(key(e) for e in events) / 1e3
+    lines = [f"  kernel time {total:.1f} ms; top {top}:"]
+    lines += [f"  {key(e) / 1e3:9.2f} ms {e.count:5d}x  {e.key[:100]}" for e in sorted(events, key=key)[::-1][:top]]
+    return "\n".join(lines)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     cols = ["model", "T", "step_ms", "tok_s", "tok_s_vs_base", "peak_gb", "peak_vs_base", "act_gb", "act_vs_base",
             "error"]
@@ -132,6 +152,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--mixers", nargs="+", default=MIXERS, choices=MIXERS)
     ap.add_argument("--stored", action="store_true",
                     help="also run each mixer with its activations kept (Mixer.recompute = False): rows 'MIXER/stored'")
+    ap.add_argument("--profile", action="store_true", help="also print each model's top kernels of one step")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per row (the median is reported)")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
@@ -152,6 +173,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             try:
                 model = build(mixer, args.tiny, max(lengths), device, dtype, recompute)
                 row.update(measure(model, T, args.steps, 1 if args.tiny else 2, device, dtype))
+                if args.profile:
+                    print(f"{name} T={T}:\n{profile(model, T, device, dtype)}", flush=True)
             except torch.OutOfMemoryError:
                 row["error"] = "out of memory"
             except Exception as e:  # noqa: BLE001 - one broken mixer must not hide the others' rows

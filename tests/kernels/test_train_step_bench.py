@@ -17,3 +17,9 @@ def test_tiny_run_prints_a_row_per_model(capsys: pytest.CaptureFixture[str]) -> 
         assert r["tok_s_vs_base"] == pytest.approx(r["tok_s"] / rows[0]["tok_s"])
         assert f"| {r['model']} | 64 |" in out  # the Markdown table has the row
     assert rows[0]["tok_s_vs_base"] == 1.0
+
+
+def test_profile_prints_the_top_kernels(capsys: pytest.CaptureFixture[str]) -> None:
+    train_step.main(["--tiny", "--steps", "1", "--mixers", "gla", "--profile"])
+    out = capsys.readouterr().out
+    assert "gla T=64:" in out and "kernel time" in out and " ms " in out
