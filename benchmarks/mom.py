@@ -1,7 +1,7 @@
 """MoM benchmark: Liger Attention over MoM vs over GLA at the same token budget, and MoM kernel timings on a GPU.
 
 Quality (default; CPU is fine): three rows of ``benchmarks/recall.py`` measured alike: the base, ``default``
-(``examples/demo.yaml``: liger_attention over one GLA memory) and ``mom`` (the same recipe and token budget with
+(``examples/demo-lora.yaml``: liger_attention over one GLA memory) and ``mom`` (the same recipe and token budget with
 ``examples/mom.yaml``'s conversion: liger_attention over MoM, M = 4, k = 2, shared memory). Columns: passkey at
 1K/2K/4K and 4-key, held-out token perplexity (all positions and >= 256), next-sentence accuracy, decode memory; and
 for ``mom`` the tokens each memory of each layer received on the held-out windows. ``--reuse`` copies rows already
@@ -53,7 +53,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
             if name in recorded and not saved.exists():
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 saved.write_text(json.dumps(recorded[name] | {"reused_from": args.reuse}, indent=1))
-    recall.run_rows(list(ROWS), Path("examples/demo.yaml"), out)
+    recall.run_rows(list(ROWS), Path("examples/demo-lora.yaml"), out)
     rows = {name: json.loads((out / name / "row.json").read_text()) for name in ROWS}
     print(recall.table(rows, rows["base"]))
     counts = rows["mom"].get("tokens_per_memory", [])

@@ -1,6 +1,6 @@
 """Recall benchmark: what keeps passkey retrieval after linearization, at the main job's token budget.
 
-Each row is a model (the base, a training-free conversion, or ``examples/demo.yaml``'s recipe with one change) and
+Each row is a model (the base, a training-free conversion, or ``examples/demo-lora.yaml``'s recipe with one change) and
 gets every column, on the demo's full local sets (``surgery fetch-demo`` builds them):
 
 - passkey accuracy at 1K, 2K and 4K tokens (20 items each, depths stratified over the context) and on the 4-key
@@ -180,11 +180,11 @@ def evenly_spaced(k: int, n: int = 30) -> list[int]:
 def _selected(k: int) -> list[int]:
     ranking = Path("benchmarks/results/select-smollm2.json")
     if not ranking.exists():
-        raise SystemExit(f"{ranking} is missing: run `surgery select examples/demo.yaml --keep 4 --out ...` first")
+        raise SystemExit(f"{ranking} is missing: run `surgery select examples/demo-lora.yaml --keep 4 --out ...` first")
     return sorted(json.loads(ranking.read_text())["ranking"][:k])
 
 
-#: row name -> (plan transform of examples/demo.yaml, inference-time option changes, the row whose recovery it
+#: row name -> (plan transform of examples/demo-lora.yaml, inference-time option changes, the row whose recovery it
 #: reuses, layers swapped back to the base's softmax attention after recovery). A plan without ``recover`` is
 #: training-free.
 Row = tuple[Callable[[dict], dict] | None, dict[str, Any], str | None, Callable[[], list[int]] | None]
@@ -205,6 +205,7 @@ ROWS: dict[str, Row] = {
     "mom": (_mom, {}, None, None),
     "sinks4": (lambda raw: _liger_options(raw, sinks=4), {}, None, None),
     "memory64": (lambda raw: _liger_options(raw, sinks=4, memory=64), {}, None, None),
+    "memory128": (lambda raw: _liger_options(raw, sinks=4, memory=128), {}, None, None),
     "wdrop": (lambda raw: _liger_options(raw, sinks=4, window_dropout=0.25), {}, None, None),
     "wdrop_mem64_inf": (lambda raw: _liger_options(raw, sinks=4, window_dropout=0.25), {"memory": 64}, "wdrop",
                         None),
@@ -219,6 +220,8 @@ ROWS: dict[str, Row] = {
     "hybrid4_selected": (lambda raw: _keep_softmax(_selected(4))(raw), {}, None, None),
     "hybrid4_even": (_keep_softmax(evenly_spaced(4)), {}, None, None),
     # Training-free hybrids: K layers kept as softmax, the rest window + sinks + memory (the swa64_sinks4_mem128 row).
+    "hybrid2_selected_mem128": (lambda raw: _keep_softmax(_selected(2))(_MEM128(raw)), {}, None, None),
+    "hybrid2_even_mem128": (lambda raw: _keep_softmax(evenly_spaced(2))(_MEM128(raw)), {}, None, None),
     "hybrid4_selected_mem128": (lambda raw: _keep_softmax(_selected(4))(_MEM128(raw)), {}, None, None),
     "hybrid4_even_mem128": (lambda raw: _keep_softmax(evenly_spaced(4))(_MEM128(raw)), {}, None, None),
 }
@@ -297,7 +300,7 @@ def run_rows(names: list[str], plan: Path, out: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--plan", default="examples/demo.yaml")
+    ap.add_argument("--plan", default="examples/demo-lora.yaml")
     ap.add_argument("--rows", default="base,swa64,swa64_sinks4,default,default_sinks4_inf,sinks4",
                     help=f"comma-separated, of: {', '.join(ROWS)}")
     ap.add_argument("--out", default="runs/bench-recall")

@@ -1,6 +1,6 @@
 """Recipe search for recovery: which ``recover:`` section brings the main job's model closest to base at a budget.
 
-Each variant is a set of overrides deep-merged into a plan (default ``examples/demo.yaml``); the variant converts
+Each variant is a set of overrides deep-merged into a plan (default ``examples/demo-lora.yaml``); the variant converts
 SmolLM2-135M, recovers, and scores token perplexity on the 20 held-out 512-token windows (no lm-eval, so a variant
 costs its training plus a few seconds). The winner became the main job's recipe; ``surgery run`` then confirms it
 with the full evaluation (next sentence and passkeys included).
@@ -50,7 +50,7 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--plan", default="examples/demo.yaml")
+    ap.add_argument("--plan", default="examples/demo-lora.yaml")
     ap.add_argument("--variants", default=str(Path(__file__).with_name("recipe_variants.json")))
     ap.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     ap.add_argument("--out", default="runs/recipes")

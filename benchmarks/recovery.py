@@ -1,11 +1,11 @@
 """Recovery quality benchmark: the main job's plan at 0, 1 and 4 times its recovery token budget.
 
-For each budget multiple m, the plan (default ``examples/demo.yaml``: SmolLM2-135M, every layer Liger-GLA) is run
+For each budget multiple m, the plan (default ``examples/demo-lora.yaml``: SmolLM2-135M, every layer Liger-GLA) is run
 with every stage's ``tokens`` scaled by m (m = 0: no recovery at all): convert, recover, then
 ``surgery.evaluate`` on the plan's local tasks next to the base model, plus token perplexity on the 20 held-out
 512-token windows (the measure of the quality anchor, research/quality_anchor.md, and of benchmarks/recipes.py).
 
-    python benchmarks/recovery.py [--plan examples/demo.yaml] [--budgets 0,1,4] [--out runs/bench-recovery]
+    python benchmarks/recovery.py [--plan examples/demo-lora.yaml] [--budgets 0,1,4] [--out runs/bench-recovery]
                                   [--extra wiki_nextsent=100]
 
 Not part of CI. Each budget writes ``<out>/<m>x/{recover,eval}/`` and ``<out>/<m>x/row.json``; the recover stage
@@ -131,7 +131,7 @@ def table(rows: list[dict[str, Any]], base_ppl: float) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--plan", default="examples/demo.yaml", help="the plan whose recovery budget is scaled")
+    ap.add_argument("--plan", default="examples/demo-lora.yaml", help="the plan whose recovery budget is scaled")
     ap.add_argument("--budgets", default="0,1,4", help="multiples of the plan's token budget, comma-separated")
     ap.add_argument("--out", default="runs/bench-recovery", help="output directory")
     ap.add_argument("--extra", action="append", default=[], metavar="TASK=N",
