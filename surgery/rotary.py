@@ -37,13 +37,14 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding on ``x`` ``[B, H, T, D]`` with ``cos``/``sin`` ``[B, T, R]``, R <= D (partial rotary).
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, heads_dim: int = 1) -> Tensor:
+    """Rotary embedding on ``x`` ``[B, H, T, D]`` (``heads_dim=2``: ``[B, T, H, D]``) with ``cos``/``sin``
+    ``[B, T, R]``, R <= D (partial rotary).
 
     Same arithmetic as transformers' ``apply_rotary_pos_emb`` (rotate-half convention), so the softmax mixer
     reproduces the pretrained logits bit for bit.
     """
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    cos, sin = cos.unsqueeze(heads_dim), sin.unsqueeze(heads_dim)
     r = cos.shape[-1]
     if r == x.shape[-1]:
         return (x * cos) + (rotate_half(x) * sin)

@@ -27,7 +27,7 @@ from torch import Tensor
 from surgery.attention import AttentionSite
 from surgery.cache import mixer_cache
 from surgery.hookspecs import hookimpl
-from surgery.mixer import MixContext, Mixer, MixerDimsError, Options, rotate_half
+from surgery.mixer import MixContext, Mixer, MixerDimsError, Options, apply_rope
 from surgery.recurrent import RecurrentMixer, recurrent_mixer
 from surgery.registry import context_registry
 from surgery.retrieval import memory_branch
@@ -228,6 +228,13 @@ class LigerAttention(Mixer):
         o = self.recomputed(mixed, x, q, k, v)  # training keeps q/k/v only, not the feature maps and both branches
         return self.output(o.reshape(B, T, -1).to(x.dtype), x)
 
+    def _whole_head_rotate_half(self, pe: Any, head_dim: int) -> bool:
+        """Whether this layer rotates rotate-half over the whole head, before any q/k norm, with ``(cos, sin)``
+        ``[B or 1, T, D]``: then the fused paths rotate in their own layout (or inside the decode kernel)."""
+        rotary = self.site.rotary
+        return (rotary.convention == "rotate_half" and not rotary.norms_after and isinstance(pe, tuple)
+                and pe[0].dim() == 3 and pe[0].shape[-1] == head_dim)  # fmt: skip
+
     def _rope_time_major(self, q: Tensor, k: Tensor, ctx: MixContext) -> tuple[Tensor, Tensor]:
         """q ``[B, T, Hq, D]`` and k ``[B, T, Hkv, D]`` rotated, in that layout (what the kernels read).
 
@@ -235,11 +242,9 @@ class LigerAttention(Mixer):
         contiguous rows it is a vectorised pass, where rotating the ``[B, H, T, D]`` view and copying it back is a
         strided one and a copy more (5% of a training step at 16K tokens on an H200).
         """
-        rotary, pe = self.site.rotary, ctx.position_embeddings
-        if (rotary.convention == "rotate_half" and not rotary.norms_after and isinstance(pe, tuple)
-                and pe[0].dim() == 3 and pe[0].shape[-1] == q.shape[-1]):  # fmt: skip
-            cos, sin = pe[0].unsqueeze(2), pe[1].unsqueeze(2)  # [B, T, 1, D]
-            return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        pe = ctx.position_embeddings
+        if self._whole_head_rotate_half(pe, q.shape[-1]):
+            return apply_rope(q, *pe, heads_dim=2), apply_rope(k, *pe, heads_dim=2)
         qr, kr = rope(q, k, ctx)  # [B, H, T, D]
         return qr.transpose(1, 2), kr.transpose(1, 2)
 
@@ -265,10 +270,9 @@ class LigerAttention(Mixer):
 
         B = x.shape[0]
         rec, state = self.recurrent.recurrent_output(x, q, k, v, ctx.padding_mask, layer.states, True)
-        pe, rotary = ctx.position_embeddings, self.site.rotary
+        pe = ctx.position_embeddings
         cos = sin = None
-        if (isinstance(pe, tuple) and rotary.convention == "rotate_half" and not rotary.norms_after
-                and pe[0].dim() == 3 and pe[0].shape[-1] == q.shape[-1]):  # fmt: skip
+        if self._whole_head_rotate_half(pe, q.shape[-1]):
             D = q.shape[-1]  # cos/sin [B or 1, T, D]: this step's row of each
             qh, kh, cos, sin = q[:, 0], k[:, 0], pe[0][:, -1].expand(B, D), pe[1][:, -1].expand(B, D)
         else:
