@@ -53,11 +53,10 @@ def inputs(tiny: bool, batch: int, length: int, model_path: str) -> torch.Tensor
 
     tok = AutoTokenizer.from_pretrained(model_path)
     rows = [json.loads(line) for line in demo.build_data().heldout_ppl.read_text().splitlines()]
-    ids = [tok(r["text"])["input_ids"] for r in rows]
-    ids = [x[:length] for x in ids if len(x) >= length][:batch]
-    if len(ids) < batch:
-        raise SystemExit(f"only {len(ids)} held-out documents have {length} tokens")
-    return torch.tensor(ids)
+    stream = [t for r in rows for t in tok(r["text"])["input_ids"]]  # the documents end to end
+    if len(stream) < batch * length:
+        raise SystemExit(f"the held-out text has {len(stream)} tokens, fewer than {batch} x {length}")
+    return torch.tensor(stream[: batch * length]).view(batch, length)
 
 
 def models(plans: list[str], tiny: bool) -> tuple[dict[str, torch.nn.Module], str]:
