@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from surgery.attention import AttentionSite
 from surgery.cache import State, mixer_cache
-from surgery.kernels.gla import chunk_gla, fused_recurrent_gla
+from surgery.kernels.gla import chunk_gla, fused_recurrent_gla, torch_gla_state
 from surgery.mixer import MixContext, Mixer
 
 __all__ = ["GLAForm", "RecurrentMixer", "State", "identity_on_padding", "recurrent_mixer", "run_gla"]
@@ -147,6 +147,17 @@ class RecurrentMixer(Mixer):
         Mixers with parameters of their own beyond the gate (routers, per-memory projections) override this.
         """
         return self.recur(q, k, v, self.gate_source(x, k), valid, state, want_state)
+
+    def advance(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, state: State | None) -> State:
+        """The state after ``x`` ``[B, T, C]`` without the output: for a parent that reads only the state (Liger
+        Attention's retrieval memory with ``w_rec: 0``). A GLA form takes the state-only update (no query, no
+        intra-chunk work); other recurrences run ``recurrent_output`` and drop the output."""
+        if type(self).recurrent_output is RecurrentMixer.recurrent_output and type(self).recur is RecurrentMixer.recur:
+            form = self.gla_form(q, k, v, self.gate_source(x, k), valid)
+            if form is not None:
+                _, fk, fv, gk, gv = form
+                return (torch_gla_state(fk, fv, gk, gv, state[0] if state else None),)
+        return self.recurrent_output(x, q, k, v, valid, state, True)[1]
 
     def mix(self, x: Tensor, ctx: MixContext) -> Tensor:
         """``x`` ``[B, T, C]`` -> ``[B, T, C]``; continues and updates the layer's state in ``ctx.cache``."""

@@ -92,8 +92,8 @@ def memory_branch(
     softcap: float | None,
     sinks: dict[str, Tensor] | None,
     state: State | None,
-    recur: Callable[[int, int, State | None], tuple[Tensor, State]],
-) -> tuple[Tensor, Tensor, State, tuple[Tensor, Tensor, Tensor | None], dict[str, Tensor]]:
+    recur: Callable[[int, int, State | None], tuple[Tensor | None, State]],
+) -> tuple[Tensor, Tensor | None, State, tuple[Tensor, Tensor, Tensor | None], dict[str, Tensor]]:
     """The softmax branch with window, sinks and memory, and the recurrent branch run span by span.
 
     Args:
@@ -102,10 +102,11 @@ def memory_branch(
         valid: ``[B, T]`` bool or None. layer: the cache (window ``W + C``), or None.
         sinks: ``update_sinks``'s output (all of the sequence's sinks so far) or None.
         state: the recurrent state before this call. recur: ``(lo, hi, state) -> (o [B, hi - lo, Hq, D], state)``
-            runs the recurrent branch on this call's tokens ``lo:hi``.
+            runs the recurrent branch on this call's tokens ``lo:hi`` (o None: only the state is wanted).
 
     Returns:
-        softmax output ``[B, Hq, T, D]`` fp32, recurrent output ``[B, T, Hq, D]`` fp32, the final state, the
+        softmax output ``[B, Hq, T, D]`` fp32, recurrent output ``[B, T, Hq, D]`` fp32 (None when ``recur`` gave
+        none), the final state, the
         ``(keys, values, valid)`` window to commit, and the ``aux`` tensors to commit (memory and key-feature
         window; the caller adds the sinks).
     """
@@ -177,4 +178,5 @@ def memory_branch(
                            torch.cat(vals, 2).to(qr.dtype), torch.cat(vis, 3), scale, softcap))  # fmt: skip
     keep = window + chunk
     new_aux = {f"mem_{name}": t for name, t in mem.items()} | {"win_fk": fw[:, :, -keep:].clone(), "mem_real": real}
-    return torch.cat(outs, 2), torch.cat(recs, 1), state, (kw, vw, vb), new_aux
+    rec = torch.cat(recs, 1) if recs[0] is not None else None
+    return torch.cat(outs, 2), rec, state, (kw, vw, vb), new_aux

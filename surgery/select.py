@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -51,13 +53,15 @@ def _kl(base_logits: Tensor, logits: Tensor) -> Tensor:
     return (lp.exp() * (lp - lq)).sum()
 
 
-def layer_damage(plan: Plan, base: nn.Module, ids: Tensor, registry: Any = None) -> LayerDamage:
+def layer_damage(plan: Plan, base: nn.Module, ids: Tensor, registry: Any = None,
+                 progress: Callable[[str], None] | None = None) -> LayerDamage:  # fmt: skip
     """Per converted layer, the mean KL of the base to the base with only that layer converted.
 
     Args:
         plan: a loaded plan; its ``convert`` rules say which layers get which mixer (``recover`` is ignored).
         base: the plan's pretrained model (left as it was).
         ids: ``[N, T]`` calibration token ids (chunks of real text).
+        progress: called with a line after each calibration chunk (e.g. ``print``).
 
     Returns:
         A ``LayerDamage`` with the layers ranked, most damaging first.
@@ -69,8 +73,9 @@ def layer_damage(plan: Plan, base: nn.Module, ids: Tensor, registry: Any = None)
     mixers = {r.layer: (r.path, converted.get_submodule(r.path)) for r in records}
     device = next(base.parameters()).device
     totals = {layer: 0.0 for layer in mixers}
+    t0 = time.perf_counter()
     with torch.no_grad():
-        for chunk in ids:
+        for c, chunk in enumerate(ids):
             x = chunk[None].to(device)
             ref = base(x).logits
             for layer, (path, mixer) in mixers.items():
@@ -82,6 +87,10 @@ def layer_damage(plan: Plan, base: nn.Module, ids: Tensor, registry: Any = None)
                     totals[layer] += _kl(ref, base(x).logits).item()
                 finally:
                     setattr(parent, child, original)
+            if progress is not None:
+                worst = max(totals, key=totals.get)
+                progress(f"select: chunk {c + 1}/{len(ids)} ({chunk.numel()} tokens, {len(mixers)} layers) done in "
+                         f"{time.perf_counter() - t0:.0f} s; most damaging so far: layer {worst}")
     n = ids.numel()
     kl = {layer: total / n for layer, total in totals.items()}
     return LayerDamage(kl=kl, tokens=n, ranking=sorted(kl, key=lambda i: -kl[i]))
@@ -144,7 +153,7 @@ def select(plan_path: str | Path, keep: int, tokens: int = 2048, out: str | Path
     base = load_model(plan)
     tokenizer = AutoTokenizer.from_pretrained(plan.model)
     ids = calibration_ids(plan, tokenizer, tokens, seq_len)
-    damage = layer_damage(plan, base, ids)
+    damage = layer_damage(plan, base, ids, progress=lambda line: print(line, file=sys.stderr, flush=True))
     hybrid = hybrid_plan(raw, damage.keep(keep), num_layers(base))
     if out is not None:
         out = Path(out)

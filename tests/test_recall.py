@@ -10,6 +10,7 @@ import torch
 
 import surgery
 from surgery.demo import tasks
+from surgery.generate import cache_kwarg
 from surgery.retrieval import consolidate
 from surgery.window import sliding_window_attention, update_sinks
 from tests.models import tiny_model
@@ -145,6 +146,33 @@ def test_consolidate_breaks_ties_between_repeated_pairs_by_age_not_by_rounding()
         empty = {name: t[:, :, :0] for name, t in cand.items()}
         kept.append(consolidate(empty, cand, state, 1)["k"][0, 0, 0, 0].item())
     assert kept == [1.0, 1.0]
+
+
+def test_memory_without_the_recurrent_output_keeps_what_it_would_keep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``w_rec: 0`` the state only scores pairs: it advances without its output (``RecurrentMixer.advance``),
+    which chooses the same memory as the full recurrence, prefill and decode alike."""
+    from surgery.recurrent import RecurrentMixer
+
+    opts = {"window": 2, "sinks": 1, "memory": 3, "memory_chunk": 3, "w_swa": 1.0, "w_rec": 0.0}
+    x = _ids(2, 29)
+    model = _convert("liger_attention", opts)
+    calls = []
+    full = RecurrentMixer.recurrent_output
+    monkeypatch.setattr(RecurrentMixer, "recurrent_output", lambda *a: calls.append(1) or full(*a))
+    with torch.no_grad():
+        fast = model(x).logits
+        assert not calls  # no output was computed
+        with_output = lambda self, *a: RecurrentMixer.recurrent_output(self, *a, True)[1]  # noqa: E731
+        monkeypatch.setattr(RecurrentMixer, "advance", with_output)
+        slow = model(x).logits
+        assert calls
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+        cache, name, steps = None, cache_kwarg(model), []
+        for t in range(x.shape[1]):  # token by token: the same memory, the same logits
+            out = model(x[:, t : t + 1], use_cache=True, **{name: cache})
+            cache = out.past_key_values
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), fast, rtol=1e-4, atol=1e-4)
 
 
 def test_memory_needs_the_gla_branch() -> None:

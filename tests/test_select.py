@@ -72,10 +72,16 @@ def test_select_command_writes_a_loadable_hybrid_plan(tmp_path: Path, capsys: py
                                                             "stages": {"lora": {"tokens": 64}}}}
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
     out = tmp_path / "hybrid.yaml"
-    assert main(["select", str(tmp_path / "plan.yaml"), "--keep", "1", "--tokens", "64", "-o", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "softmax" in printed and "hybrid plan written" in printed
+    args = ["select", str(tmp_path / "plan.yaml"), "--keep", "1", "--tokens", "64", "-o", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    assert "softmax" in printed.out and "hybrid plan written" in printed.out
+    assert [line.split(" (")[0] for line in printed.err.splitlines() if line.startswith("select:")] == [
+        f"select: chunk {i}/4" for i in range(1, 5)]  # progress: 64 tokens in chunks of the plan's 16
     ranking = json.loads(out.with_suffix(".json").read_text())
     hybrid = surgery.load_plan(str(out))
     assert len(hybrid.convert[0].layers) == 2 and ranking["keep"][0] not in hybrid.convert[0].layers
     assert ranking["tokens"] == 64
+    assert main(args + ["--seq-len", "32"]) == 0  # longer calibration chunks: 2 of 32
+    assert json.loads(out.with_suffix(".json").read_text())["tokens"] == 64
+    assert "select: chunk 2/2 (32 tokens" in capsys.readouterr().err

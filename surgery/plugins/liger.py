@@ -302,16 +302,19 @@ class LigerAttention(Mixer):
             seen = layer.seen if layer is not None else 0
             sinks = update_sinks(layer.aux if layer is not None else None, kr, vt, valid, seen, opts.sinks)
 
-        def recur(lo: int, hi: int, st: Any) -> tuple[Tensor, Any]:
+        def recur(lo: int, hi: int, st: Any) -> tuple[Tensor | None, Any]:
             sub = None if valid is None else valid[:, lo:hi]
-            return self.recurrent.recurrent_output(x[:, lo:hi], q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], sub, st, True)
+            span = (x[:, lo:hi], q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], sub, st)
+            if opts.w_rec == 0:  # the state only chooses what to remember: its output would be multiplied by 0
+                return None, self.recurrent.advance(*span)
+            return self.recurrent.recurrent_output(*span, True)
 
         swa, rec, state, (kw, vw, vb), aux = memory_branch(
             qr, kr, vt, fk, valid, layer, opts.window, opts.memory_chunk, opts.memory, self.scaling,
             self.site.dims.softcap, sinks, state, recur)
         if layer is not None:
             layer.commit(T, states=state, keys=kw, values=vw, valid=vb, aux=aux | (sinks or {}))
-        o = opts.w_swa * swa.transpose(1, 2) + opts.w_rec * rec
+        o = opts.w_swa * swa.transpose(1, 2) + (opts.w_rec * rec if rec is not None else 0)
         return self.output(o.reshape(B, T, -1).to(x.dtype), x)
 
 

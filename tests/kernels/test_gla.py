@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import surgery.kernels.gla as gla
 from surgery.kernels.gla import chunk_gla, fused_recurrent_gla, naive_recurrent_gla
-from surgery.kernels.gla.torch_ops import torch_chunk_gla, torch_recurrent_gla
+from surgery.kernels.gla.torch_ops import torch_chunk_gla, torch_gla_state, torch_recurrent_gla
 
 F64 = torch.float64
 TIGHT = {"atol": 1e-10, "rtol": 1e-10}
@@ -133,12 +133,23 @@ def test_chunk_matches_naive(T, heads, gates, init):
     assert_all_close(run_with_grads(torch_chunk_gla, x), run_with_grads(naive_recurrent_gla, x), **TIGHT)
 
 
-@pytest.mark.parametrize("chunk_size", [8, 16, 24, 32, 128])
+@pytest.mark.parametrize("chunk_size", [4, 8, 12, 24, 64, 128])
 def test_chunk_sizes_agree(chunk_size):
-    # 24 is not a multiple of the 16-row sub-chunk, 8 is smaller than it: both use one elementwise block.
+    # 12 is not a multiple of the 8-row sub-chunk, 4 is smaller than it: both use one elementwise block.
     x = make(1, 77, 3, 1, "both", True)
     want = run_with_grads(naive_recurrent_gla, x)
     assert_all_close(run_with_grads(torch_chunk_gla, x, chunk_size=chunk_size), want, **TIGHT)
+
+
+@pytest.mark.parametrize("gates", [*GATES, "none"])
+@pytest.mark.parametrize("T", [1, 31, 64, 77])
+def test_state_only_equals_the_final_state_of_the_spec(T, gates):
+    x = make(2, T, 3, 1, gates, True, seed=T)
+    want = call(naive_recurrent_gla, x)[1]
+    got = torch_gla_state(x["k"], x["v"], x["gk"], x["gv"], x["h0"], chunk_size=16)
+    torch.testing.assert_close(got, want, **TIGHT)
+    got = torch_gla_state(x["k"], x["v"], x["gk"], x["gv"], None)  # zero state, one chunk of 64
+    torch.testing.assert_close(got, call(naive_recurrent_gla, {**x, "h0": None})[1], **TIGHT)
 
 
 def test_chunk_fp32_inputs_give_fp32_state_and_v_dtype_output():

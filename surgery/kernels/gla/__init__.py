@@ -27,7 +27,7 @@ from collections.abc import Callable
 from torch import Tensor
 
 from surgery.kernels.gla.naive import naive_recurrent_gla
-from surgery.kernels.gla.torch_ops import check_gla_inputs, torch_chunk_gla, torch_recurrent_gla
+from surgery.kernels.gla.torch_ops import check_gla_inputs, torch_chunk_gla, torch_gla_state, torch_recurrent_gla
 
 __all__ = [
     "BACKENDS",
@@ -35,6 +35,7 @@ __all__ = [
     "fused_recurrent_gla",
     "naive_recurrent_gla",
     "torch_chunk_gla",
+    "torch_gla_state",
     "torch_recurrent_gla",
 ]
 

@@ -287,6 +287,58 @@ def torch_chunk_gla(
     return o[inv].view(B, T, Hq, V).to(v.dtype), (S if output_final_state else None)
 
 
+def torch_gla_state(
+    k: Tensor,
+    v: Tensor,
+    gk: Tensor | None = None,
+    gv: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    chunk_size: int = 64,
+) -> Tensor:
+    """The final state of gated linear attention without its outputs: what a caller that only reads the state
+    needs (the retrieval memory scores pairs with it while the recurrent branch's output is unused).
+
+    Per chunk of C rows the state takes ``e^{total}`` and ``(k * e^{gk[s+1:C]})^T @ (v * e^{gv[s+1:C]})``, the
+    update of :func:`torch_chunk_gla`, with no query, no intra-chunk block and no sub-chunk decays: about a third
+    of its work. Pad rows (T rounded up to whole chunks) have zero gates, keys and values.
+
+    Args:
+        k: ``[B, T, Hkv, K]``; v: ``[B, T, Hkv, V]``; gk, gv: their log decays (<= 0) or None.
+        initial_state: ``[B, Hkv, K, V]`` or None.
+
+    Returns:
+        ``[B, Hkv, K, V]`` fp32 (fp64 for fp64 inputs).
+    """
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    acc = torch.float64 if k.dtype == torch.float64 else torch.float32
+    S = k.new_zeros(B, H, K, V, dtype=acc) if initial_state is None else initial_state.to(acc)
+    C = min(chunk_size, max(1, T))
+    n = -(-T // C)
+
+    def chunks(x: Tensor) -> Tensor:  # [B, T, H, D] -> [B, n, H, C, D], zero rows appended
+        x = torch.nn.functional.pad(x.to(acc), (0, 0, 0, 0, 0, n * C - T))
+        return x.view(B, n, C, H, x.shape[-1]).transpose(2, 3)
+
+    def to_end(g: Tensor) -> tuple[Tensor, Tensor]:  # e^{rows s+1..C-1} [B, n, H, C, D], e^{all rows} [B, n, H, D]
+        tail = torch.cat([g[..., 1:, :].flip(-2).cumsum(-2).flip(-2), torch.zeros_like(g[..., :1, :])], -2)
+        return tail.exp(), g.sum(-2).exp()
+
+    kc, vc = chunks(k), chunks(v)
+    decay = None
+    if gk is not None:
+        end, total = to_end(chunks(gk))
+        kc, decay = kc * end, total.unsqueeze(-1)
+    if gv is not None:
+        end, total = to_end(chunks(gv))
+        vc = vc * end
+        decay = total.unsqueeze(-2) if decay is None else decay * total.unsqueeze(-2)
+    update = kc.transpose(-1, -2) @ vc  # [B, n, H, K, V]
+    for i in range(n):
+        S = (S * decay[:, i] if decay is not None else S) + update[:, i]
+    return S
+
+
 def torch_recurrent_gla(
     q: Tensor,
     k: Tensor,
