@@ -101,12 +101,16 @@ def _convert(model: torch.nn.Module, mixer: str, registry: Any, options: dict[st
 
 def _decode_matches(model: torch.nn.Module, ids: torch.Tensor, prefill: int) -> str:
     """'' when prefill + one token at a time reproduces one full forward, else what differs."""
+    from surgery.generate import cache_kwarg
+
+    # The cache goes in under the forward's own keyword: families new in transformers 5.25 (Ergo) take only ``cache``.
+    name = cache_kwarg(model)
     with torch.no_grad():
         full = model(ids).logits
         out = model(ids[:, :prefill], use_cache=True)
         parts, cache = [out.logits], out.past_key_values
         for t in range(prefill, ids.shape[1]):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, t : t + 1], use_cache=True, **{name: cache})
             parts.append(out.logits)
             cache = out.past_key_values
     got = torch.cat(parts, 1)

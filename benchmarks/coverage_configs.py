@@ -59,6 +59,12 @@ EXTRA: dict[str, dict[str, Any]] = {
     "gemma4_text": dict(global_head_dim=32, attention_k_eq_v=True, num_global_key_value_heads=1),
     "gpt_neo": dict(window_size=4),  # local layers' window shorter than the sweep's sequences
     "zaya": dict(num_experts_per_tok=1),  # the only routing ZAYA supports
+    # Its validation wants indexer heads among the query heads of key head 0 (2 here) and a pool that the
+    # compression divides; a small top-k, pool and local/sink spans so that the selection binds on short sequences.
+    "kolibri1_1": dict(
+        index_num_heads=2, index_topk=4, index_pool_size=8, index_compression=2, index_num_local_tokens=2,
+        index_num_sink_tokens=1,
+    ),
     # Per-layer-type RoPE (sliding layers rotate, full layers are NoPE) with M-RoPE sections fitting head dim 16.
     "cohere_compass_text": dict(
         layer_types=["sliding_attention", "full_attention"], sliding_window=4,
@@ -147,6 +153,15 @@ def tiny_config(model_type: str) -> Any:
     kwargs = {k: v for k, v in kwargs.items() if not (isinstance(getattr(cls, k, None), property) and getattr(cls, k).fset is None)}
     return cls(**kwargs)
 
+
+def _since(version: str, gaps: dict[str, str]) -> dict[str, str]:
+    """``gaps``, of model types that transformers ``version`` added, when the installed one registers them."""
+    import transformers
+    from packaging.version import Version
+
+    return gaps if Version(transformers.__version__) >= Version(version) else {}
+
+
 _INKLING = "short convolutions on keys/values, relative-position logits and position-dependent query scaling"
 _EXTRA_PARAMS = "attention owns parameters mixers do not reproduce"
 
@@ -172,4 +187,11 @@ KNOWN_GAPS: dict[str, str] = {
                   "decode; its attention also applies causality itself and returns a list",
     "zaya": "compressed convolutional attention: q/k/v from a token convolution with its own cache, L2 q/k norms "
             "with learned key temperatures",
+    **_since("5.25", {
+        "kolibri1_1": "sparse layers: a parameter-free indexer selects keys from pooled scores it hands to the next "
+                      "layer (a third output, index_pool), keys and values rounded to NVFP4, and keys/values shared "
+                      "across layers (kv_source_layers)",
+        "minicpm5_moe": "one projection (q_gate_proj) gives each head's query and its sigmoid output gate, [q | gate] "
+                        "per head: not a q_proj next to a gate_proj",
+    }),
 }  # fmt: skip

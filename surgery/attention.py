@@ -371,10 +371,15 @@ def _read_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> Atte
     if getattr(module, "is_causal", True) is False:
         raise _error(path, module, "bidirectional attention (is_causal is false) cannot be replaced in a causal LM")
     cfg = module.config if getattr(module, "config", None) is not None else model_cfg
-    if getattr(cfg, "alibi", False) is True and "alibi" in _call_args(module):
-        # Bloom's layers add the alibi they are passed; Falcon-RW's also get it folded into the model's mask (and
-        # add it once more on their eager path), which no site setting describes.
-        raise _error(path, module, "ALiBi that the model also folds into its attention mask (Falcon with alibi=True)")
+    if getattr(cfg, "alibi", False) is True and "position_bias" not in _call_args(module):
+        # MPT's layers are passed their ALiBi as ``position_bias`` (and Bloom's, whose config has no flag, as
+        # ``alibi``), which mixers add; Falcon-RW's get it folded into the model's attention mask (transformers < 5.25
+        # also passed it as ``alibi``, added once more on the eager path), which no site setting describes.
+        raise _error(path, module, "ALiBi that the model folds into its attention mask (Falcon with alibi=True)")
+    if isinstance(getattr(module, "qk_scale", None), Tensor):
+        # Ergo's global layers multiply q and k by sqrt(global_attention_scale) after RoPE (context-extended
+        # checkpoints): a buffer, so no parameter check sees it.
+        raise _error(path, module, "queries and keys multiplied by a qk_scale after RoPE, which mixers do not do")
     layer_idx = module.layer_idx if isinstance(getattr(module, "layer_idx", None), int) else index
     qkv = [_Proj(path, module, name) for name in qkv_names]
     out = _Proj(path, module, out_name)

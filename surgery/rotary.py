@@ -228,7 +228,23 @@ def _calls_in(expr: ast.expr, reached: bool) -> Iterator[tuple[ast.Call, bool]]:
 
 def _is_rotary(name: str, namespace: dict[str, Any]) -> bool:
     lowered = name.lower()
-    return ("rotary" in lowered or "rope" in lowered) and inspect.isfunction(namespace.get(name))
+    return ("rotary" in lowered or "rope" in lowered) and _is_function(namespace.get(name))
+
+
+def _is_function(value: Any) -> bool:
+    """A plain function, or one that ``kernels``' ``use_kernel_forward_from_hub`` turned into a module instance.
+
+    transformers decorates its rotary functions so (``@use_kernel_forward_from_hub("rotary_pos_emb")``), which takes
+    effect when a ``kernels`` release it accepts is installed (5.25 accepts 0.19, 5.24 only 0.18). The instance is
+    called like the function, runs it unless the model was kernelized, and its ``forward`` has the function's
+    parameters.
+    """
+    return inspect.isfunction(value) or (isinstance(value, nn.Module) and inspect.ismethod(value.forward))
+
+
+def _parameters(fn: Callable[..., Any]) -> inspect.Signature:
+    """The signature ``fn`` is called with (a module instance's is its ``forward``'s, see ``_is_function``)."""
+    return inspect.signature(fn.forward if isinstance(fn, nn.Module) else fn)
 
 
 def _unpacked(tree: ast.FunctionDef) -> dict[str, int]:
@@ -248,10 +264,10 @@ def _mentions(expr: ast.expr, name: str) -> bool:
 
 def _signature_of_call(path: str, fn: Callable[..., Any], call: ast.Call, unpacked: dict[str, int]) -> Rotary:
     """A ``model`` Rotary from the model's call ``fn(...)``: which arguments are q/k, embeddings, constants."""
-    signature = inspect.signature(fn)
+    signature = _parameters(fn)
     params = list(signature.parameters)
     if any(isinstance(a, ast.Starred) for a in call.args) or any(kw.arg is None for kw in call.keywords):
-        raise RotaryReadError(f"{path}: {fn.__name__} is called with *args/**kwargs, which cannot be read")
+        raise RotaryReadError(f"{path}: {ast.unparse(call.func)} is called with *args/**kwargs, which cannot be read")
     bound = dict(zip(params, call.args)) | {kw.arg: kw.value for kw in call.keywords if kw.arg}
     tensors: list[str] = []
     embeddings: list[tuple[str, int | None]] = []

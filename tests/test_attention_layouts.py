@@ -9,6 +9,7 @@ sweep (tests/test_coverage.py) checks whole models; these tests pin down each pi
 
 from __future__ import annotations
 
+import sys
 
 import pytest
 import torch
@@ -41,8 +42,28 @@ def _x(model: nn.Module, T: int = 7) -> Tensor:
 # -- fused rows grouped per key/value head ---------------------------------------------------------------
 
 
+def _falcon_split(module: nn.Module, x: Tensor, monkeypatch: pytest.MonkeyPatch) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v ``[B, T, H, D]`` as a Falcon attention module splits its fused rows: its own ``_split_heads`` before
+    transformers 5.25, else what its forward hands the attention function (under a RoPE of angle 0, the identity)."""
+    if hasattr(module, "_split_heads"):
+        return module._split_heads(module.query_key_value(x))
+    seen: dict[str, Tensor] = {}
+
+    def capture(_: nn.Module, q: Tensor, k: Tensor, v: Tensor, *args: object, **kwargs: object) -> tuple[Tensor, None]:
+        seen.update(q=q.transpose(1, 2), k=k.transpose(1, 2), v=v.transpose(1, 2))
+        return seen["q"], None
+
+    monkeypatch.setattr(sys.modules[type(module).__module__], "eager_attention_forward", capture)
+    monkeypatch.setattr(module.config, "_attn_implementation", "eager")
+    no_angle = x.new_ones(*x.shape[:2], module.head_dim), x.new_zeros(*x.shape[:2], module.head_dim)
+    module(x, attention_mask=None, position_embeddings=no_angle)
+    return seen["q"], seen["k"], seen["v"]
+
+
 @pytest.mark.parametrize(("multi_query", "kv_heads"), [(False, 2), (True, 1)])
-def test_falcon_grouped_rows_split_like_the_module(multi_query: bool, kv_heads: int) -> None:
+def test_falcon_grouped_rows_split_like_the_module(
+    multi_query: bool, kv_heads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Falcon-40B's GQA rows [q_g.. | k_g | v_g] and Falcon-7B's multi-query [q.. | k | v] read the same way."""
     from transformers import FalconForCausalLM
 
@@ -56,7 +77,7 @@ def test_falcon_grouped_rows_split_like_the_module(multi_query: bool, kv_heads: 
         module, d = model.get_submodule(site.path), site.dims
         assert (site.layout, d.num_heads, d.num_kv_heads) == ("fused_qkv_headwise", 4, kv_heads)
         weights = read_weights(module, site)
-        q, k, v = module._split_heads(module.query_key_value(x))  # the module's own split
+        q, k, v = _falcon_split(module, x, monkeypatch)  # the module's own split
         mine = {n: nn.functional.linear(x, weights[f"{n}_proj.weight"]).view(2, 7, -1, d.head_dim) for n in "qkv"}
         assert torch.equal(mine["q"], q.view_as(mine["q"]))
         for name, theirs in (("k", k), ("v", v)):
@@ -75,6 +96,21 @@ def test_falcon_alibi_folded_into_the_mask_is_refused() -> None:
     with torch.device("meta"):
         model = FalconForCausalLM(config)
     with pytest.raises(AttentionReadError, match=r"transformer\.h\.0\.self_attention.*FalconAttention.*ALiBi"):
+        find_attention(model)
+
+
+def test_ergo_qk_scale_of_global_layers_is_refused() -> None:
+    """Context-extended Ergo checkpoints scale q and k of their global layers by a buffer after RoPE."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "ErgoForCausalLM"):
+        pytest.skip("Ergo is registered from transformers 5.25 on")
+    from benchmarks.coverage_configs import tiny_config
+
+    config = tiny_config("ergo")
+    config.global_attention_scale = 2.0
+    with torch.device("meta"):
+        model = transformers.ErgoForCausalLM(config)
+    with pytest.raises(AttentionReadError, match=r"model\.layers\.1\.self_attn.*ErgoAttention.*qk_scale"):
         find_attention(model)
 
 
