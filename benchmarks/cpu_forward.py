@@ -87,8 +87,8 @@ def run(plans: list[str], batch: int, length: int, reps: int, tiny: bool = False
                 times[name].append(time.perf_counter() - t0)
     base = statistics.median(times["base"])
     return [{"model": name, "batch": batch, "length": length, "threads": torch.get_num_threads(),
-             "median_s": round(statistics.median(t), 4), "x_base": round(statistics.median(t) / base, 3),
-             "all_s": [round(v, 4) for v in t]} for name, t in times.items()]  # fmt: skip
+             "median_s": round(statistics.median(t), 6), "x_base": round(statistics.median(t) / base, 3),
+             "all_s": [round(v, 6) for v in t]} for name, t in times.items()]  # fmt: skip
 
 
 def table(rows: list[dict[str, Any]]) -> str:

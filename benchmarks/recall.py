@@ -177,11 +177,21 @@ def evenly_spaced(k: int, n: int = 30) -> list[int]:
     return [int((i + 0.5) * n / k) for i in range(k)]
 
 
-def _selected(k: int) -> list[int]:
-    ranking = Path("benchmarks/results/select-smollm2.json")
-    if not ranking.exists():
-        raise SystemExit(f"{ranking} is missing: run `surgery select examples/demo-lora.yaml --keep 4 --out ...` first")
-    return sorted(json.loads(ranking.read_text())["ranking"][:k])
+#: Rankings of ``surgery select`` (the JSON it writes beside the hybrid plan) and the command that made each.
+RANKINGS = {
+    "lora": ("benchmarks/results/select-smollm2.json", "surgery select examples/demo-lora.yaml --keep 4 -o ..."),
+    # The main job's own conversion, on long calibration chunks: window + sinks + memory lose only what lies
+    # beyond the window, so the KL measures each layer's long-range dependence.
+    "long": ("benchmarks/results/select-smollm2-long.json",
+             "surgery select examples/demo.yaml --keep 4 --tokens 4096 --seq-len 2048 -o ..."),
+}
+
+
+def _selected(k: int, ranking: str = "lora") -> list[int]:
+    path, command = RANKINGS[ranking]
+    if not Path(path).exists():
+        raise SystemExit(f"{path} is missing: run `{command}` and copy its .json there")
+    return sorted(json.loads(Path(path).read_text())["ranking"][:k])
 
 
 #: row name -> (plan transform of examples/demo-lora.yaml, inference-time option changes, the row whose recovery it
@@ -224,6 +234,9 @@ ROWS: dict[str, Row] = {
     "hybrid2_even_mem128": (lambda raw: _keep_softmax(evenly_spaced(2))(_MEM128(raw)), {}, None, None),
     "hybrid4_selected_mem128": (lambda raw: _keep_softmax(_selected(4))(_MEM128(raw)), {}, None, None),
     "hybrid4_even_mem128": (lambda raw: _keep_softmax(evenly_spaced(4))(_MEM128(raw)), {}, None, None),
+    # ... with the layers selected on the main job's plan at 2048-token calibration chunks.
+    "hybrid2_longsel_mem128": (lambda raw: _keep_softmax(_selected(2, "long"))(_MEM128(raw)), {}, None, None),
+    "hybrid4_longsel_mem128": (lambda raw: _keep_softmax(_selected(4, "long"))(_MEM128(raw)), {}, None, None),
 }
 
 

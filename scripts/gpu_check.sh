@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # GPU check of our Triton kernels (GLA with gk/gv, GSA, Liger attention): every GPU test under tests/kernels, the
 # kernel benchmark, then the whole-model training-step benchmark. Results go under $OUT (default gpu_out/).
-#   scripts/gpu_check.sh [tests|bench|train|all] [extra arguments for benchmarks/kernels.py]
+#   scripts/gpu_check.sh [tests|bench|train|all] [extra arguments for benchmarks/kernel_times.py]
 # The training-step benchmark needs the full package (transformers, pydantic); it is skipped with a note if
 # `import surgery` fails on this machine.
-# fla (the benchmark's yardstick) is installed from .whl/ when present (see benchmarks/kernels.py).
+# fla (the benchmark's yardstick) is installed from .whl/ when present (see benchmarks/kernel_times.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -37,7 +37,7 @@ if [[ $what == tests || $what == all ]]; then
     --durations=10 2>&1 | tee "$OUT/gpu_tests.log"
 fi
 if [[ $what == bench || $what == all ]]; then
-  python3 -c "import gla_stub, runpy, sys; sys.argv = ['kernels.py', '--out', '$OUT/gla_bench.json', *sys.argv[1:]]; runpy.run_path('benchmarks/kernels.py', run_name='__main__')" "$@" 2>&1 | tee "$OUT/bench.log"
+  python3 -c "import gla_stub, runpy, sys; sys.argv = ['kernel_times.py', '--out', '$OUT/gla_bench.json', *sys.argv[1:]]; runpy.run_path('benchmarks/kernel_times.py', run_name='__main__')" "$@" 2>&1 | tee "$OUT/bench.log"
 fi
 if [[ $what == train || $what == all ]]; then
   if python3 -c "import surgery; surgery.load_plan" >/dev/null 2>&1; then

@@ -108,7 +108,9 @@ def test_inference_and_cached_forwards_do_not_recompute(registry: Any, monkeypat
 @pytest.mark.gpu
 @pytest.mark.parametrize("mixer", ["gla", "liger_attention"])
 def test_on_cuda_recompute_is_the_default_and_exact(mixer: str, registry: Any) -> None:
-    """On CUDA (Triton kernels; Liger's fused op) the default recomputes: same gradients, lower peak memory."""
+    """On CUDA (Triton kernels; Liger's fused op) the default recomputes: the same gradients, far fewer saved bytes
+    and no higher peak. (In this 2-layer model the peak can fall inside a backward kernel's own buffers, the same
+    either way, so the peak is only bounded; the Llama-3-8B-shape saving is measured by benchmarks/train_step.py.)"""
     model = converted(mixer, {}, registry).cuda()
     model.requires_grad_(False)
     x = torch.randn(1, 1000, model.config.hidden_size, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
@@ -126,7 +128,12 @@ def test_on_cuda_recompute_is_the_default_and_exact(mixer: str, registry: Any) -
         torch.cuda.synchronize()
         peaks[on] = torch.cuda.max_memory_allocated() - before
     torch.testing.assert_close(found[None][0], found[False][0], rtol=1e-5, atol=1e-6)
-    assert peaks[None] < peaks[False], peaks
+    assert peaks[None] <= peaks[False], peaks
+    saved = {}
+    for on in (False, None):
+        set_recompute(model, on)  # type: ignore[arg-type]
+        saved[on] = saved_bytes(model, x)
+    assert saved[None] < 0.6 * saved[False], saved
 
 
 def test_chunk_kernel_keeps_its_states_when_saves_are_transient() -> None:

@@ -9,7 +9,7 @@ time per kernel of our chunked pipeline (CUDA profiler), the backward with chunk
 kept (`save_states=True`) and the activation memory each holds, GSA's first pass (value-side gate) on the chunk
 kernel vs the fused-recurrent kernel, and Liger attention (Triton vs the PyTorch form).
 
-    python benchmarks/kernels.py --out results.json [--sweep] [--quick] [--no-fla]
+    python benchmarks/kernel_times.py --out results.json [--sweep] [--quick] [--no-fla]
 
 --sweep times a few launch settings per kernel group first and uses the fastest (recorded under meta).
 Prints Markdown tables (date, GPU, torch/triton versions) and writes everything to --out as JSON (also after each
@@ -431,7 +431,7 @@ def main() -> None:
     ap.add_argument("--no-fla", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/kernels.py needs a CUDA device")
+        raise SystemExit("benchmarks/kernel_times.py needs a CUDA device")
     Ts = [2048, 32768] if args.quick else [2048, 4096, 8192, 16384, 32768, 65536]
     ctxs = [2048, 131072] if args.quick else [2048, 8192, 32768, 131072]
     fla_chunk, fla_rec, fla_err = (None, None, "skipped") if args.no_fla else load_fla()
