@@ -200,6 +200,7 @@ def _selected(k: int, ranking: str = "lora") -> list[int]:
 Row = tuple[Callable[[dict], dict] | None, dict[str, Any], str | None, Callable[[], list[int]] | None]
 _same = lambda raw: raw  # noqa: E731
 _MEM128 = _training_free(LIGER, window=64, sinks=4, memory=128, w_swa=1.0, w_rec=0.0)
+_MEM512 = _training_free(LIGER, window=64, sinks=4, memory=512, w_swa=1.0, w_rec=0.0)
 ROWS: dict[str, Row] = {
     "base": (None, {}, None, None),
     "swa64": (_training_free("swa", window=64), {}, None, None),
@@ -237,6 +238,10 @@ ROWS: dict[str, Row] = {
     # ... with the layers selected on the main job's plan at 2048-token calibration chunks.
     "hybrid2_longsel_mem128": (lambda raw: _keep_softmax(_selected(2, "long"))(_MEM128(raw)), {}, None, None),
     "hybrid4_longsel_mem128": (lambda raw: _keep_softmax(_selected(4, "long"))(_MEM128(raw)), {}, None, None),
+    # A larger memory: 512 pairs per key/value head, alone and around the four selected softmax layers.
+    "swa64_sinks4_mem512": (_MEM512, {}, None, None),
+    "hybrid4_longsel_mem512": (lambda raw: _keep_softmax(_selected(4, "long"))(_MEM512(raw)), {}, None, None),
+    "hybrid4_even_mem512": (lambda raw: _keep_softmax(evenly_spaced(4))(_MEM512(raw)), {}, None, None),
 }
 
 

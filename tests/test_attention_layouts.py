@@ -1,10 +1,11 @@
 """Reader features beyond the common layouts, each checked against the family's own module.
 
 Grouped ``query_key_value`` rows (Falcon), q/k/v clamping (DBRX), value norms and values taken from the key
-projection (Gemma-3n/4), NoPE layers (SmolLM3-style flags, EXAONE-4 global layers, read as ``surgery.rotary``'s "none" convention), layers that mask their own
-window (GPT-Neo), position biases (MPT, Bloom), Bloom's residual inside attention, the ``Wo`` output projection and
-a ``get_decoder`` that is not the layer stack (ModernBERT-decoder), and KV-sharing layers (refused). The coverage
-sweep (tests/test_coverage.py) checks whole models; these tests pin down each piece on its own.
+projection (Gemma-3n/4), NoPE layers (SmolLM3-style flags, EXAONE-4 global layers, read as ``surgery.rotary``'s
+"none" convention), layers that mask their own window (GPT-Neo), position biases (MPT, Bloom), Bloom's residual
+inside attention, the ``Wo`` output projection and a ``get_decoder`` that is not the layer stack
+(ModernBERT-decoder), and KV-sharing layers (refused). The coverage sweep (tests/test_coverage.py) checks whole
+models; these tests pin down each piece on its own.
 """
 
 from __future__ import annotations
