@@ -106,9 +106,8 @@ def memory_branch(
 
     Returns:
         softmax output ``[B, Hq, T, D]`` fp32, recurrent output ``[B, T, Hq, D]`` fp32 (None when ``recur`` gave
-        none), the final state, the
-        ``(keys, values, valid)`` window to commit, and the ``aux`` tensors to commit (memory and key-feature
-        window; the caller adds the sinks).
+        none), the final state, the ``(keys, values, valid)`` window to commit, and the ``aux`` tensors to commit
+        (memory and key-feature window; the caller adds the sinks).
     """
     B, Hq, T, D = qr.shape
     H, K = kr.shape[1], fk.shape[-1]

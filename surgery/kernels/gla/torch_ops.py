@@ -137,6 +137,13 @@ class _Decays(NamedTuple):
     diag: Tensor  # [n, h, I, t, D, s] (sub x D x sub): gates of rows s+1..t inside sub-chunk i; 0 unless s <= t
 
 
+def _after(g: Tensor, dim: int) -> Tensor:
+    """Per row s, the sum of the gates of rows s+1.. to the end of ``dim``, summed backwards from that end (0 at the
+    last row): the range sums that decay a write to the end of its chunk or block."""
+    tail = g.narrow(dim, 1, g.shape[dim] - 1).flip(dim).cumsum(dim).flip(dim)
+    return torch.cat([tail, torch.zeros_like(g.narrow(dim, 0, 1))], dim)
+
+
 def _decays(g: Tensor, sub: int) -> _Decays:
     """The decay factors of one side from its per-step gates ``g`` ``[n, h, C, D]`` (<= 0, so all factors <= 1).
 
@@ -144,16 +151,15 @@ def _decays(g: Tensor, sub: int) -> _Decays:
     """
     n, h, C, D = g.shape
     I = C // sub
-    zero = g.new_zeros(n, h, 1, D)
     start = g.cumsum(2)  # rows 0..t
-    end = torch.cat([g[:, :, 1:].flip(2).cumsum(2).flip(2), zero], 2)  # rows s+1..C-1
+    end = _after(g, 2)  # rows s+1..C-1
     gs = g.reshape(n, h, I, sub, D)
-    row = torch.cat([zero.unsqueeze(2).expand(n, h, I, 1, D), gs[:, :, :, 1:].cumsum(3)], 3)  # rows first+1..t
+    row = torch.cat([g.new_zeros(n, h, I, 1, D), gs[:, :, :, 1:].cumsum(3)], 3)  # rows first+1..t
     # col[i, s]: rows s+1..first row of sub-chunk i, summed backwards from that row; 0 unless s precedes it.
     pos = torch.arange(C, device=g.device)
     starts = pos[::sub, None]  # [I, 1]
     upto = g.unsqueeze(2) * (pos[None, :] <= starts).to(g.dtype)[:, :, None]  # [n, h, I, C, D]: rows <= start_i
-    col = torch.cat([upto[:, :, :, 1:].flip(3).cumsum(3).flip(3), upto.new_zeros(n, h, I, 1, D)], 3)
+    col = _after(upto, 3)
     # diag[i, t, :, s]: rows s+1..t of sub-chunk i, a running sum over t from s + 1; 0 unless s <= t.
     loc = torch.arange(sub, device=g.device)
     after = (loc[None, :] > loc[:, None]).to(g.dtype)  # [s, u]: u > s
@@ -321,8 +327,7 @@ def torch_gla_state(
         return x.view(B, n, C, H, x.shape[-1]).transpose(2, 3)
 
     def to_end(g: Tensor) -> tuple[Tensor, Tensor]:  # e^{rows s+1..C-1} [B, n, H, C, D], e^{all rows} [B, n, H, D]
-        tail = torch.cat([g[..., 1:, :].flip(-2).cumsum(-2).flip(-2), torch.zeros_like(g[..., :1, :])], -2)
-        return tail.exp(), g.sum(-2).exp()
+        return _after(g, 3).exp(), g.sum(3).exp()
 
     kc, vc = chunks(k), chunks(v)
     decay = None
