@@ -75,6 +75,12 @@ def test_the_global_batch_is_split_over_processes() -> None:
         split_batch(2, 1, 4)
 
 
+def test_the_process_group_recovery_starts_is_destroyed_at_exit(tmp_path: Path) -> None:
+    """A gloo group left alive at interpreter exit can abort a finished rank (SIGABRT), failing the run."""
+    run_child(2, exit_probe=str(tmp_path))
+    assert [json.loads((tmp_path / f"alive_{r}.json").read_text()) for r in (0, 1)] == [False, False]
+
+
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_two_processes_train_like_one_and_one_resumes_what_two_checkpointed(engine: str, data: Path,
                                                                             tmp_path: Path) -> None:  # fmt: skip
@@ -283,11 +289,28 @@ def _fsdp_parts(out: Path) -> None:
     dist.destroy_process_group()
 
 
+def _exit_probe(out: Path) -> None:
+    """Start the group as recovery does, and record at exit (after ``init``'s own handler: atexit runs last in,
+    first out) whether it is still alive."""
+    import atexit
+
+    from surgery.recovery.distributed import barrier, init, rank
+
+    def record() -> None:
+        (out / f"alive_{rank()}.json").write_text(json.dumps(torch.distributed.is_initialized()))
+
+    atexit.register(record)
+    init()
+    barrier()
+
+
 def _main(job: dict[str, Any]) -> None:
     """One process of a test run (under torchrun, or alone)."""
     torch.set_num_threads(1)
     if "fsdp_parts" in job:
         return _fsdp_parts(Path(job["fsdp_parts"]))
+    if "exit_probe" in job:
+        return _exit_probe(Path(job["exit_probe"]))
     from transformers import TrainerCallback
 
     from surgery.recovery import recover

@@ -19,6 +19,7 @@ few decisions they leave to us:
 
 from __future__ import annotations
 
+import atexit
 import copy
 import itertools
 import logging
@@ -48,11 +49,22 @@ def is_main() -> bool:
 
 
 def init() -> None:
-    """Start the process group under torchrun / accelerate launch, once (accelerate picks nccl or gloo)."""
+    """Start the process group under torchrun / accelerate launch, once (accelerate picks nccl or gloo), and end it
+    when the process exits."""
     if world_size() > 1 and not torch.distributed.is_initialized():
         from accelerate import PartialState
 
         PartialState()
+        # A gloo group still alive when the interpreter finalizes can abort the process after a finished run
+        # ("terminate called without an active exception", SIGABRT: pytorch/pytorch#190489), and torchrun then
+        # reports the run failed. atexit handlers run while the interpreter is whole.
+        atexit.register(_end)
+
+
+def _end() -> None:
+    """Destroy the process group ``init`` started, unless the program already did."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def launched() -> bool:
