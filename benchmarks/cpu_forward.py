@@ -3,7 +3,7 @@
 Each model runs the same forward (no grad, no cache, fp32) over a batch of ``--batch`` x ``--length`` tokens of the
 demo's held-out text; the rows are timed in turns (base, plan A, plan B, base, ...) so that a busy machine slows
 them alike, and the median of ``--reps`` turns is reported with its ratio to the base's. Default plans: the main
-job's (``examples/demo.yaml``: window 64 + sinks 4 + retrieval memory 128) and the LoRA recipe's conversion
+job's (``examples/demo.yaml``: window 64 + sinks 4 + retrieval memory 512) and the LoRA recipe's conversion
 (``examples/demo-lora.yaml``: Liger-GLA, window 64, both branches), untrained (speed does not depend on weights).
 ``--tiny`` builds a 2-layer Llama from a config instead of loading SmolLM2 (what CI runs).
 

@@ -14,7 +14,9 @@ of up to C queries is one attention call and the recurrence runs span by span (i
 the span's final state): a loop per chunk, never per token.
 
 The cache keeps the recurrent state, the last ``W + C`` keys/values (and their key features, for scoring), the
-memory, and the sinks: constant in the sequence length.
+memory, and the sinks: constant in the sequence length. The memory's filled slots come first, in order of arrival;
+a row has at most ``C`` per consolidation so far, a count known on the host from positions alone, so attention and
+scoring read only the slots that can be filled (early in a sequence, most of them are empty).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def consolidate(
         state: ``[B, H, K, V]`` fp32 recurrent state.
 
     Returns:
-        The new memory, ``n`` slots.
+        The new memory, ``min(n, M_mem + M_cand)`` slots: the kept pairs first, in order of arrival, then empty ones.
     """
     both = {name: torch.cat([mem[name], cand[name]], dim=2) for name in ("k", "v", "fk", "ok")}
     recon = torch.einsum("bhmk,bhkv->bhmv", both["fk"].float(), state.float())
@@ -51,7 +53,10 @@ def consolidate(
     # below the score differences that matter.
     score = (score * 4096).round().masked_fill(~both["ok"], NEG)
     top = score.sort(dim=2, descending=True, stable=True).indices[..., :n]
-    top = top.sort(dim=2).values  # slot order follows arrival, for readability
+    # Kept pairs first, in order of arrival (ties above go to the older slot), empty slots last: readers may then
+    # stop at the number of slots that can be filled.
+    empty = ~both["ok"].gather(2, top)
+    top = top.gather(2, (top + empty * both["ok"].shape[2]).sort(dim=2).indices)
     out = {name: both[name].gather(2, top[..., None].expand(-1, -1, -1, both[name].shape[-1]))
            for name in ("k", "v", "fk")}  # fmt: skip
     out["ok"] = both["ok"].gather(2, top)
@@ -65,12 +70,24 @@ def empty_memory(B: int, H: int, n: int, D: int, K: int, like: Tensor, Dv: int |
             "ok": torch.zeros(B, H, n, dtype=torch.bool, device=like.device)}  # fmt: skip
 
 
+def filled(n: int, chunk: int, window: int, pad: list[int], p: int) -> int:
+    """Slots of an ``n``-pair memory that can hold a pair once every consolidation before position ``p`` ran: ``chunk``
+    per consolidation of the row with the most (rows start after ``pad`` left-padding tokens each)."""
+    return min(n, chunk * max(max(0, (p - pb - window - 1) // chunk) for pb in pad))
+
+
 def attend(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale: float, softcap: float | None) -> Tensor:
     """Softmax attention, GQA by grouping: ``q`` ``[B, Hq, t, D]``, keys/values ``[B, H, L, D]``, ``visible``
     ``[B, H, t, L]`` bool (every query sees at least itself) -> ``[B, Hq, t, D]`` fp32."""
     B, Hq, t, D = q.shape
     H = keys.shape[1]
     G = Hq // H
+    if softcap is None:  # SDPA's fused kernels (2x the einsums on CPU); a query group's G heads become rows
+        rows = q.float().reshape(B, H, G * t, D)
+        mask = visible[:, :, None].expand(B, H, G, t, visible.shape[-1]).reshape(B, H, G * t, -1)
+        out = torch.nn.functional.scaled_dot_product_attention(rows, keys.float(), values.float(), attn_mask=mask,
+                                                               scale=scale)  # fmt: skip
+        return out.reshape(B, Hq, t, -1)
     s = torch.einsum("bhgtd,bhld->bhgtl", q.float().view(B, H, G, t, D), keys.float()) * scale
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
@@ -138,6 +155,7 @@ def memory_branch(
     real = (aux["mem_real"] if "mem_real" in aux else torch.zeros(B, dtype=torch.long, device=dev))
     real = real + (valid.long().sum(1) if valid is not None else T)
     pad = (seen + T - real).tolist()  # left padding of each row (one sync per call, not per token)
+    mem = {name: t[:, :, : filled(n, chunk, window, pad, seen)] for name, t in mem.items()}
     cuts = {p: [p - pb >= window + chunk and (p - pb - window) % chunk == 0 for pb in pad]
             for p in range(seen, seen + T)}
     cuts = {p: rows for p, rows in cuts.items() if any(rows)}
@@ -151,8 +169,11 @@ def memory_branch(
                     "ok": cand_ok[:, None, sl].expand(B, H, chunk)}  # fmt: skip
             st = state[0] if state is not None else kr.new_zeros(B, H, K, vt.shape[-1], dtype=torch.float32)
             new = consolidate(mem, cand, st, n)
-            rows = torch.tensor(cuts[a], device=dev)
-            mem = {name: torch.where(rows.view(B, *[1] * (t.dim() - 1)), new[name], t) for name, t in mem.items()}
+            rows = torch.tensor(cuts[a], device=dev).view(B, 1, 1)
+            mem = {name: torch.where(rows if t.dim() == 3 else rows[..., None], t, _grow(mem[name], t.shape[2]))
+                   for name, t in new.items()}  # fmt: skip
+            m = filled(n, chunk, window, pad, a + 1)
+            mem = {name: t[:, :, :m] for name, t in mem.items()}  # the rest is empty (kept pairs come first)
         rec, state = recur(a - seen, b - seen, state)
         recs.append(rec)
         # Each row's dense keys start at its oldest unconsolidated block (its own padding first).
@@ -167,7 +188,7 @@ def memory_branch(
         dense_vis = (dense_vis | (kpos[None, :] == qpos[:, None])[None])[:, None]  # a query always sees itself
         keys = [mem["k"], kw[:, :, d0:d1]]
         vals = [mem["v"], vw[:, :, d0:d1]]
-        vis = [mem["ok"][:, :, None, :].expand(B, H, b - a, n), dense_vis.expand(B, H, b - a, d1 - d0)]
+        vis = [mem["ok"][:, :, None, :].expand(B, H, b - a, -1), dense_vis.expand(B, H, b - a, d1 - d0)]
         if sinks is not None:
             sv = sinks["sink_ok"] & (sinks["sink_pos"] < base[:, None])
             keys.insert(0, sinks["sink_k"])
@@ -176,6 +197,14 @@ def memory_branch(
         outs.append(attend(qr[:, :, a - seen : b - seen], torch.cat(keys, 2).to(qr.dtype),
                            torch.cat(vals, 2).to(qr.dtype), torch.cat(vis, 3), scale, softcap))  # fmt: skip
     keep = window + chunk
+    mem = {name: _grow(t, n) for name, t in mem.items()}  # the cache holds all n slots
     new_aux = {f"mem_{name}": t for name, t in mem.items()} | {"win_fk": fw[:, :, -keep:].clone(), "mem_real": real}
     rec = torch.cat(recs, 1) if recs[0] is not None else None
     return torch.cat(outs, 2), rec, state, (kw, vw, vb), new_aux
+
+
+def _grow(t: Tensor, m: int) -> Tensor:
+    """``t`` ``[B, H, M, ...]`` with empty slots (zeros, ``ok`` False) appended up to ``m``."""
+    if t.shape[2] >= m:
+        return t
+    return torch.cat([t, t.new_zeros(*t.shape[:2], m - t.shape[2], *t.shape[3:])], dim=2)

@@ -109,6 +109,37 @@ def test_a_memory_that_holds_everything_is_full_attention() -> None:
     assert (small - full).abs().max() > 1e-4
 
 
+def test_a_memory_that_holds_everything_is_full_attention_across_calls_and_left_padding() -> None:
+    """The memory's readers stop at the slots that can be filled (``retrieval.filled``, from positions and padding):
+    with rows padded differently and the text fed in two calls through the cache, no kept pair is cut off."""
+    x = _ids(2, 23)
+    mask = torch.ones(2, 23, dtype=torch.long)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        full = _convert("liger_attention", {"window": 64})(x, attention_mask=mask).logits
+        model = _convert("liger_attention", {"window": 2, "memory": 32, "memory_chunk": 3})
+        name = cache_kwarg(model)
+        first = model(x[:, :11], attention_mask=mask[:, :11], use_cache=True)
+        rest = model(x[:, 11:], attention_mask=mask, use_cache=True, **{name: first.past_key_values})
+    mem = torch.cat([first.logits, rest.logits], 1)
+    real = mask.bool()
+    torch.testing.assert_close(mem[real], full[real], rtol=1e-4, atol=2e-5)
+
+
+def test_consolidate_keeps_kept_pairs_first_in_order_of_arrival() -> None:
+    """Empty slots go last whatever their place before, so a reader may stop at the count of fillable slots."""
+    torch.manual_seed(0)
+    K = 4
+    v = torch.randn(1, 1, 6, K)
+    both = {"k": torch.arange(6.0).view(1, 1, 6, 1), "v": v, "fk": torch.randn(1, 1, 6, K),
+            "ok": torch.tensor([[[False, True, False, True, True, False]]])}  # fmt: skip
+    mem = {name: t[:, :, :3] for name, t in both.items()}  # slots: empty, pair 1, empty
+    cand = {name: t[:, :, 3:] for name, t in both.items()}  # pairs 3, 4 and a padding slot
+    out = consolidate(mem, cand, torch.randn(1, 1, K, K), 5)
+    assert out["ok"][0, 0].tolist() == [True, True, True, False, False]
+    assert out["k"][0, 0, :3, 0].tolist() == [1.0, 3.0, 4.0]
+
+
 def test_consolidate_keeps_the_pairs_the_state_recalls_worst() -> None:
     B, H, K = 1, 1, 4
     eye = torch.eye(K)
