@@ -14,7 +14,8 @@ Every exponential that is materialised has an argument <= 0, so gates of -500 pe
 overflow: ``e^{+cumsum}`` is never formed. The intra-chunk sum is split by sub-chunks of 8 rows: between
 sub-chunks the decay factors through the first row r of t's sub-chunk, ``e^{g[s+1:t+1]} = e^{g[r+1:t+1]} *
 e^{g[s+1:r+1]}``, which turns it into a matmul; inside a sub-chunk the ``[8, 8, D]`` decay block is formed
-elementwise with its upper triangle masked before ``exp``. Every range is summed on its own (see ``_Decays``).
+elementwise, its upper triangle masked after ``exp`` (the argument there is an empty sum, 0). Every range is summed
+on its own (see ``_Decays``).
 
 Chunks of 32 rows and sub-chunks of 8 are the fastest on the CPU (B = 4, T = 512, 9/3 heads of 64, per-dimension
 key gates: forward 27 ms and forward + backward 80 ms, against 59 and 173 ms with 64 and 16): the elementwise
@@ -27,7 +28,6 @@ chunk-to-chunk state scan is sequential, over the longest sequence's chunk count
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -116,11 +116,6 @@ def _pack(x: Tensor, idx: Tensor, acc: torch.dtype) -> Tensor:
     return torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])[idx]
 
 
-def _exp_masked(x: Tensor, keep: Tensor) -> Tensor:
-    """``exp(x)`` where ``keep`` else 0; masking the argument (not the result) keeps gradients free of inf * 0."""
-    return x.masked_fill(~keep, -math.inf).exp()
-
-
 class _Decays(NamedTuple):
     """``e^{sum of g over a range}`` for the ranges the chunked form needs, per chunk ``[n, h, C, D]``.
 
@@ -155,19 +150,24 @@ def _decays(g: Tensor, sub: int) -> _Decays:
     end = _after(g, 2)  # rows s+1..C-1
     gs = g.reshape(n, h, I, sub, D)
     row = torch.cat([g.new_zeros(n, h, I, 1, D), gs[:, :, :, 1:].cumsum(3)], 3)  # rows first+1..t
-    # col[i, s]: rows s+1..first row of sub-chunk i, summed backwards from that row; 0 unless s precedes it.
+    # The two blocks are sums of the gates over many ranges at once: a matmul with a 0/1 matrix that picks each
+    # range's rows (a direct sum, like the running sums, and faster on the CPU than masking and cumsum-ing a copy of
+    # the gates per range: a SmolLM2-shaped layer's forward, B = 4, T = 512, 46 -> 39 ms in one interleaved run).
+    # An empty range sums to 0, so its factor is e^0 = 1, zeroed by the mask after exp.
+    # col[i, s]: rows s+1..first row of sub-chunk i; 0 unless s precedes it.
     pos = torch.arange(C, device=g.device)
-    starts = pos[::sub, None]  # [I, 1]
-    upto = g.unsqueeze(2) * (pos[None, :] <= starts).to(g.dtype)[:, :, None]  # [n, h, I, C, D]: rows <= start_i
-    col = _after(upto, 3)
-    # diag[i, t, :, s]: rows s+1..t of sub-chunk i, a running sum over t from s + 1; 0 unless s <= t.
+    first = pos[::sub]  # [I]
+    u, i, s = pos[:, None, None], first[None, :, None], pos[None, None, :]
+    pick = ((s < u) & (u <= i)).to(g.dtype).reshape(C, I * C)  # [u, (i, s)]
+    col = (g.transpose(-1, -2) @ pick).view(n, h, D, I, C).exp() * (pos[None, :] < first[:, None])
+    col = col.permute(0, 1, 3, 4, 2)  # [n, h, I, C, D]
+    # diag[i, t, :, s]: rows s+1..t of sub-chunk i; 0 unless s <= t.
     loc = torch.arange(sub, device=g.device)
-    after = (loc[None, :] > loc[:, None]).to(g.dtype)  # [s, u]: u > s
-    diag = (gs.transpose(-1, -2).unsqueeze(-2) * after).cumsum(-1)  # [n, h, I, D, s, t]
-    diag = diag.permute(0, 1, 2, 5, 3, 4)  # [n, h, I, t, D, s]: the matmul with q runs over [D, s] blocks
+    u, t, s = loc[:, None, None], loc[None, :, None], loc[None, None, :]
+    pick = ((s < u) & (u <= t)).to(g.dtype).reshape(sub, sub * sub)  # [u, (t, s)]
+    diag = (gs.transpose(-1, -2) @ pick).view(n, h, I, D, sub, sub).exp() * (loc[None, :] <= loc[:, None])
+    diag = diag.permute(0, 1, 2, 4, 3, 5)  # [n, h, I, t, D, s]: the matmul with q runs over [D, s] blocks
     start, end, row = start.exp(), end.exp(), row.reshape(n, h, C, D).exp()
-    col = _exp_masked(col, (pos[None, :] < starts)[:, :, None])
-    diag = _exp_masked(diag, (loc[None, :] <= loc[:, None])[:, None, :])  # [t, 1, s]: s <= t
     return _Decays(start, end, start[:, :, -1], row, col, diag)
 
 
