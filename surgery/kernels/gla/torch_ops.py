@@ -93,12 +93,15 @@ def _bounds(B: int, T: int, cu_seqlens: Tensor | None) -> list[tuple[int, int]]:
 
 def _pack_index(
     bounds: list[tuple[int, int]], padded: list[int], total: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor | None, Tensor | None]:
     """Gather indices that lay sequence n out in ``padded[n]`` rows, one after another.
 
     Returns ``idx`` [sum(padded)] into the flattened time axis plus one zero row at ``total`` (the padding), and
-    ``inv`` [total], the packed row of every real token (every token belongs to a sequence: bounds cover it).
+    ``inv`` [total], the packed row of every real token (every token belongs to a sequence: bounds cover it); both
+    None when no sequence needs padding rows (the packed layout is the flat one, and packing is a reshape).
     """
+    if all(end - start == rows for (start, end), rows in zip(bounds, padded)):
+        return None, None
     parts = []
     for (start, end), rows in zip(bounds, padded):
         parts.append(torch.arange(start, end))
@@ -110,10 +113,11 @@ def _pack_index(
     return idx.to(device), inv.to(device)
 
 
-def _pack(x: Tensor, idx: Tensor, acc: torch.dtype) -> Tensor:
-    """``[B, T, ...]`` -> ``[len(idx), ...]`` in ``acc``, with zeros where ``idx`` points past the end."""
+def _pack(x: Tensor, idx: Tensor | None, acc: torch.dtype) -> Tensor:
+    """``[B, T, ...]`` -> ``[len(idx), ...]`` in ``acc``, with zeros where ``idx`` points past the end (``[B * T, ...]``
+    when ``idx`` is None)."""
     flat = x.reshape(-1, *x.shape[2:]).to(acc)
-    return torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])[idx]
+    return flat if idx is None else torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])[idx]
 
 
 class _Decays(NamedTuple):
@@ -290,7 +294,8 @@ def torch_chunk_gla(
         inter = qc @ states.unsqueeze(2)  # [n, h, g, C, V]
         o = o + (inter * dv.start.unsqueeze(2) if dv is not None else inter)
     o = o.permute(0, 3, 1, 2, 4).reshape(n * C, Hq, V)
-    return o[inv].view(B, T, Hq, V).to(v.dtype), (S if output_final_state else None)
+    o = o if inv is None else o[inv]
+    return o.view(B, T, Hq, V).to(v.dtype), (S if output_final_state else None)
 
 
 def torch_gla_state(
