@@ -50,13 +50,19 @@ def err(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 
 
-def inputs(B: int, T: int, grad: bool) -> dict[str, torch.Tensor]:
-    g = torch.Generator(device="cuda").manual_seed(0)
-    bf = torch.bfloat16
+def randn_cuda(seed: int = 0) -> Callable[..., torch.Tensor]:
+    """``rnd(*shape)``: fp32 normal samples on the GPU from one generator seeded ``seed`` (the same inputs per call
+    order in every run)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
 
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, device="cuda", generator=g)
 
+    return rnd
+
+
+def inputs(B: int, T: int, grad: bool) -> dict[str, torch.Tensor]:
+    rnd, bf = randn_cuda(), torch.bfloat16
     x = {"q": rnd(B, T, HQ, D).to(bf), "k": rnd(B, T, HKV, D).to(bf), "v": rnd(B, T, HKV, D).to(bf),
          "g": (F.logsigmoid(rnd(B, T, HKV, D)) / 16).to(bf), "do": rnd(B, T, HQ, D).to(bf)}
     for n in ("q", "k", "v", "g"):
@@ -173,12 +179,7 @@ def bench_gsa_pass1(Ts: list[int]) -> list[dict[str, Any]]:
     M = 64
     for T in Ts:
         B = max(1, TOKENS // T)
-        g = torch.Generator(device="cuda").manual_seed(0)
-        bf = torch.bfloat16
-
-        def rnd(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, device="cuda", generator=g)
-
+        rnd, bf = randn_cuda(), torch.bfloat16
         q, k = rnd(B, T, HQ, D).to(bf).requires_grad_(), rnd(B, T, HKV, D).to(bf).requires_grad_()
         s_, gv = rnd(B, T, HKV, M).to(bf).requires_grad_(), (F.logsigmoid(rnd(B, T, HKV, M)) / 8).requires_grad_()
         do = rnd(B, T, HQ, M).to(bf)
@@ -206,12 +207,7 @@ def bench_liger(Ts: list[int], window: int = 64) -> list[dict[str, Any]]:
     rows = []
     for T in Ts:
         B = max(1, TOKENS // T)
-        g = torch.Generator(device="cuda").manual_seed(0)
-        bf = torch.bfloat16
-
-        def rnd(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, device="cuda", generator=g)
-
+        rnd, bf = randn_cuda(), torch.bfloat16
         x = {"q_rope": rnd(B, T, HQ, D), "k_rope": rnd(B, T, HKV, D), "q_feat": rnd(B, T, HQ, D).softmax(-1),
              "k_feat": rnd(B, T, HKV, D).softmax(-1), "v": rnd(B, T, HKV, D),
              "gk": F.logsigmoid(rnd(B, T, HKV, D)) / 16}

@@ -89,8 +89,7 @@ def attend(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale: floa
                                                                scale=scale)  # fmt: skip
         return out.reshape(B, Hq, t, -1)
     s = torch.einsum("bhgtd,bhld->bhgtl", q.float().view(B, H, G, t, D), keys.float()) * scale
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
+    s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~visible[:, :, None], NEG).softmax(-1)
     return torch.einsum("bhgtl,bhld->bhgtd", s, values.float()).reshape(B, Hq, t, -1)
 

@@ -114,8 +114,8 @@ def _pack_index(
 
 
 def _pack(x: Tensor, idx: Tensor | None, acc: torch.dtype) -> Tensor:
-    """``[B, T, ...]`` -> ``[len(idx), ...]`` in ``acc``, with zeros where ``idx`` points past the end (``[B * T, ...]``
-    when ``idx`` is None)."""
+    """``[B, T, ...]`` -> ``[len(idx), ...]`` in ``acc``, with zeros where ``idx`` points past the end
+    (``[B * T, ...]`` when ``idx`` is None)."""
     flat = x.reshape(-1, *x.shape[2:]).to(acc)
     return flat if idx is None else torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])[idx]
 
@@ -123,9 +123,10 @@ def _pack(x: Tensor, idx: Tensor | None, acc: torch.dtype) -> Tensor:
 class _Decays(NamedTuple):
     """``e^{sum of g over a range}`` for the ranges the chunked form needs, per chunk ``[n, h, C, D]``.
 
-    Each range is summed on its own (a running sum from its first gate) rather than as a difference of prefix
-    sums: in fp32 the difference ``b_t - b_s`` loses every small gate that follows a large one (after a -500 step the
-    prefix sum's ulp is ~1e-4), while a sum of same-sign gates is accurate in any order.
+    Each range is summed on its own (a running sum from its first gate, or a 0/1 matrix that picks its gates)
+    rather than as a difference of prefix sums: in fp32 the difference ``b_t - b_s`` loses every small gate that
+    follows a large one (after a -500 step the prefix sum's ulp is ~1e-4), while a sum of same-sign gates is
+    accurate in any order.
     """
 
     start: Tensor  # [n, h, C, D]: gates of rows 0..t (state entering the chunk -> row t)
@@ -146,7 +147,8 @@ def _after(g: Tensor, dim: int) -> Tensor:
 def _decays(g: Tensor, sub: int) -> _Decays:
     """The decay factors of one side from its per-step gates ``g`` ``[n, h, C, D]`` (<= 0, so all factors <= 1).
 
-    Every range is a running sum (``cumsum``, forward or backward from its first gate), never a difference of two.
+    Every range is summed directly, by a running sum (``cumsum`` forward or backward from its first gate) or by a
+    0/1 matrix that picks its gates, never as a difference of two sums.
     """
     n, h, C, D = g.shape
     I = C // sub
