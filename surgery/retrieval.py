@@ -76,12 +76,27 @@ def filled(n: int, chunk: int, window: int, pad: list[int], p: int) -> int:
     return min(n, chunk * max(max(0, (p - pb - window - 1) // chunk) for pb in pad))
 
 
-def attend(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale: float, softcap: float | None) -> Tensor:
+def attend(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale: float, softcap: float | None,
+           null_logits: Tensor | None = None) -> Tensor:
     """Softmax attention, GQA by grouping: ``q`` ``[B, Hq, t, D]``, keys/values ``[B, H, L, D]``, ``visible``
-    ``[B, H, t, L]`` bool (every query sees at least itself) -> ``[B, Hq, t, D]`` fp32."""
+    ``[B, H, t, L]`` bool (every query sees at least itself) -> ``[B, Hq, t, D]`` fp32.
+
+    ``null_logits`` ``[B, Hq, t]``: one more key per query with that logit and a marker value
+    (``surgery.window.null_column``); the output gains a last column, its softmax weight (no soft-capping then).
+    """
     B, Hq, t, D = q.shape
     H = keys.shape[1]
     G = Hq // H
+    if null_logits is not None:
+        if softcap is not None:
+            raise ValueError("attend: null logits with soft-capping are not supported")
+        from surgery.window import null_column
+
+        rows = q.float().reshape(B, H, G * t, D)
+        mask = visible[:, :, None].expand(B, H, G, t, visible.shape[-1]).reshape(B, H, G * t, -1)
+        k, v, bias = null_column(rows, keys.float(), values.float(), mask, null_logits.float().reshape(B, H, G * t))
+        out = torch.nn.functional.scaled_dot_product_attention(rows, k, v, attn_mask=bias, scale=scale)
+        return out.reshape(B, Hq, t, -1)
     if softcap is None:  # SDPA's fused kernels (2x the einsums on CPU); a query group's G heads become rows
         rows = q.float().reshape(B, H, G * t, D)
         mask = visible[:, :, None].expand(B, H, G, t, visible.shape[-1]).reshape(B, H, G * t, -1)
@@ -109,6 +124,7 @@ def memory_branch(
     sinks: dict[str, Tensor] | None,
     state: State | None,
     recur: Callable[[int, int, State | None], tuple[Tensor | None, State]],
+    null: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None, State, tuple[Tensor, Tensor, Tensor | None], dict[str, Tensor]]:
     """The softmax branch with window, sinks and memory, and the recurrent branch run span by span.
 
@@ -119,6 +135,8 @@ def memory_branch(
         sinks: ``update_sinks``'s output (all of the sequence's sinks so far) or None.
         state: the recurrent state before this call. recur: ``(lo, hi, state) -> (o [B, hi - lo, Hq, D], state)``
             runs the recurrent branch on this call's tokens ``lo:hi`` (o None: only the state is wanted).
+        null: ``o -> [B, Hq, hi - lo]`` the logits of a marker key per query, from the span's recurrent output
+            (``combine: shared``); the softmax output then has one more column, that key's weight. None: none.
 
     Returns:
         softmax output ``[B, Hq, T, D]`` fp32, recurrent output ``[B, T, Hq, D]`` fp32 (None when ``recur`` gave
@@ -166,7 +184,9 @@ def memory_branch(
             sl = slice(lo, lo + chunk)
             cand = {"k": kw[:, :, sl], "v": vw[:, :, sl], "fk": fw[:, :, sl],
                     "ok": cand_ok[:, None, sl].expand(B, H, chunk)}  # fmt: skip
-            st = state[0] if state is not None else kr.new_zeros(B, H, K, vt.shape[-1], dtype=torch.float32)
+            # The state's value columns (a shared normalizer appends its own, ``z``, after them).
+            st = state[0][..., : vt.shape[-1]] if state is not None else kr.new_zeros(B, H, K, vt.shape[-1],
+                                                                                     dtype=torch.float32)
             new = consolidate(mem, cand, st, n)
             rows = torch.tensor(cuts[a], device=dev).view(B, 1, 1)
             mem = {name: torch.where(rows if t.dim() == 3 else rows[..., None], t, _grow(mem[name], t.shape[2]))
@@ -194,7 +214,8 @@ def memory_branch(
             vals.insert(0, sinks["sink_v"])
             vis.insert(0, sv[:, None, None, :].expand(B, H, b - a, sv.shape[1]))
         outs.append(attend(qr[:, :, a - seen : b - seen], torch.cat(keys, 2).to(qr.dtype),
-                           torch.cat(vals, 2).to(qr.dtype), torch.cat(vis, 3), scale, softcap))  # fmt: skip
+                           torch.cat(vals, 2).to(qr.dtype), torch.cat(vis, 3), scale, softcap,
+                           null(rec) if null is not None else None))  # fmt: skip
     keep = window + chunk
     mem = {name: _grow(t, n) for name, t in mem.items()}  # the cache holds all n slots
     new_aux = {f"mem_{name}": t for name, t in mem.items()} | {"win_fk": fw[:, :, -keep:].clone(), "mem_real": real}

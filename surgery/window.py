@@ -60,6 +60,35 @@ def _sink_column(
     return k, v, bias
 
 
+def null_column(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, logits: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Keys, values and an additive mask with one more key per query, whose logit is ``logits`` and whose value
+    marks it: an extra value column that is 1 for it and 0 for every real key.
+
+    The output's last column is then the softmax weight of that key, and the others the real keys' weighted values
+    over the shared denominator: how a recurrent branch joins the softmax under one normalizer (``combine:
+    shared`` of Liger Attention) without the softmax's log-sum-exp.
+
+    Args:
+        q: ``[N, Hq, Q, D]``; k ``[N, Hkv, L, D]``, v ``[N, Hkv, L, Dv]``; mask: bool ``[N, 1 or Hq, Q, L]`` or None.
+        logits: ``[N, Hq, Q]`` the extra key's logit for each query.
+
+    Returns:
+        k ``[N, Hkv, L + 1, D]``, v ``[N, Hkv, L + 1, Dv + 1]`` and a float mask ``[N, Hq, Q, L + 1]``.
+    """
+    N, Hq, Q, _ = q.shape
+    L = k.shape[2]
+    bias = q.new_zeros(N, Hq, Q, L)
+    if mask is not None:
+        bias = bias.masked_fill(~mask.expand(N, Hq, Q, L), float("-inf"))
+    bias = torch.cat([bias, logits.to(q.dtype)[..., None]], dim=-1)
+    k = torch.cat([k, k.new_zeros(*k.shape[:2], 1, k.shape[3])], dim=2)
+    v = F.pad(v, (0, 1, 0, 1))
+    v[:, :, -1, -1] = 1
+    return k, v, bias
+
+
 def sliding_window_attention(
     q: Tensor,
     k: Tensor,
@@ -71,6 +100,7 @@ def sliding_window_attention(
     block: int = 64,
     extra: tuple[Tensor, Tensor, Tensor] | None = None,
     sink_logits: Tensor | None = None,
+    null_logits: Tensor | None = None,
 ) -> Tensor:
     """Causal softmax attention restricted to the last ``window + 1`` keys (plus extra keys), GQA-native.
 
@@ -90,14 +120,18 @@ def sliding_window_attention(
             (sinks, a retrieval memory) that query t sees where ``visible[:, t]`` is True; None: none.
         sink_logits: ``[Hq]`` learned per-head logits added to every softmax denominator (GPT-OSS-style sinks,
             not the ``sinks`` tokens above), or None.
+        null_logits: ``[B, Hq, T]`` the logit of one more key per query whose value is a marker (``null_column``):
+            the output gains a last column, that key's softmax weight; or None.
 
     Returns:
-        ``[B, Hq, T, Dv]``.
+        ``[B, Hq, T, Dv]`` (``Dv + 1`` with ``null_logits``).
     """
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    if sink_logits is not None and softcap is not None:
-        raise ValueError("sliding_window_attention: sink logits with soft-capping are not supported")
+    if (sink_logits is not None or null_logits is not None) and softcap is not None:
+        raise ValueError("sliding_window_attention: sink or null logits with soft-capping are not supported")
+    if sink_logits is not None and null_logits is not None:
+        raise ValueError("sliding_window_attention: sink logits and null logits together are not supported")
     if T == 1 and S <= window + 1 and softcap is None:
         # Decoding from a cache that holds at most `window` past keys: every key is in the window, so the band,
         # the gather and the block padding are not needed (they cost more launches than the attention itself).
@@ -112,6 +146,8 @@ def sliding_window_attention(
             k, v = torch.cat([ek.to(k.dtype), k], dim=2), torch.cat([ev.to(v.dtype), v], dim=2)
         if sink_logits is not None:
             k, v, mask = _sink_column(q, k, v, mask, sink_logits)
+        if null_logits is not None:
+            k, v, mask = null_column(q, k, v, mask, null_logits)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
     off = S - T  # absolute position of query 0
     bq = max(1, min(block, T))
@@ -143,6 +179,9 @@ def sliding_window_attention(
     qb = qb.view(B, Hq, nb, bq, D).transpose(1, 2).reshape(B * nb, Hq, bq, D)
     if sink_logits is not None:
         kb, vb, mask = _sink_column(qb, kb, vb, mask, sink_logits)
+    if null_logits is not None:
+        nl = F.pad(null_logits, (0, nb * bq - T)).view(B, Hq, nb, bq).transpose(1, 2).reshape(B * nb, Hq, bq)
+        kb, vb, mask = null_column(qb, kb, vb, mask, nl)
     if softcap is None:
         o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
     else:
@@ -220,6 +259,7 @@ def swa_branch(
     softcap: float | None = None,
     sinks: int = 0,
     sink_logits: Tensor | None = None,
+    null_logits: Tensor | None = None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor | None], dict[str, Tensor]]:
     """The pretrained softmax attention (RoPE, scale, GQA) restricted to a window, continuing a cached window.
 
@@ -230,9 +270,10 @@ def swa_branch(
         layer: this layer's cache, or None.
         sinks: the first ``sinks`` real tokens of each row stay visible to every query (0: none).
         sink_logits: ``[Hq]`` the layer's learned sink logits (``Mixer.sink_logits``), or None.
+        null_logits: ``[B, Hq, T]`` logits of a marker key per query (``sliding_window_attention``), or None.
 
     Returns:
-        ``[B, T, Hq, Dv]``, the ``(keys, values, valid)`` window to pass to ``layer.commit``, and the ``aux``
+        ``[B, T, Hq, Dv]`` (``Dv + 1`` with ``null_logits``), the ``(keys, values, valid)`` window to pass to ``layer.commit``, and the ``aux``
         tensors to commit (the sinks; empty without sinks).
     """
     qr, kr = rope(q, k, ctx)
@@ -253,5 +294,5 @@ def swa_branch(
         visible = aux["sink_ok"][:, None, :] & (aux["sink_pos"][:, None, :] < (qpos - window)[None, :, None])
         extra = (aux["sink_k"], aux["sink_v"], visible)
     o = sliding_window_attention(qr, kw, vw, window, scale, key_valid=valid, softcap=softcap, extra=extra,
-                                 sink_logits=sink_logits)
+                                 sink_logits=sink_logits, null_logits=null_logits)
     return o.transpose(1, 2), (kw, vw, valid), aux

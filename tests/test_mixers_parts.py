@@ -289,3 +289,54 @@ def test_pooled_key_gate_pools_weight_and_bias(registry: Any) -> None:
     torch.testing.assert_close(mixer.g_proj.weight, pool_rows(k_w, 2, 16, 4))
     torch.testing.assert_close(mixer.g_proj.bias, pool_rows(k_b, 2, 16, 4))
     assert torch.equal(mixer.k_proj.weight, k_w)
+
+
+def test_null_column_joins_the_softmax_under_one_normalizer() -> None:
+    """The marker key of ``combine: shared``: the window's keys and one extra logit per query share one softmax;
+    the last output column is that logit's weight (checked against the dense formula, with cached keys and GQA)."""
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, T, S, D, W = 2, 4, 2, 9, 12, 8, 3
+    q, k, v = torch.randn(B, Hq, T, D, generator=g), torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    logits = torch.randn(B, Hq, T, generator=g) * 2
+    out = sliding_window_attention(q, k, v, W, 0.3, null_logits=logits, block=4)
+    assert out.shape == (B, Hq, T, D + 1)
+    kk, vv = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)
+    s = torch.einsum("bhtd,bhsd->bhts", q, kk) * 0.3
+    pos, key = torch.arange(S - T, S)[:, None], torch.arange(S)[None]
+    s = s.masked_fill(~((key <= pos) & (key >= pos - W)), float("-inf"))
+    w = torch.cat([s, logits[..., None]], -1).softmax(-1)
+    torch.testing.assert_close(out[..., :D], torch.einsum("bhts,bhsd->bhtd", w[..., :-1], vv), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[..., D], w[..., -1], rtol=1e-5, atol=1e-6)
+    # Decoding (one query over a cache no longer than the window) takes another path: same numbers.
+    one = sliding_window_attention(q[:, :, -1:], k[:, :, -W - 1:], v[:, :, -W - 1:], W, 0.3, null_logits=logits[..., -1:])
+    torch.testing.assert_close(one, out[:, :, -1:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("memory", [0, 6])
+def test_shared_combine_spans_softmax_alone_to_the_normalized_recurrence(memory: int, registry: Any) -> None:
+    """``combine: shared`` at a very low log-gain is the softmax side alone (window, sinks, memory), exactly as
+    ``combine: fixed`` with w_rec 0; at a very high one, the normalized recurrent branch ``phi(q)^T S / phi(q)^T z``."""
+    x = torch.randint(3, 160, (2, 23), generator=torch.Generator().manual_seed(1))
+    base = {"window": 3, "sinks": 1, "memory": memory, "memory_chunk": 4} if memory else {"window": 3, "sinks": 1}
+
+    def logits(opts: dict[str, Any]) -> torch.Tensor:
+        rule = {"layers": "all", "mixer": "liger_attention", "options": {**base, **opts}}
+        plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, registry)
+        with torch.no_grad():
+            return surgery.convert(plan, tiny_model("llama"), registry=registry)(x).logits
+
+    soft = logits({"w_swa": 1.0, "w_rec": 0.0})
+    torch.testing.assert_close(logits({"combine": "shared", "shared_bias": -30.0}), soft, rtol=1e-5, atol=1e-5)
+    high = logits({"combine": "shared", "shared_bias": 30.0})
+    assert (high - soft).abs().max() > 1e-2  # the recurrent term took over
+    mid = logits({"combine": "shared", "shared_bias": 0.0})
+    assert torch.isfinite(mid).all() and (mid - soft).abs().max() > 1e-4 and (mid - high).abs().max() > 1e-4
+
+
+def test_shared_combine_refuses_the_fixed_weights(registry: Any) -> None:
+    rule = {"layers": "all", "mixer": "liger_attention", "options": {"combine": "shared", "w_rec": 0.3}}
+    with pytest.raises(PlanError, match="w_rec belong to combine: fixed"):
+        surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, registry)
+    rule["options"] = {"shared_bias": 1.0}
+    with pytest.raises(PlanError, match="shared_bias belongs to combine: shared"):
+        surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, registry)

@@ -12,17 +12,28 @@ reports that the weights summing to 1 matters. The cache keeps the recurrent sta
 post-RoPE keys/values, so decoding is exact (the official code kept no window and decoded with SWA(q_t) = v_t,
 liger.md section 6).
 
+Two ways to combine the branches (``combine``): ``fixed`` weights as above (Liger), or ``shared``: one normalizer
+over both (LoLCATs, LoLA), where the recurrent branch is one more term of the softmax::
+
+    y = (sum_i exp(s_i) v_i + g phi(q)^T S) / (sum_i exp(s_i) + g phi(q)^T z),    g = exp(null_bias[head])
+
+over the softmax's keys i (window, sinks, memory), with ``S`` the recurrent state and ``z`` its normalizer state (the
+same recurrence over a column of ones). It runs as one softmax with a marker key per query whose logit is
+``log(g phi(q)^T z)`` (``surgery.window.null_column``). ``null_bias`` is a trained parameter per query head,
+initialised to ``shared_bias``: at a low value the conversion is the softmax side alone, and recovery learns how
+much the recurrent state should add.
+
 Plans name the branch as ``recurrent: {mixer: hgrn2, options: {lower_bound: 0.1}}``, or in the short form
 ``recurrent: hgrn2`` with the branch's options beside Liger's own (``{recurrent: gsa, num_slots: 8}``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, PrivateAttr, SerializeAsAny, ValidationError, ValidationInfo, model_validator
-from torch import Tensor
+from torch import Tensor, nn
 
 from surgery.attention import AttentionSite
 from surgery.cache import mixer_cache
@@ -85,6 +96,8 @@ class LigerAttention(Mixer):
         {"window": 2, "sinks": 3, "window_dropout": 0.5},
         {"window": 2, "memory": 3, "memory_chunk": 2},
         {"window": 3, "memory": 2, "memory_chunk": 3, "sinks": 2},
+        {"window": 3, "combine": "shared", "shared_bias": 0.0},
+        {"window": 2, "memory": 3, "memory_chunk": 2, "sinks": 1, "combine": "shared", "shared_bias": 1.0},
     )
 
     class Options(Mixer.Options):
@@ -100,8 +113,15 @@ class LigerAttention(Mixer):
             0.0, ge=0, le=1,
             description="training only: probability of dropping the window branch for a sequence (its weight goes "
                         "to the recurrent branch), so the recurrence learns to carry context (arXiv 2510.05901)")
-        w_swa: float = Field(0.5, description="weight of the sliding-window branch")
-        w_rec: float = Field(0.5, description="weight of the recurrent branch")
+        w_swa: float = Field(0.5, description="weight of the sliding-window branch (combine: fixed)")
+        w_rec: float = Field(0.5, description="weight of the recurrent branch (combine: fixed)")
+        combine: Literal["fixed", "shared"] = Field(
+            "fixed", description="fixed: w_swa * softmax + w_rec * recurrent (Liger); shared: one normalizer over "
+                                 "the softmax's keys and the recurrent state (LoLCATs, LoLA)")
+        shared_bias: float = Field(
+            -8.0, ge=-30, le=30,
+            description="combine: shared: initial log-gain of the recurrent term per query head (trained; low: "
+                        "the softmax side alone)")
 
         @model_validator(mode="before")
         @classmethod
@@ -127,6 +147,19 @@ class LigerAttention(Mixer):
             return data
 
         @model_validator(mode="after")
+        def _combine(self) -> Any:
+            # By value, not by the fields set: a saved plan spells out every default.
+            fields = type(self).model_fields
+            if self.combine == "shared":
+                fixed = [n for n in ("w_swa", "w_rec", "window_dropout") if getattr(self, n) != fields[n].default]
+                if fixed:
+                    raise ValueError(f"{', '.join(fixed)} belong to combine: fixed; combine: shared weighs the "
+                                     f"branches by one normalizer (its knob is shared_bias)")
+            elif self.shared_bias != fields["shared_bias"].default:
+                raise ValueError("shared_bias belongs to combine: shared")
+            return self
+
+        @model_validator(mode="after")
         def _memory_branch(self) -> Any:
             if self.memory > 0 and self.recurrent.mixer != "gla":
                 raise ValueError(f"memory: {self.memory} needs recurrent: gla (it scores pairs with GLA's key "
@@ -137,6 +170,8 @@ class LigerAttention(Mixer):
         super().__init__(site, options, config, projections=projections)
         branch = options.recurrent
         self.recurrent = branch.mixer_cls(site, branch.options, config, projections=False)
+        if options.combine == "shared":  # [Hq] log-gain of the recurrent term (module docstring)
+            self.null_bias = nn.Parameter(torch.full((site.dims.num_heads,), options.shared_bias))
 
     @classmethod
     def resolve_options(cls, site: AttentionSite, options: Options) -> Options:
@@ -152,6 +187,11 @@ class LigerAttention(Mixer):
     def check_site(cls, site: AttentionSite, options: Options) -> None:
         if options.memory > 0 and site.extras is not None and site.extras.sink_logits:
             raise MixerDimsError("memory > 0 with learned sink logits: the retrieval memory's softmax has no sink")
+        if options.combine == "shared" and site.extras is not None and site.extras.sink_logits:
+            raise MixerDimsError("combine: shared with learned sink logits is not supported")
+        if options.combine == "shared" and site.dims.softcap is not None:
+            raise MixerDimsError(f"combine: shared with soft-capped logits (softcap {site.dims.softcap}) is not "
+                                 "supported: the shared normalizer adds an uncapped term")
         options.recurrent.mixer_cls.check_site(site, options.recurrent.options)
 
     @classmethod
@@ -184,12 +224,17 @@ class LigerAttention(Mixer):
         """Both branches in PyTorch and their mix ``[B, T, Hq, Dv]`` fp32, the cache (if any) continued."""
         B, opts = x.shape[0], self.options
         state = layer.states if layer is not None else None
-        rec, state = self.recurrent.recurrent_output(x, q, k, v, ctx.padding_mask, state, layer is not None)
+        shared = opts.combine == "shared"
+        vr = _with_ones(v) if shared else v
+        rec, state = self.recurrent.recurrent_output(x, q, k, vr, ctx.padding_mask, state, layer is not None)
         swa, (kw, vw, valid), aux = swa_branch(q, k, v, ctx, layer, opts.window, self.scaling,
                                                self.site.dims.softcap, sinks=opts.sinks,
-                                               sink_logits=getattr(self, "sink_logits", None))
+                                               sink_logits=getattr(self, "sink_logits", None),
+                                               null_logits=self._null_logits(rec) if shared else None)
         if layer is not None:
             layer.commit(x.shape[1], states=state, keys=kw, values=vw, valid=valid, aux=aux)
+        if shared:
+            return _shared(swa.float(), rec)
         if self.training and opts.window_dropout > 0:
             drop = (torch.rand(B, 1, 1, 1, device=x.device) < opts.window_dropout).float()
             return (1 - drop) * (opts.w_swa * swa.float() + opts.w_rec * rec) + drop * (opts.w_swa + opts.w_rec) * rec
@@ -206,6 +251,8 @@ class LigerAttention(Mixer):
         """
         opts = self.options
         if not x.is_cuda or x.shape[1] == 1 or ctx.padding_mask is not None or opts.sinks > 0 or layer is not None:
+            return None
+        if opts.combine != "fixed":
             return None
         if ctx.query_scale is not None or getattr(self, "sink_logits", None) is not None:
             return None  # the fused kernel has neither a query scale nor sink logits
@@ -260,6 +307,8 @@ class LigerAttention(Mixer):
         opts = self.options
         if not (FUSED_DECODE and x.is_cuda and layer.static) or self.training or opts.sinks > 0 or opts.window == 0:
             return None
+        if opts.combine != "fixed":
+            return None
         if layer.keys is None or layer.keys.shape[2] != opts.window or layer.states is None:
             return None
         if ctx.query_scale is not None or self.site.dims.softcap is not None:
@@ -286,6 +335,11 @@ class LigerAttention(Mixer):
         layer.commit(1, states=state)
         return self.output(o.reshape(B, 1, -1).to(x.dtype), x)
 
+    def _null_logits(self, rec: Tensor) -> Tensor:
+        """``rec`` ``[B, T, Hq, Dv + 1]`` -> the marker key's logits ``[B, Hq, T]``: ``log(g phi(q)^T z)``."""
+        den = rec[..., -1].float().clamp_min(1e-30).log()  # [B, T, Hq]
+        return (den + self.null_bias.float()).transpose(1, 2)
+
     def _mix_with_memory(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, ctx: MixContext) -> Tensor:
         """``mix`` with the retrieval memory: the recurrence runs span by span between consolidations."""
         B, T, _ = x.shape
@@ -302,20 +356,40 @@ class LigerAttention(Mixer):
             seen = layer.seen if layer is not None else 0
             sinks = update_sinks(layer.aux if layer is not None else None, kr, vt, valid, seen, opts.sinks)
 
+        shared = opts.combine == "shared"
+        vr = _with_ones(v) if shared else v
+
         def recur(lo: int, hi: int, st: Any) -> tuple[Tensor | None, Any]:
             sub = None if valid is None else valid[:, lo:hi]
-            span = (x[:, lo:hi], q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], sub, st)
-            if opts.w_rec == 0:  # the state only chooses what to remember: its output would be multiplied by 0
+            span = (x[:, lo:hi], q[:, lo:hi], k[:, lo:hi], vr[:, lo:hi], sub, st)
+            if opts.w_rec == 0 and not shared:  # the state only chooses what to remember: its output would be x 0
                 return None, self.recurrent.advance(*span)
             return self.recurrent.recurrent_output(*span, True)
 
         swa, rec, state, (kw, vw, vb), aux = memory_branch(
             qr, kr, vt, fk, valid, layer, opts.window, opts.memory_chunk, opts.memory, self.scaling,
-            self.site.dims.softcap, sinks, state, recur)
+            self.site.dims.softcap, sinks, state, recur, self._null_logits if shared else None)
         if layer is not None:
             layer.commit(T, states=state, keys=kw, values=vw, valid=vb, aux=aux | (sinks or {}))
-        o = opts.w_swa * swa.transpose(1, 2) + (opts.w_rec * rec if rec is not None else 0)
+        if shared:
+            o = _shared(swa.transpose(1, 2), rec)
+        else:
+            o = opts.w_swa * swa.transpose(1, 2) + (opts.w_rec * rec if rec is not None else 0)
         return self.output(o.reshape(B, T, -1).to(x.dtype), x)
+
+
+def _with_ones(v: Tensor) -> Tensor:
+    """``v`` ``[B, T, H, Dv]`` with a last column of ones: the recurrence then also carries its normalizer state."""
+    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+
+
+def _shared(soft: Tensor, rec: Tensor) -> Tensor:
+    """One normalizer over both branches: ``soft`` ``[B, T, Hq, Dv + 1]`` (the softmax with the marker key, whose
+    weight is the last column) and ``rec`` ``[B, T, Hq, Dv + 1]`` (``phi(q)^T S`` and ``phi(q)^T z``) ->
+    ``[B, T, Hq, Dv]`` fp32: the softmax's keys over the shared denominator plus the marker's weight times the
+    recurrent branch's own normalized output ``phi(q)^T S / phi(q)^T z``."""
+    rec = rec.float()
+    return soft[..., :-1].float() + soft[..., -1:].float() * rec[..., :-1] / rec[..., -1:].clamp_min(1e-30)
 
 
 @hookimpl
