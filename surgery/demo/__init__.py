@@ -17,6 +17,9 @@ From the held-out articles we build the local lm-eval tasks (see ``surgery/tasks
 - ``passkey_1k.jsonl`` / ``passkey_2k.jsonl`` / ``passkey_4k.jsonl``: passkey-in-a-haystack recall items, 20 each,
   depths stratified over the context (``surgery.demo.tasks.passkey_items``);
 - ``passkey_multi.jsonl``: 4 named keys in ~1K tokens, the question asks for one (``tasks.multikey_items``).
+- ``long_ppl.jsonl``: 2,048-token windows of the long held-out articles, each as two requests (its first half, then
+  its second half after the first), cut in SmolLM2 tokens (``tasks.long_ppl_items``): perplexity where a
+  constant-memory conversion must remember.
 
 Everything is deterministic (fixed seeds, no hub access) and cached: a finished directory is never rebuilt.
 """
@@ -33,6 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from surgery.demo import tasks as _tasks
 
@@ -44,7 +48,7 @@ N_HELDOUT = 20
 MIN_TRAIN = 40  # fewer means gensim's excerpt changed under us
 PPL_WINDOW_CHARS = 2000  # ~450 SmolLM2 tokens of Wikipedia prose (4.4 characters per token)
 PPL_WINDOWS_PER_ARTICLE = 2
-DATA_VERSION = 5  # bump when the builders or the task templates change: a data dir with another version is rebuilt
+DATA_VERSION = 6  # bump when the builders or the task templates change: a data dir with another version is rebuilt
 
 # Sections after which a Wikipedia article is only links and bibliography.
 _END_SECTIONS = re.compile(r"^=+\s*(see also|references|notes|further reading|external links|bibliography|"
@@ -63,6 +67,7 @@ class DataPaths:
     passkey_2k: Path
     passkey_4k: Path
     passkey_multi: Path
+    long_ppl: Path
     tasks_dir: Path  # lm-eval task YAMLs pointing at the files above (``TaskManager(include_path=...)``)
     stats: Path
 
@@ -72,7 +77,8 @@ class DataPaths:
         return cls(root=d, train=d / "train.jsonl", heldout_ppl=d / "heldout_ppl.jsonl",
                    nextsent=d / "nextsent.jsonl", passkey_1k=d / "passkey_1k.jsonl",
                    passkey_2k=d / "passkey_2k.jsonl", passkey_4k=d / "passkey_4k.jsonl",
-                   passkey_multi=d / "passkey_multi.jsonl", tasks_dir=d / "tasks", stats=d / "stats.json")
+                   passkey_multi=d / "passkey_multi.jsonl", long_ppl=d / "long_ppl.jsonl", tasks_dir=d / "tasks",
+                   stats=d / "stats.json")
 
 
 def default_root() -> Path:
@@ -222,21 +228,35 @@ def _data_complete(paths: DataPaths) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     files = (paths.train, paths.heldout_ppl, paths.nextsent, paths.passkey_1k, paths.passkey_2k, paths.passkey_4k,
-             paths.passkey_multi)
+             paths.passkey_multi, paths.long_ppl)
     return version == DATA_VERSION and all(p.is_file() for p in files) and _tasks.tasks_written(paths.tasks_dir)
 
 
-def build_data(root: Path | None = None) -> DataPaths:
-    """Build (once) the recovery text and the local evaluation sets under ``root/data``; about 3 s.
+def build_data(root: Path | None = None, tokenizer: Any = None) -> DataPaths:
+    """Build (once) the recovery text and the local evaluation sets under ``root/data``; about 5 s.
+
+    Args:
+        tokenizer: cuts the long-context windows in tokens; None: the demo model's (``_demo_tokenizer``).
 
     Returns:
         The ``DataPaths`` of ``root/data``. The whole directory is written to a temporary name and renamed.
     """
     root = Path(root) if root is not None else default_root()
-    return build_data_at(root / "data")
+    return build_data_at(root / "data", tokenizer)
 
 
-def build_data_at(data_dir: Path) -> DataPaths:
+def _demo_tokenizer(root: Path) -> Any:
+    """SmolLM2's tokenizer: the demo model's beside ``root``'s data, else the default root's (fetched first)."""
+    from transformers import AutoTokenizer
+
+    for d in (root / "smollm2-135m", default_root() / "smollm2-135m"):
+        if (d / "tokenizer.json").is_file():
+            return AutoTokenizer.from_pretrained(d)
+    raise RuntimeError(f"the demo data cuts its long windows with SmolLM2's tokenizer, and neither {root} nor "
+                       f"{default_root()} holds smollm2-135m/: run `surgery fetch-demo` first")
+
+
+def build_data_at(data_dir: Path, tokenizer: Any = None) -> DataPaths:
     """``build_data`` into an explicit directory (``data_dir`` itself holds the files)."""
     data_dir = Path(data_dir).resolve()
     root = data_dir.parent
@@ -244,6 +264,8 @@ def build_data_at(data_dir: Path) -> DataPaths:
     if _data_complete(paths):
         return paths
     t0 = time.perf_counter()
+    if tokenizer is None:
+        tokenizer = _demo_tokenizer(root)
     articles = wiki_articles()
     if len(articles) < MIN_TRAIN + N_HELDOUT:
         raise RuntimeError(f"gensim's Wikipedia excerpt gave {len(articles)} articles after cleaning; the demo "
@@ -256,6 +278,7 @@ def build_data_at(data_dir: Path) -> DataPaths:
     nextsent = _tasks.nextsent_items(heldout)
     passkeys = {n: _tasks.passkey_items(n_tokens=n) for n in (1024, 2048, 4096)}
     multikey = _tasks.multikey_items(n_tokens=1024)
+    long_rows = _tasks.long_ppl_items(heldout, tokenizer)
 
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}-", dir=root))
@@ -269,13 +292,14 @@ def build_data_at(data_dir: Path) -> DataPaths:
         _write_jsonl(t.passkey_2k, passkeys[2048])
         _write_jsonl(t.passkey_4k, passkeys[4096])
         _write_jsonl(t.passkey_multi, multikey)
+        _write_jsonl(t.long_ppl, long_rows)
         # The YAMLs name the final directory: they are written for data_dir, not for tmp.
         _tasks.write_task_yamls(t.tasks_dir, paths)
         stats = {"version": DATA_VERSION, "source": GENSIM_WIKI, "articles": len(articles),
                  "train": [a for a, _ in train], "heldout": [a for a, _ in heldout],
                  "train_chars": sum(len(b) for _, b in train), "heldout_ppl_windows": len(ppl_rows),
                  "nextsent_items": len(nextsent), "passkey_items": {str(k): len(v) for k, v in passkeys.items()},
-                 "multikey_items": len(multikey)}
+                 "multikey_items": len(multikey), "long_windows": len(long_rows) // 2}
         t.stats.write_text(json.dumps(stats, indent=1))
         if data_dir.exists():
             shutil.rmtree(data_dir)  # incomplete or an older version: _data_complete said so

@@ -8,6 +8,13 @@ Four tasks run offline, on files that ``surgery.demo.build_data`` writes:
 | ``wiki_nextsent`` | multiple_choice | acc_norm | ``{"context", "choices": [4], "label", "title"}`` |
 | ``passkey_1k``, ``_2k``, ``_4k`` | loglikelihood | acc (greedy exact match) | ``{"prompt", "target", ...}`` |
 | ``passkey_multi`` (4 keys, one asked, ~1K tokens) | loglikelihood | acc (greedy exact match) | same |
+| ``wiki_long`` (2,048-token windows of long articles) | loglikelihood | token_perplexity, token_perplexity_late | ``{"context", "continuation", "n_tokens", "late", ...}`` |
+
+``wiki_long`` is where a constant-memory conversion must remember: a window + sinks + memory of a few hundred pairs
+cannot hold 2,048 tokens, so unlike ``wiki_ppl`` (512-token windows, which such a recipe sees whole) it tells the
+conversion from the base. Each window is two requests: its first half after nothing, and its second half after the
+first; ``token_perplexity`` pools every token, ``token_perplexity_late`` only the second halves (positions >= 1,024).
+Its ``process_results`` is ``long_ppl.py`` beside the YAML (written with it).
 
 The passkey probe is scored by teacher forcing, not by ``generate``: ``acc`` is 1 when every token of the key is
 the model's argmax given the prompt and the key's earlier tokens, which is exactly "greedy decoding writes the
@@ -50,6 +57,7 @@ LOCAL_TASKS: dict[str, LocalTask] = {
         LocalTask("passkey_2k", "passkey_2k", "acc", True),
         LocalTask("passkey_4k", "passkey_4k", "acc", True),
         LocalTask("passkey_multi", "passkey_multi", "acc", True),
+        LocalTask("wiki_long", "long_ppl", "token_perplexity", False),
     )
 }
 
@@ -206,6 +214,44 @@ def multikey_items(n_tokens: int = 1024, n_keys: int = 4, n_items: int = 20, see
                       "depth": round(at[asked] / n_sents, 3)})
     return items
 
+# ---------------------------------------------------------------------------------------------- long windows
+
+LONG_WINDOW = 2048
+LONG_SPLIT = 1024
+
+
+def long_ppl_items(articles: list[tuple[str, str]], tokenizer: Any, window: int = LONG_WINDOW,
+                   split: int = LONG_SPLIT, per_article: int = 4) -> list[dict[str, Any]]:
+    """Two loglikelihood requests per ``window``-token window of the long articles (token windows, not characters).
+
+    Each article gives its first ``per_article`` non-overlapping windows (an article shorter than one window gives
+    none). Window 0 of every article comes first, then window 1, ...: a limit still covers many articles. Per window,
+    rows ``{"context": "", "continuation": tokens [0, split)}`` and ``{"context": tokens [0, split), "continuation":
+    tokens [split, window), "late": true}``, with ``n_tokens`` the continuation's token count (what the perplexity
+    divides by). Rows carry ``title``, ``window`` and ``late``; the two rows of a window are adjacent.
+    """
+    if not 0 < split < window:
+        raise ValueError(f"long_ppl_items: split={split} must lie inside the window ({window} tokens)")
+    per: list[list[tuple[str, list[int]]]] = []
+    for title, body in articles:
+        ids = tokenizer(re.sub(r"\s+", " ", body).strip(), add_special_tokens=False).input_ids
+        per.append([(title, ids[i * window:(i + 1) * window]) for i in range(min(per_article, len(ids) // window))])
+    rows: list[dict[str, Any]] = []
+    for w in range(max(map(len, per), default=0)):
+        for windows in per:
+            if w >= len(windows):
+                continue
+            title, ids = windows[w]
+            head, tail = tokenizer.decode(ids[:split]), tokenizer.decode(ids[split:])
+            rows.append({"title": title, "window": w, "late": False, "context": "", "continuation": head,
+                         "n_tokens": split})
+            rows.append({"title": title, "window": w, "late": True, "context": head, "continuation": tail,
+                         "n_tokens": window - split})
+    if not rows:
+        raise ValueError(f"long_ppl_items: no article has {window} tokens")
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- YAMLs
 
 
@@ -226,9 +272,13 @@ def write_task_yamls(out_dir: Path, data: Any) -> list[Path]:
         path = out_dir / f"{task.name}.yaml"
         path.write_text(text)
         written.append(path)
+    for helper in TEMPLATE_DIR.glob("*.py"):  # the tasks' process_results (``!function``), read beside the YAMLs
+        (out_dir / helper.name).write_text(helper.read_text())
+        written.append(out_dir / helper.name)
     return written
 
 
 def tasks_written(out_dir: Path) -> bool:
-    """True when ``out_dir`` holds a YAML for every local task."""
-    return all((Path(out_dir) / f"{t}.yaml").is_file() for t in LOCAL_TASKS)
+    """True when ``out_dir`` holds a YAML for every local task and every helper module."""
+    return (all((Path(out_dir) / f"{t}.yaml").is_file() for t in LOCAL_TASKS)
+            and all((Path(out_dir) / p.name).is_file() for p in TEMPLATE_DIR.glob("*.py")))
