@@ -1,8 +1,11 @@
 """Evaluation stage: lm-eval on the base and the converted model, same tasks, same settings, side by side.
 
 Both models run in memory through lm-eval's ``HFLM`` wrapper. The result of every task is summarized by one main
-metric (``LocalTask.metric`` for the shipped tasks, ``MAIN_METRICS`` or the first of ``_FALLBACK`` otherwise) as
-base / converted / converted÷base, and written as ``results.json``, ``results.md`` and ``results.png``.
+metric (``eval.metrics`` of the plan, else ``MAIN_METRICS`` or the first of ``_FALLBACK``) as base / converted /
+converted÷base, and written as ``results.json``, ``results.md`` and ``results.png``. A task may report more metrics
+(``eval.metrics: {wiki_long: [token_perplexity, token_perplexity_late]}``): each further one is a row of its own,
+keyed ``task/metric``. When the run recovers, the converted model is also scored before recovery (``before``), so
+the table shows base, converted and recovered side by side.
 """
 
 from __future__ import annotations
@@ -26,13 +29,19 @@ MAIN_METRICS: dict[str, str] = {
     "winogrande": "acc", "mmlu": "acc", "lambada_openai": "acc", "boolq": "acc", "openbookqa": "acc_norm",
     "sciq": "acc_norm", "wikitext": "word_perplexity",
 }
-_FALLBACK = ("acc_norm", "acc", "exact_match", "word_perplexity", "perplexity")
-_LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity"}
+_FALLBACK = ("acc_norm", "acc", "exact_match", "word_perplexity", "token_perplexity", "perplexity")
+_LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity", "token_perplexity"}
+#: A ratio within this of 1 is drawn and read as parity (a lower-is-better 1.000 is not "worse").
+PARITY = 0.005
 
 
-class TaskResult(TypedDict):
-    """One task, base and converted side by side on its main metric (``ratio`` = converted / base)."""
+class TaskResult(TypedDict, total=False):
+    """One task (or one further metric of it), base and converted side by side (``ratio`` = converted / base).
 
+    ``before``, ``before_ratio`` and ``before_stderr`` are the converted model before recovery (runs that recover).
+    """
+
+    task: str
     metric: str
     higher_is_better: bool
     base: float | None
@@ -45,6 +54,10 @@ class TaskResult(TypedDict):
     num_fewshot: int
     base_metrics: dict[str, float]
     converted_metrics: dict[str, float]
+    before: float | None
+    before_ratio: float | None
+    before_stderr: float | None
+    note: str | None
 
 
 class EvalResult(TypedDict):
@@ -69,6 +82,14 @@ class EvalSpec(Options):
         default_factory=dict, description="documents per task name; a task not named (or null) runs in full"
     )
     num_fewshot: dict[str, NonNegativeInt] = Field(default_factory=lambda: {"mmlu": 5}, description="shots per task")
+    metrics: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict, description="metrics reported per task name, the main one first (default: the main "
+                                          "metric alone); each further one is a row 'task/metric'")
+    notes: dict[str, str] = Field(
+        default_factory=dict, description="a note per task (or 'task/metric') printed under the table, e.g. why a "
+                                          "figure cannot tell the conversion from the base")
+    before_recovery: bool = Field(
+        True, description="in a run that recovers, also score the converted model before recovery (one more pass)")
     batch_size: PositiveInt = Field(4, description="lm-eval batch size")
     max_length: int = Field(2560, ge=64, description="longest input in tokens")
 
@@ -217,7 +238,7 @@ def _load_base(plan: Any) -> tuple[nn.Module, Any]:
 
 def evaluate(model: nn.Module, plan: Any = None, *, base_model: nn.Module | None = None, tokenizer: Any = None,
              tasks: list[str] | None = None, limit: int | float | None = None,
-             out_dir: str | Path | None = None) -> EvalResult:
+             out_dir: str | Path | None = None, before: nn.Module | Scores | None = None) -> EvalResult:
     """Run lm-eval on the converted ``model`` and on the base model, with the same tasks and settings.
 
     Args:
@@ -230,6 +251,8 @@ def evaluate(model: nn.Module, plan: Any = None, *, base_model: nn.Module | None
         limit: documents per task, overrides ``plan.eval.limit``/``limits``.
         out_dir: where ``results.json``, ``results.md`` and ``results.png`` go; None writes nothing (unless the
             plan has an ``output`` directory: then ``<output>/eval``).
+        before: the converted model before recovery, or its ``score`` (taken before training changed it): a third
+            column.
 
     Returns:
         ``{"tasks": {name: {"metric", "higher_is_better", "base", "converted", "ratio", "samples", ...}},
@@ -245,27 +268,29 @@ def evaluate(model: nn.Module, plan: Any = None, *, base_model: nn.Module | None
     if tokenizer is None:
         raise ValueError("evaluate: pass tokenizer= (or a plan whose `model` has a tokenizer)")
     manager = _task_manager(spec)
+    if isinstance(before, nn.Module):
+        before = score(before, tokenizer, spec, manager)
     base, base_s = _run(base_model, tokenizer, spec, manager)
     conv, conv_s = _run(model, tokenizer, spec, manager)
+    pre = before.results if before is not None else None
     table: dict[str, Any] = {}
     for name in spec.tasks:
-        metric = _main_metric(name, base[name]["metrics"])
-        b, c = base[name]["metrics"].get(metric), conv[name]["metrics"].get(metric)
-        hib = base[name]["higher_is_better"].get(metric, metric not in _LOWER_IS_BETTER)
-        n = base[name]["samples"]
-        table[name] = {
-            "metric": metric, "higher_is_better": bool(hib), "base": b, "converted": c,
-            "ratio": (c / b) if (b is not None and c is not None and b != 0) else None,
-            "base_stderr": _binomial_stderr(b, n) if metric.startswith("acc") else None,
-            "converted_stderr": _binomial_stderr(c, n) if metric.startswith("acc") else None,
-            "samples": n, "limit": base[name]["limit"], "num_fewshot": base[name]["num_fewshot"],
-            "base_metrics": base[name]["metrics"], "converted_metrics": conv[name]["metrics"],
-        }
+        metrics = spec.metrics.get(name) or (_main_metric(name, base[name]["metrics"]),)
+        for i, metric in enumerate(metrics):
+            if metric not in base[name]["metrics"]:
+                raise ValueError(f"eval.metrics.{name}: lm-eval reported no metric {metric!r} for {name} (it has "
+                                 f"{', '.join(sorted(base[name]['metrics']))})")
+            key = name if i == 0 else f"{name}/{metric}"
+            table[key] = _row(name, metric, base[name], conv[name], pre[name] if pre is not None else None)
+            if spec.notes.get(key):
+                table[key]["note"] = spec.notes[key]
     from importlib.metadata import version
 
+    seconds = {"base": round(base_s, 1), "converted": round(conv_s, 1)}
+    if before is not None:
+        seconds["before"] = round(before.seconds, 1)
     results: EvalResult = {"tasks": table, "settings": {"batch_size": spec.batch_size, "max_length": spec.max_length,
-                                            "lm_eval": version("lm_eval"),
-                                            "seconds": {"base": round(base_s, 1), "converted": round(conv_s, 1)}}}
+                                            "lm_eval": version("lm_eval"), "seconds": seconds}}
     if out_dir is None and getattr(plan, "output", None):
         from surgery.outputs import run_paths
 
@@ -273,6 +298,44 @@ def evaluate(model: nn.Module, plan: Any = None, *, base_model: nn.Module | None
     if out_dir is not None:
         write_results(results, Path(out_dir))
     return results
+
+
+class Scores:
+    """One model's lm-eval results under a spec (``score``): kept to compare with later models of the same run."""
+
+    def __init__(self, results: dict[str, Any], seconds: float) -> None:
+        self.results = results
+        self.seconds = seconds
+
+
+def score(model: nn.Module, tokenizer: Any, spec: EvalSpec, manager: Any = None) -> Scores:
+    """lm-eval on one model with ``spec``'s tasks and settings (e.g. the converted model before recovery)."""
+    results, seconds = _run(model, tokenizer, spec, manager if manager is not None else _task_manager(spec))
+    return Scores(results, seconds)
+
+
+def _ratio(c: float | None, b: float | None) -> float | None:
+    return (c / b) if (b is not None and c is not None and b != 0) else None
+
+
+def _row(name: str, metric: str, base: dict[str, Any], conv: dict[str, Any], pre: dict[str, Any] | None) -> TaskResult:
+    """The table row of ``metric`` of task ``name`` from each model's ``_run`` entry (``pre``: before recovery)."""
+    b, c = base["metrics"].get(metric), conv["metrics"].get(metric)
+    hib = base["higher_is_better"].get(metric, metric not in _LOWER_IS_BETTER)
+    n = base["samples"]
+    acc = metric.startswith("acc")
+    row: TaskResult = {
+        "task": name, "metric": metric, "higher_is_better": bool(hib), "base": b, "converted": c,
+        "ratio": _ratio(c, b),
+        "base_stderr": _binomial_stderr(b, n) if acc else None,
+        "converted_stderr": _binomial_stderr(c, n) if acc else None,
+        "samples": n, "limit": base["limit"], "num_fewshot": base["num_fewshot"],
+        "base_metrics": base["metrics"], "converted_metrics": conv["metrics"],
+    }
+    if pre is not None:
+        p = pre["metrics"].get(metric)
+        row.update(before=p, before_ratio=_ratio(p, b), before_stderr=_binomial_stderr(p, n) if acc else None)
+    return row
 
 
 def _fmt(x: float | None) -> str:
@@ -284,55 +347,106 @@ def _fmt(x: float | None) -> str:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """A Markdown table: task, metric (↑ higher is better, ↓ lower), base, converted, converted÷base, n."""
-    lines = ["| task | metric | base | converted | converted ÷ base | n |", "|---|---|---:|---:|---:|---:|"]
-    for name, r in results["tasks"].items():
+    """A Markdown table: task, metric (↑ higher is better, ↓ lower), base, converted, converted÷base, n.
+
+    With a ``before`` column (a run that recovered): base, converted before recovery and its ratio, recovered and
+    its ratio. Notes follow the table, numbered.
+    """
+    rows = results["tasks"]
+    two = any("before" in r for r in rows.values())
+    if two:
+        lines = ["| task | metric | base | converted (no recovery) | ÷ base | recovered | ÷ base | n |",
+                 "|---|---|---:|---:|---:|---:|---:|---:|"]
+    else:
+        lines = ["| task | metric | base | converted | converted ÷ base | n |", "|---|---|---:|---:|---:|---:|"]
+    notes: list[str] = []
+    for key, r in rows.items():
         arrow = "↑" if r["higher_is_better"] else "↓"
         shots = f" ({r['num_fewshot']}-shot)" if r.get("num_fewshot") else ""
-        cells = [f"{_fmt(r[k])} ± {_fmt(r[k + '_stderr'])}" if r.get(k + "_stderr") is not None else _fmt(r[k])
-                 for k in ("base", "converted")]
-        lines.append(f"| {name}{shots} | {r['metric']} {arrow} | {cells[0]} | {cells[1]} | {_fmt(r['ratio'])} "
-                     f"| {r['samples'] if r['samples'] is not None else '–'} |")
+        label = r.get("task", key)
+        if r.get("note"):
+            notes.append(r["note"])
+            label += f" [{len(notes)}]"
+        cols = ("base", "before", "converted") if two else ("base", "converted")
+        cells = [f"{_fmt(r.get(k))} ± {_fmt(r[k + '_stderr'])}" if r.get(k + "_stderr") is not None
+                 else _fmt(r.get(k)) for k in cols]  # fmt: skip
+        n = r["samples"] if r["samples"] is not None else "–"
+        if two:
+            lines.append(f"| {label}{shots} | {r['metric']} {arrow} | {cells[0]} | {cells[1]} | "
+                         f"{_fmt(r.get('before_ratio'))} | {cells[2]} | {_fmt(r['ratio'])} | {n} |")
+        else:
+            lines.append(f"| {label}{shots} | {r['metric']} {arrow} | {cells[0]} | {cells[1]} | {_fmt(r['ratio'])} "
+                         f"| {n} |")
+    lines += [""] + [f"[{i}] {note}" for i, note in enumerate(notes, 1)] if notes else []
     return "\n".join(lines) + "\n"
 
 
-def plot_results(results: dict[str, Any], path: Path) -> None:
-    """Bars of converted÷base per task, 1 = parity, green = no worse than base.
+def _verdict(ratio: float | None, lower: bool, err: float | None) -> str:
+    """``better``, ``parity`` or ``worse`` than base: parity within ``PARITY`` or within the ratio's interval."""
+    if ratio is None:
+        return "none"
+    slack = max(PARITY, err or 0.0)
+    if abs(ratio - 1) <= slack:
+        return "parity"
+    return "better" if (ratio < 1) == lower else "worse"
 
-    Lower-is-better metrics (perplexities, whose ratios reach 1e5 for an untrained conversion) get a log axis;
-    scores such as accuracy a linear one, so a ratio of 0 (the passkey lost) still shows.
+
+_COLOURS = {"better": "#3a8f5c", "parity": "#8a8a8a", "worse": "#c8553d", "none": "#dddddd"}
+
+
+def plot_results(results: dict[str, Any], path: Path) -> None:
+    """Bars of converted÷base per row, 1 = parity; green better than base, grey parity, red worse.
+
+    A ratio within ``PARITY`` of 1, or within its interval, is parity: a perplexity ratio of 1.000 is not drawn as
+    worse. Accuracy bars carry the interval of one binomial standard error (of the converted score, over the
+    base's); every bar is labelled with its ratio and n. With a ``before`` column, each row has two bars: before
+    recovery (hatched) and recovered. Lower-is-better metrics (perplexities, whose ratios reach 1e5 for an untrained
+    conversion) get a log axis; scores such as accuracy a linear one, so a ratio of 0 (the passkey lost) still shows.
     """
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
     import matplotlib.pyplot as plt
 
-    panels = [[(n, r) for n, r in results["tasks"].items() if not r["higher_is_better"]],
-              [(n, r) for n, r in results["tasks"].items() if r["higher_is_better"]]]
+    items = list(results["tasks"].items())
+    two = any("before" in r for _, r in items)
+    panels = [[(n, r) for n, r in items if not r["higher_is_better"]], [(n, r) for n, r in items if r["higher_is_better"]]]
     panels = [p for p in panels if p]
     fig, axes = plt.subplots(1, len(panels), squeeze=False, gridspec_kw={"width_ratios": [len(p) for p in panels]},
-                             figsize=(max(4.0, 1.5 * len(results["tasks"]) + 1.5), 3.8))
+                             figsize=(max(4.0, (2.0 if two else 1.5) * len(items) + 1.5), 4.2))
+    series = [("before_ratio", "before_stderr", "no recovery"), ("ratio", "converted_stderr", "recovered")] if two \
+        else [("ratio", "converted_stderr", "converted")]
+    width = 0.8 / len(series)
     for ax, rows in zip(axes[0], panels):
         lower = not rows[0][1]["higher_is_better"]
-        labels = [f"{n}\n{r['metric']}" for n, r in rows]
-        ratios = [r["ratio"] for _, r in rows]
-        shown = [v if v is not None else 0.0 for v in ratios]
-        colors = ["#999999" if v is None else "#3a8f5c" if (v <= 1 if lower else v >= 1) else "#c8553d"
-                  for v in ratios]
         if lower:
             ax.set_yscale("log")
-            shown = [v if v > 0 else 1.0 for v in shown]  # no ratio: a flat grey stub at parity
-        else:
-            ax.set_ylim(0, max([1.2] + [1.15 * v for v in shown]))
-        bars = ax.bar(labels, shown, color=colors)
-        for bar, v in zip(bars, ratios):
-            ax.annotate("n/a" if v is None else _fmt(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=8)
+        top = 1.2
+        for j, (rkey, ekey, name) in enumerate(series):
+            xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(rows))]
+            ratios = [r.get(rkey) for _, r in rows]
+            errs = [(r[ekey] / r["base"]) if r.get(ekey) is not None and r.get("base") else None for _, r in rows]
+            shown = [v if v is not None and (v > 0 or not lower) else (1.0 if lower else 0.0) for v in ratios]
+            colours = [_COLOURS[_verdict(v, lower, e)] for v, e in zip(ratios, errs)]
+            bars = ax.bar(xs, shown, width=width, color=colours, hatch="//" if two and j == 0 else None,
+                          edgecolor="white", label=name,
+                          yerr=[e or 0.0 for e in errs] if any(e is not None for e in errs) else None,
+                          capsize=3, error_kw={"elinewidth": 0.8})
+            for bar, v, (_, r) in zip(bars, ratios, rows):
+                n = r.get("samples")
+                text = ("n/a" if v is None else _fmt(v)) + (f"\nn={n}" if n is not None else "")
+                ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                            fontsize=7)
+            top = max([top] + [1.25 * v for v in shown])
+        if not lower:
+            ax.set_ylim(0, top)
+        ax.set_xticks(range(len(rows)), [f"{r.get('task', n)}\n{r['metric']}" for n, r in rows], fontsize=7)
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         ax.set_title("lower is better" if lower else "higher is better", fontsize=9)
-        ax.tick_params(axis="x", labelsize=8)
     axes[0][0].set_ylabel("converted ÷ base")
-    fig.suptitle("converted vs base (green: no worse than base)", fontsize=10)
+    if two:
+        axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("converted vs base (green: better, grey: parity, red: worse; bars: ±1 s.e.)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

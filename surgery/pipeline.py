@@ -29,7 +29,7 @@ from surgery.artifacts import load, save
 from surgery.convert import convert, load_model
 from surgery.outputs import OutputError, OutputLock, check_writable, claim_dir, run_paths, write_owned
 from surgery.plan import Plan
-from surgery.recovery.distributed import is_main
+from surgery.recovery.distributed import is_main, world_size
 
 SAMPLE_PROMPT = "The capital of France is"
 
@@ -116,11 +116,22 @@ class Run:
         return recover(model, self.plan, tokenizer=self.tokenizer, out_dir=self.paths.recover, resume=resume,
                        teacher_model=self.base_model, registry=self.registry)  # fmt: skip
 
-    def evaluate(self, model: nn.Module, limit: float | None = None) -> Any:
+    def evaluate(self, model: nn.Module, limit: float | None = None, before: Any = None) -> Any:
         from surgery.evaluate import evaluate
 
         return evaluate(model, self.plan, base_model=self.base_model(), tokenizer=self.tokenizer,
-                        out_dir=self.paths.eval, limit=limit)  # fmt: skip
+                        out_dir=self.paths.eval, limit=limit, before=before)  # fmt: skip
+
+    def score_before_recovery(self, model: nn.Module, limit: float | None = None) -> Any:
+        """The converted model's evaluation before recovery changes it (``evaluate``'s ``before``), or None when the
+        run does not both recover and evaluate, or the plan turned it off (``eval.before_recovery``)."""
+        spec = self.plan.eval
+        if self.plan.recover is None or spec is None or not spec.before_recovery:
+            return None
+        from surgery.evaluate import _spec, score
+
+        print("[surgery] scoring the converted model before recovery", flush=True)
+        return score(model, self.tokenizer, _spec(self.plan, None, limit))
 
     def save(self, model: nn.Module, path: Path, card: str | None = None) -> Path:
         extra = {"README.md": card} if card is not None else None
@@ -160,6 +171,15 @@ def run(
         report.wall_s["convert"] = time.perf_counter() - t
         print(f"[surgery] converted {len(converted.surgery.manifest)} layer(s) in {report.wall_s['convert']:.1f}s",
               flush=True)  # fmt: skip
+        before: Any = None
+        if plan.recover is not None and is_main():
+            if world_size() > 1:  # score it after recovery, so no rank waits at a collective through an evaluation
+                before = copy.deepcopy(converted) if plan.eval is not None and plan.eval.before_recovery else None
+            else:
+                t = time.perf_counter()
+                before = ctx.score_before_recovery(converted, limit=limit)
+                if before is not None:
+                    report.wall_s["eval_before_recovery"] = time.perf_counter() - t
         if plan.recover is not None:
             t = time.perf_counter()
             report.recover = ctx.recover(converted)
@@ -171,7 +191,7 @@ def run(
             from surgery.evaluate import format_table
 
             t = time.perf_counter()
-            report.eval = ctx.evaluate(converted, limit=limit)
+            report.eval = ctx.evaluate(converted, limit=limit, before=before)
             report.wall_s["eval"] = time.perf_counter() - t
             print(format_table(report.eval), flush=True)
         report.sample = generate_sample(converted, ctx.tokenizer, report.sample_prompt)
