@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from surgery.artifacts_fs import ArtifactError, recover_interrupted, write_atomically
 from surgery.convert import DTYPES, LayerRecord, apply_plan
+from surgery.errors import ModelNotFoundError
 from surgery.plan import PlanError, load_plan
 
 __all__ = ["ArtifactError", "SurgeryConfig", "SurgeryForCausalLM", "load", "register_auto_classes", "save"]
@@ -157,7 +158,7 @@ def _state_dict_files(path: Path) -> list[Path]:
         return [path / n for n in names]
     single = path / "model.safetensors"
     if not single.exists():
-        raise FileNotFoundError(f"{path} holds no model.safetensors: is it a directory written by surgery.save?")
+        raise ModelNotFoundError(f"{path} holds no model.safetensors: is it a directory written by surgery.save?")
     return [single]
 
 
@@ -231,7 +232,7 @@ def load(path: str | os.PathLike, dtype: Any = None, device: Any = None) -> nn.M
     recover_interrupted(path)
     cfg_file = path / "config.json"
     if not cfg_file.exists():
-        raise FileNotFoundError(f"{path} has no config.json")
+        raise ModelNotFoundError(f"{path} has no config.json")
     plan_data, base = _read_config(cfg_file)
     plan = _stored_plan(cfg_file, plan_data)
     base = dict(base)

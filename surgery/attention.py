@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from surgery.attention_extras import EXTRA_CANONICAL, AttentionExtras, extra_weights, read_extras
+from surgery.errors import AttentionReadError
 from surgery.key_selection import KeySelection, key_selection_weights, read_key_selection
 from surgery.latent import LatentQKV, is_latent, latent_rotary, latent_weights, read_latent
 from surgery.rotary import ROTATE_HALF, Rotary, RotaryReadError, read_rotary
@@ -42,10 +43,6 @@ CANONICAL = (
     "q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias",
     "o_proj.weight", "o_proj.bias", "q_norm.weight", "k_norm.weight", "v_norm.weight", *EXTRA_CANONICAL,
 )  # fmt: skip
-
-
-class AttentionReadError(ValueError):
-    """A module looks like attention but cannot be read; the message names the module path and class."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """``surgery`` command line: thin commands over the Python API.
 
-A mistake a user can make (plan, plugin, model path) exits with code 2 and one readable message; ``-v`` shows the
-traceback. Other failures exit with 1.
+A mistake a user can make (any ``surgery.errors.SurgeryError``: plan, plugin, model path, data, output directory)
+exits with code 2 and its located message; ``-v`` shows the traceback. Other failures exit with 1.
 """
 
 from __future__ import annotations
@@ -13,17 +13,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from surgery.artifacts_fs import ArtifactError
-from surgery.attention import AttentionReadError
-from surgery.mixer import MixerDimsError
-from surgery.outputs import OutputError
-from surgery.plan import PlanError
-from surgery.recovery.data import DataError
-from surgery.recovery.stage import TrainingDiverged
-from surgery.registry import PluginError, UnknownNameError
-
-USER_ERRORS = (PlanError, PluginError, UnknownNameError, AttentionReadError, MixerDimsError, FileNotFoundError,
-               OutputError, TrainingDiverged, ArtifactError, DataError)
+from surgery.errors import SurgeryError
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -209,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except USER_ERRORS as exc:
+    except SurgeryError as exc:
         if args.verbose:
             traceback.print_exc()
         print(f"surgery {args.command}: error: {exc}", file=sys.stderr)

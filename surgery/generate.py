@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
 
+from surgery.errors import ModelNotFoundError
 from surgery.static_cache import StaticDecodeCache, not_capturable
 
 __all__ = ["CAPTURE_MODES", "Decoder", "GenerateResult", "cache_kwarg", "custom_generate", "generate"]
@@ -403,7 +404,7 @@ def model_dir(run_dir: str | Any) -> Any:
     for cand in (root, root / "model", root / "convert"):
         if (cand / "config.json").exists():
             return cand
-    raise FileNotFoundError(f"{root}: no saved model (config.json) in it, nor in its model/ or convert/")
+    raise ModelNotFoundError(f"{root}: no saved model (config.json) in it, nor in its model/ or convert/")
 
 
 def run_generate(run_dir: str, prompts: list[str], max_new_tokens: int = 64, capture: str = "graph",

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from surgery.attention import AttentionSite
 from surgery.attention_extras import AttentionExtras
+from surgery.errors import MixerDimsError
 from surgery.kernels import transient_saves
 from surgery.latent import latent_compress, latent_gate, latent_project
 from surgery.rotary import apply_rope, rotate_half
@@ -39,10 +40,6 @@ class Options(BaseModel):
     """Base of every plugin's options: unknown keys are errors, values are immutable once validated."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class MixerDimsError(ValueError):
-    """A mixer cannot take the dimensions of an attention layer (raised by ``Mixer.check_site``)."""
 
 
 class SharedState:

@@ -20,14 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from surgery.errors import OutputError
 
 MARKER = ".surgery"
 LOCK = ".surgery.lock"
 DEFAULT_OUTPUT = Path("runs/surgery")
-
-
-class OutputError(ValueError):
-    """An output path surgery must not write (a foreign directory, a file, a run in use); names the path."""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import Field, NonNegativeInt, PositiveInt, SerializeAsAny, ValidationError, field_validator
 
+from surgery.errors import PlanError
 from surgery.evaluate import EvalSpec
 from surgery.mixer import Options
 from surgery.recovery.spec import RecoverSpec
@@ -22,17 +23,6 @@ PLAN_VERSION = 1
 MAX_PLAN_BYTES = 1 << 20  # a plan is a few hundred bytes; anything this large is a mistake (or an attack)
 MAX_LAYER_INDEX = 100_000  # beyond any model: a range past it is a typo, and must not allocate its list
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
-
-
-class PlanError(ValueError):
-    """A mistake in a plan. ``problems`` holds ``(location, message)`` pairs; ``str()`` is one line per problem."""
-
-    def __init__(self, problems: list[tuple[str, str]], source: str | None = None) -> None:
-        self.problems = problems
-        self.source = source
-        head = f"invalid plan {source}" if source else "invalid plan"
-        lines = [f"{loc}: {msg}" if loc else msg for loc, msg in problems]
-        super().__init__(head + ":\n  " + "\n  ".join(lines) if len(lines) > 1 else f"{head}: {lines[0]}")
 
 
 class Every(Options):

@@ -18,6 +18,7 @@ from typing import Any
 import pluggy
 
 from surgery import hookspecs
+from surgery.errors import PluginError, UnknownNameError
 from surgery.mixer import NAME_RE, Mixer, WeightMap
 from surgery.recovery.stage import Stage
 
@@ -37,17 +38,6 @@ DEFAULT_PLUGINS = (
 )
 ENTRY_POINT_GROUP = "surgery"
 AUTOLOAD_ENV = "SURGERY_DISABLE_PLUGIN_AUTOLOAD"
-
-
-class PluginError(RuntimeError):
-    """A plugin could not be loaded or breaks the contract; the message names the plugin and its distribution."""
-
-
-class UnknownNameError(KeyError, ValueError):
-    """An unknown mixer, weight-map or stage name; the message suggests the closest names."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from surgery.errors import RotaryReadError
 
 Convention = Literal["rotate_half", "model", "none", "latent"]
 #: Where the head axis is when the model's function is called: ``heads``: ``[B, H, T, D]``, ``time``: ``[B, T, H, D]``.
@@ -136,10 +137,6 @@ class Rotary:
 
 
 ROTATE_HALF = Rotary()
-
-
-class RotaryReadError(ValueError):
-    """The rotary call of an attention ``forward`` cannot be described; the message names the module."""
 
 
 # -- reading forward -----------------------------------------------------------------------------------

@@ -38,13 +38,10 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from surgery.cache import MixerCacheLayer, State
+from surgery.errors import StaticCacheError
 
 __all__ = ["StaticCacheError", "StaticDecodeCache", "StaticKVLayer", "StaticMixerLayer", "layer_kinds",
            "not_capturable"]  # fmt: skip
-
-
-class StaticCacheError(ValueError):
-    """A layer's cache cannot live in static buffers (shape changed, batch differs, length exceeded)."""
 
 
 def _rows(rows: int | Sequence[int] | Tensor, device: torch.device) -> Tensor:

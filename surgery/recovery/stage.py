@@ -28,6 +28,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from surgery.errors import TrainingDiverged
 from surgery.recovery.spec import TrainOptions
 
 if TYPE_CHECKING:
@@ -36,10 +37,6 @@ if TYPE_CHECKING:
     from transformers import Trainer
 
     from surgery.recovery.data import PackedChunks
-
-
-class TrainingDiverged(RuntimeError):
-    """A stage met a non-finite loss or gradient: stopped before the update, the last checkpoint kept is finite."""
 
 
 @dataclass
