@@ -26,6 +26,7 @@ import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+
 from surgery.errors import ArtifactError
 
 MARKER = ".surgery"

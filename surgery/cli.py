@@ -129,7 +129,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_select(args: argparse.Namespace) -> int:
     from surgery.select import select
 
-    damage, _ = select(args.plan, args.keep, tokens=args.tokens, out=args.out, seq_len=args.seq_len)
+    damage, _ = select(args.plan, args.keep, tokens=args.tokens, out=args.out, seq_len=args.seq_len, data=args.data)
     rows = [[str(i), f"{damage.kl[i]:.4f}", "softmax" if i in damage.keep(args.keep) else ""] for i in damage.ranking]
     print(_table(rows, ["layer", "KL to base (nats/token)", "kept"]))
     if args.out:
@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--tokens", type=int, default=2048, help="calibration tokens (default 2048)")
     sel.add_argument("--seq-len", type=int, help="calibration chunk length (default: the plan's recover.data.seq_len, "
                      "else 512); longer chunks weigh the long-range dependence a window or memory loses")
+    sel.add_argument("--data", help="calibration text (a .txt/.jsonl file or directory, or a hub dataset); default: "
+                     "the plan's recover.data")
     sel.add_argument("-o", "--out", help="write the hybrid plan here (YAML; the ranking next to it as .json)")
     add("fetch-demo", cmd_fetch_demo, "build the offline demo model and data", plan=False).add_argument("--root")
     (lm := sub.add_parser("lm-eval", help="lm-eval's own CLI; --model_args pretrained=DIR reads saved models", prefix_chars="\0", add_help=False)).set_defaults(fn=cmd_lm_eval) or lm.add_argument("args", nargs=argparse.REMAINDER)  # every argument, even -h, goes to lm-eval  # fmt: skip

@@ -1,6 +1,7 @@
 """Apply a plan to a model: match rules to attention sites, build mixers, map weights, swap, record a manifest.
 
-The converter names no plugin: mixers and weight maps come from the registry by the names the plan gives.
+The converter names no plugin: mixers and weight maps come from the plan's registry (the one it was validated
+against, ``Plan.registry``) by the names the plan gives.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from torch import Tensor, nn
 
 from surgery.attention import AttentionSite, find_attention, read_weights
 from surgery.mixer import MixContext, Mixer, MixerDimsError, Options, SharedState, install_padding_hook
-from surgery.plan import Plan, PlanError, Rule, load_plan, select_layers
-from surgery.registry import Registry, load_registry
+from surgery.plan import Plan, PlanError, Rule, select_layers
+from surgery.registry import Registry
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,17 +69,12 @@ def num_layers(model: nn.Module) -> int:
     return int(getattr(text, "num_hidden_layers"))
 
 
-def typed(plan: Plan, registry: Registry) -> Plan:
-    """``plan`` with every rule's options validated into its mixer's ``Options`` (a no-op for ``load_plan``'s)."""
-    return plan if plan.typed else load_plan(plan.to_dict(), registry)
-
-
-def match(plan: Plan, sites: list[AttentionSite], n_layers: int, registry: Registry) -> list[tuple[Match, Rule]]:
+def match(plan: Plan, sites: list[AttentionSite], n_layers: int) -> list[tuple[Match, Rule]]:
     """Resolve every rule against the model's attention sites; raise ``PlanError`` with every problem found.
 
     Each match carries the rule's options resolved for its layer (``Mixer.resolve_options``).
     """
-    plan = typed(plan, registry)
+    registry = plan.registry
     by_layer = {s.layer_idx: s for s in sites}
     problems: list[tuple[str, str]] = []
     owner: dict[int, int] = {}
@@ -185,15 +181,15 @@ def meta_model(plan: Plan) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def check(plan: Plan, model: nn.Module | None = None, registry: Registry | None = None) -> list[Match]:
+def check(plan: Plan, model: nn.Module | None = None) -> list[Match]:
     """Resolve ``plan`` against the model (meta device when none is given): which layer gets what.
 
     Every mixer is built on the meta device, so what its weight map needs of it is checked without weights.
     """
-    registry = registry if registry is not None else load_registry()
+    registry = plan.registry
     model = model if model is not None else meta_model(plan)
     sites = {s.layer_idx: s for s in find_attention(model)}
-    matches = match(plan, list(sites.values()), num_layers(model), registry)
+    matches = match(plan, list(sites.values()), num_layers(model))
     problems, seen_rules = [], set()
     for m, _ in matches:
         if m.rule in seen_rules:
@@ -296,20 +292,17 @@ def _probe(mixer: Mixer, m: Match, registry: Registry, ref: Tensor) -> None:
                           f"a mixer must return [B, T, {hidden}]")])  # fmt: skip
 
 
-def apply_plan(
-    model: nn.Module, plan: Plan, registry: Registry | None = None, map_weights: bool = True
-) -> nn.Module:
+def apply_plan(model: nn.Module, plan: Plan, map_weights: bool = True) -> nn.Module:
     """Swap the attention modules ``plan`` selects for mixers, in place; returns ``model``.
 
     With ``map_weights=False`` only the structure is built (used by ``surgery.load``, which then loads saved
     weights). The model gets ``model.surgery`` (a ``SurgeryInfo``) and a hook that records the padding mask.
     """
-    registry = registry if registry is not None else load_registry()
-    plan = typed(plan, registry)
+    registry = plan.registry
     sites = {s.layer_idx: s for s in find_attention(model)}
     shared = SharedState()
     manifest = []
-    for m, rule in match(plan, list(sites.values()), num_layers(model), registry):
+    for m, rule in match(plan, list(sites.values()), num_layers(model)):
         site = sites[m.layer]
         old = model.get_submodule(site.path)
         # The output projection's dtype, not the module's first parameter's: that may be an fp32 extra (HY-V4's
@@ -341,7 +334,7 @@ def apply_plan(
     return model
 
 
-def convert(plan: Plan, model: nn.Module | None = None, registry: Registry | None = None) -> nn.Module:
+def convert(plan: Plan, model: nn.Module | None = None) -> nn.Module:
     """Convert ``model`` (or the plan's model, loaded from ``plan.model``) as the plan says.
 
     Returns the converted model (the same object when one is given). ``model.surgery.manifest`` lists, per
@@ -351,4 +344,4 @@ def convert(plan: Plan, model: nn.Module | None = None, registry: Registry | Non
         raise ValueError("this model was already converted; convert the original model")
     model = model if model is not None else load_model(plan)
     with torch.no_grad():
-        return apply_plan(model, plan, registry, map_weights=True)
+        return apply_plan(model, plan, map_weights=True)

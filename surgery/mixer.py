@@ -20,7 +20,6 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -29,17 +28,12 @@ from surgery.attention_extras import AttentionExtras
 from surgery.errors import MixerDimsError
 from surgery.kernels import transient_saves
 from surgery.latent import latent_compress, latent_gate, latent_project
+from surgery.options import Options  # re-exported: plugins import it from here
 from surgery.rotary import apply_rope, rotate_half
 
 __all__ = ["MixContext", "Mixer", "Options", "SharedState", "WeightMap", "apply_rope", "rotate_half"]
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-class Options(BaseModel):
-    """Base of every plugin's options: unknown keys are errors, values are immutable once validated."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class SharedState:
@@ -144,6 +138,10 @@ class Mixer(nn.Module):
     #: only the top-k keys it scores, ``surgery.key_selection``). Such a mixer owns a copy of the indexer under its
     #: own name; others attend to every key by construction, and the manifest reports the indexer dropped.
     uses_key_selection: ClassVar[bool] = False
+    #: Whether the layer stays softmax attention over a key/value cache that grows with the sequence (the
+    #: identity mixer ``softmax``): the static cache holds such a layer as a kept one (keys and values up to
+    #: ``max_length``), not as a constant-size mixer state.
+    keeps_kv_cache: ClassVar[bool] = False
     #: A scalar a mixer may set during a training forward (e.g. a load-balancing loss); recovery adds it to the
     #: stage's loss and clears it.
     aux_loss: Tensor | None = None

@@ -57,21 +57,14 @@ class Run:
     Args:
         plan: a plan from ``surgery.load_plan``.
         output: overrides the plan's ``output:`` (``runs/surgery`` when neither is set).
-        registry: the plugin registry (default: a fresh one).
         base_model: the unconverted model, when the caller has it in memory (then nothing is read from disk).
         force: write into a non-empty directory that surgery did not create.
     """
 
     def __init__(
-        self, plan: Plan, *, output: str | Path | None = None, registry: Any = None, base_model: nn.Module | None = None,
-        force: bool = False,
-    ) -> None:  # fmt: skip
-        if registry is None:
-            from surgery.registry import load_registry
-
-            registry = load_registry()
-        self.plan = plan
-        self.registry = registry
+        self, plan: Plan, *, output: str | Path | None = None, base_model: nn.Module | None = None, force: bool = False
+    ) -> None:
+        self.plan = plan  # carries the registry it was validated against: the run's one registry
         self.paths = run_paths(plan, output)
         self.force = force
         self._base = base_model
@@ -94,7 +87,7 @@ class Run:
 
     def converted(self) -> nn.Module:
         """A freshly converted copy of the base model (the base itself stays unconverted)."""
-        return convert(self.plan, copy.deepcopy(self.base_model()), registry=self.registry)
+        return convert(self.plan, copy.deepcopy(self.base_model()))
 
     def saved_or_converted(self) -> nn.Module:
         """The converted model of ``surgery convert`` (``<output>/convert``), else converted now."""
@@ -114,7 +107,7 @@ class Run:
         from surgery.recovery.loop import recover
 
         return recover(model, self.plan, tokenizer=self.tokenizer, out_dir=self.paths.recover, resume=resume,
-                       teacher_model=self.base_model, registry=self.registry)  # fmt: skip
+                       teacher_model=self.base_model)  # fmt: skip
 
     def evaluate(self, model: nn.Module, limit: float | None = None) -> Any:
         from surgery.evaluate import evaluate
@@ -140,7 +133,7 @@ def generate_sample(model: Any, tokenizer: Any, prompt: str = SAMPLE_PROMPT, max
 
 def run(
     plan: Plan, *, output: str | Path | None = None, model: nn.Module | None = None, limit: float | None = None,
-    force: bool = False, registry: Any = None,
+    force: bool = False,
 ) -> RunReport:  # fmt: skip
     """Run every step the plan has; returns the ``RunReport`` (also written to ``<output>/report.json``).
 
@@ -151,7 +144,7 @@ def run(
     """
     from surgery.card import model_card
 
-    ctx = Run(plan, output=output, registry=registry, base_model=model, force=force)
+    ctx = Run(plan, output=output, base_model=model, force=force)
     root = _claim_root(ctx, force)
     report = RunReport()
     with OutputLock(root):

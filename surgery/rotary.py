@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+
 from surgery.errors import RotaryReadError
 
 Convention = Literal["rotate_half", "model", "none", "latent"]

@@ -57,7 +57,7 @@ def _model(model_type: str, dtype: torch.dtype = torch.float32, **overrides: Any
 
 def _convert(model: Any, registry: Any, *rules: tuple[str, str]) -> Any:
     plan = {"version": 1, "model": "unused/hub-id", "convert": [{"layers": lay, "mixer": m} for lay, m in rules]}
-    return surgery.convert(surgery.load_plan(plan, registry), model, registry=registry)
+    return surgery.convert(surgery.load_plan(plan, registry), model)
 
 
 def _ids(*shape: int, seed: int = 0) -> torch.Tensor:

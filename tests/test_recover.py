@@ -30,7 +30,8 @@ from transformers import PreTrainedTokenizerFast, TrainerCallback
 
 from surgery.attention import AttentionDims, AttentionSite
 from surgery.mixer import Mixer, MixContext
-from surgery.recovery.spec import RecoverSpec, TrainOptions
+from surgery.recovery.spec import RecoverSpec
+from surgery.recovery.stage import TrainOptions
 from surgery.recovery import load_adapter
 from surgery.recovery import recover as recover_result
 from surgery.recovery.data import ALPACA_NO_INPUT, IGNORE, tokenize_records
@@ -492,9 +493,9 @@ def test_plan_recover_section_with_a_registered_mixer(data: Path, probe: Tensor,
          "recover": {"data": {"source": str(data), "seq_len": 64}, "stages": {"lora": {"max_steps": 6, "lr": 1e-2}}}},
         registry,
     )  # fmt: skip
-    model = surgery.convert(plan, tiny_model("llama", num_hidden_layers=2), registry=registry)
+    model = surgery.convert(plan, tiny_model("llama", num_hidden_layers=2))
     loss_before = chunk_loss(model, probe)
-    out = recover(model, plan, tokenizer=char_tokenizer(), registry=registry)
+    out = recover(model, plan, tokenizer=char_tokenizer())
     assert chunk_loss(out, probe) < loss_before - 0.05
     assert (tmp_path / "recover" / "lora" / "done.json").is_file()  # <output>/recover, as run_paths says
 

@@ -109,6 +109,7 @@ class SoftmaxAttention(Mixer):
     default_weights = "copy_qkvo"
     uses_sink_logits = True
     uses_key_selection = True
+    keeps_kv_cache = True
 
     class Options(Mixer.Options):
         pass

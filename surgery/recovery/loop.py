@@ -37,7 +37,8 @@ from surgery.outputs import OutputError, OutputLock
 from surgery.recovery.adapters import find_mixers, inject_lora, load_adapter_weights, load_mixer_params, lora_config
 from surgery.recovery.data import PackedChunks, load_chunks
 from surgery.recovery.distributed import barrier, init, is_main, is_sharded, shards, skeleton, unsharded
-from surgery.recovery.spec import NEUTRAL_TRAIN_KEYS, RecoverSpec
+from surgery.recovery.spec import RecoverSpec
+from surgery.recovery.stage import NEUTRAL_TRAIN_KEYS
 from surgery.recovery.stage import Stage, StageContext, StageResult
 from surgery.recovery.trainer import last_checkpoint, mixer_stats, reset_mixer_stats, tokens_per_step, training_arguments
 from surgery.recovery.trainer import use_bf16, write_loss_curve
@@ -82,7 +83,6 @@ def recover(
     resume: bool = True,
     teacher_model: Teacher = None,
     callbacks: Sequence[TrainerCallback] = (),
-    registry: Any = None,
 ) -> RecoverResult:
     """Train the converted layers of ``model`` as ``spec`` (or ``plan.recover``) says.
 
@@ -100,7 +100,6 @@ def recover(
         teacher_model: the unconverted model, or a function returning it (called only when a stage that still has
             to train needs it); default: loaded from ``plan.model``.
         callbacks: extra ``transformers.TrainerCallback`` objects, given to every stage's Trainer.
-        registry: the plugin registry the stages come from (default: a fresh one).
 
     Returns:
         A ``RecoverResult`` whose ``model`` has LoRA merged into its weights (``spec.merge``, the default), else the
@@ -112,11 +111,7 @@ def recover(
         surgery.outputs.OutputError: another process is recovering into ``out_dir``.
         surgery.recovery.trainer.TrainingDiverged: a non-finite loss or gradient.
     """
-    if registry is None:
-        from surgery.registry import load_registry
-
-        registry = load_registry()
-    spec = _resolve_spec(plan, spec, registry)
+    spec = _resolve_spec(plan, spec)
     lora_config(model, spec.lora)  # refuse a model or targets that leave a converted layer bare, before any work
     init()  # under torchrun / accelerate launch: the process group, before the first barrier
     out = _resolve_out_dir(plan, out_dir)
@@ -125,13 +120,12 @@ def recover(
         _claim(out, spec, resume)
         tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(plan, model)
         chunks = load_chunks(spec.data, tokenizer)
-        return _train(model, spec, registry, chunks, out, resume, teacher_model, plan, callbacks)
+        return _train(model, spec, chunks, out, resume, teacher_model, plan, callbacks)
 
 
 def _train(
     model: nn.Module,
     spec: RecoverSpec,
-    registry: Any,
     chunks: PackedChunks,
     out: Path,
     resume: bool,
@@ -139,7 +133,7 @@ def _train(
     plan: Any,
     callbacks: Sequence[TrainerCallback],
 ) -> RecoverResult:
-    stages = spec.stage_objects(registry)
+    stages = spec.stage_objects()
     grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     if not use_bf16(stages[0].options) and any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
         log.info("casting the model to float32 for training on %s", "GPU" if torch.cuda.is_available() else "CPU")
@@ -204,13 +198,15 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, *, merge: bool = Tru
     return peft_model.merge_and_unload() if merge else peft_model
 
 
-def _resolve_spec(plan: Any, spec: RecoverSpec | dict[str, Any] | None, registry: Any) -> RecoverSpec:
+def _resolve_spec(plan: Any, spec: RecoverSpec | dict[str, Any] | None) -> RecoverSpec:
     if spec is None:
         section = getattr(plan, "recover", None) if plan is not None else None
         spec = section if section is not None else {}
     if isinstance(spec, RecoverSpec):
         return spec
-    return RecoverSpec.model_validate(spec, context={"registry": registry})
+    # A dict resolves its stage names against the plan's registry, else the default one.
+    context = {"registry": plan.registry} if plan is not None else None
+    return RecoverSpec.model_validate(spec, context=context)
 
 
 def _resolve_out_dir(plan: Any, out_dir: str | Path | None) -> Path:
