@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from surgery.attention import AttentionSite, find_attention, read_weights
 from surgery.mixer import MixContext, Mixer, MixerDimsError, Options, SharedState, install_padding_hook
 from surgery.plan import Plan, PlanError, Rule, select_layers
 from surgery.registry import Registry
+from surgery.sites.attention import AttentionSite, find_attention, read_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -115,7 +115,7 @@ def match(plan: Plan, sites: list[AttentionSite], n_layers: int) -> list[tuple[M
 def _reused_selection_problems(
     matches: list[Match], by_layer: dict[int, AttentionSite], registry: Registry
 ) -> list[tuple[str, str]]:
-    """A layer that reuses the key selection of an earlier one (a shared DSA layer, ``surgery.key_selection``) and
+    """A layer that reuses the key selection of an earlier one (a shared DSA layer, ``surgery.sites.key_selection``) and
     keeps it needs that earlier layer to keep its indexer: converted to a mixer that drops it, it selects nothing."""
     mixer_of = {m.layer: m.mixer for m in matches}
     problems = []

@@ -27,11 +27,11 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 from torch import Tensor, nn
 
-from surgery.attention import AttentionSite
 from surgery.cache import State, mixer_cache
 from surgery.kernels.gla import chunk_gla, fused_recurrent_gla, torch_gla_state
 from surgery.mixer import MixContext, Mixer
 from surgery.options import Named
+from surgery.sites.attention import AttentionSite
 
 __all__ = ["GLAForm", "RecurrentMixer", "State", "RecurrentBranch", "identity_on_padding", "run_gla"]
 

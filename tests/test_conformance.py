@@ -17,11 +17,11 @@ import torch
 from transformers import DynamicCache
 
 import surgery
-from surgery.attention import CANONICAL
 from surgery.cache import MixerCacheLayer
 from surgery.mixer import Mixer
 from surgery.recurrent import RecurrentMixer
 from surgery.registry import load_registry
+from surgery.sites.attention import CANONICAL
 from tests.models import tiny_model
 
 sys.path.insert(0, str(Path(__file__).parent / "plugins" / "surgery_example"))

@@ -1,4 +1,4 @@
-"""Multi-head latent attention (``surgery.latent``) and value head dims that differ from the query/key head dim.
+"""Multi-head latent attention (``surgery.sites.latent``) and value head dims that differ from the query/key head dim.
 
 Two tiny models of tests/models.py: DeepSeek-V3 (MLA: low-rank q and kv with norms in between, interleaved RoPE on
 a trailing part, q/k head dim 24, value head dim 12) and MiMo-V2 (separate projections, value head dim 24 != q/k
@@ -19,12 +19,12 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 )
 
 import surgery
-from surgery.attention import AttentionReadError, find_attention, read_weights
-from surgery.latent import KV, Q_FULL, Q_LORA, LatentQKV
 from surgery.plan import PlanError
 from surgery.recovery.adapters import mixer_params
 from surgery.registry import load_registry
-from surgery.rotary import Rotary
+from surgery.sites.attention import AttentionReadError, find_attention, read_weights
+from surgery.sites.latent import KV, Q_FULL, Q_LORA, LatentQKV
+from surgery.sites.rotary import Rotary
 from tests.models import meta_model, tiny_model
 
 

@@ -20,12 +20,12 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("options", ("surgery.options",)),
     ("light contracts", ("surgery.hookspecs", "surgery.recovery.stage")),
     ("path rules", ("surgery.outputs", "surgery.artifacts_fs")),
-    ("kernels", ("surgery.kernels",)),
     ("sites", ("surgery.sites",)),
+    ("kernels", ("surgery.kernels",)),
     ("caches", ("surgery.cache",)),
     ("contracts", ("surgery.mixer", "surgery.recurrent", "surgery.window", "surgery.retrieval")),
     ("registry", ("surgery.registry",)),
-    ("plugins", ("surgery.plugins", "surgery.recovery.stages")),
+    ("plugins", ("surgery.plugins",)),
     # The plan's sections that live beside the code that reads them: recover's and eval's specs. evaluate imports
     # only options at module level (lm-eval loads inside), so the plan may read its EvalSpec.
     ("plan sections", ("surgery.recovery.spec", "surgery.evaluate")),

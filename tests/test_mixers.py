@@ -11,9 +11,9 @@ import torch
 from transformers import DynamicCache
 
 import surgery
-from surgery.attention import find_attention
 from surgery.cache import MixerCacheLayer
 from surgery.mixer import Mixer
+from surgery.sites.attention import find_attention
 from tests.models import tiny_model
 
 ARCHS = ["llama", "qwen2", "gemma3"]

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import surgery
-from surgery.attention import AttentionDims, AttentionSite
 from surgery.mixer import MixerDimsError
 from surgery.plan import PlanError
 from surgery.plugins.gla import GLA
@@ -20,6 +19,7 @@ from surgery.plugins.gsa import GSA
 from surgery.plugins.hgrn2 import HGRN2
 from surgery.plugins.liger import LigerAttention
 from surgery.plugins.pooled_key_gate import pool_rows
+from surgery.sites.attention import AttentionDims, AttentionSite
 from surgery.window import band_mask, sliding_window_attention
 from tests.models import tiny_model
 

@@ -15,13 +15,13 @@ import torch
 from transformers import DynamicCache
 
 import surgery
-from surgery.attention import find_attention
 from surgery.cache import MixerCacheLayer
 from surgery.plan import PlanError
 from surgery.plugins.gla import GLA
 from surgery.plugins.mom import MemoryLinear, MoM
 from surgery.plugins.mom_dispatch import Routing, dense_rows, dispatch, load_balancing_loss, route, take_rows
 from surgery.plugins.mom_dispatch import pack, tokens_per_memory
+from surgery.sites.attention import find_attention
 from tests.models import tiny_model
 
 TOL = dict(rtol=1e-4, atol=2e-5)

@@ -28,14 +28,14 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerFast, TrainerCallback
 
-from surgery.attention import AttentionDims, AttentionSite
 from surgery.mixer import Mixer, MixContext
-from surgery.recovery.spec import RecoverSpec
-from surgery.recovery.stage import TrainOptions
 from surgery.recovery import load_adapter
 from surgery.recovery import recover as recover_result
 from surgery.recovery.data import ALPACA_NO_INPUT, IGNORE, tokenize_records
+from surgery.recovery.spec import RecoverSpec
+from surgery.recovery.stage import TrainOptions
 from surgery.recovery.state import load_state, rng_states, save_state, set_rng_states
+from surgery.sites.attention import AttentionDims, AttentionSite
 from tests.models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,13 +24,13 @@ import torch
 from pydantic import Field, ValidationInfo, model_validator
 from torch import Tensor
 
-from surgery.attention import AttentionSite
 from surgery.cache import mixer_cache
 from surgery.hookspecs import hookimpl
 from surgery.mixer import MixContext, Mixer, MixerDimsError, Options, apply_rope
 from surgery.options import did_you_mean, fail, lookup, problem
 from surgery.recurrent import RecurrentBranch
 from surgery.retrieval import memory_branch
+from surgery.sites.attention import AttentionSite
 from surgery.window import rope, swa_branch, update_sinks
 
 #: Decode steps over a static cache on CUDA take the fused window kernel (``LigerAttention._decode_step``); tests

@@ -37,14 +37,14 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from surgery.attention import AttentionSite
 from surgery.hookspecs import hookimpl
 from surgery.mixer import Mixer, MixerDimsError, Options, WeightMap
+from surgery.options import fail, problem
 from surgery.plugins.mom_dispatch import MemoryRows, Packing, dense_rows, dispatch, load_balancing_loss, route
 from surgery.plugins.mom_dispatch import tokens_per_memory
 from surgery.plugins.weight_maps import CopyQKVO
-from surgery.options import fail, problem
 from surgery.recurrent import RecurrentBranch, RecurrentMixer, State
+from surgery.sites.attention import AttentionSite
 
 
 class MemoryLinear(nn.Module):

@@ -65,7 +65,7 @@ class Rotary:
     the whole object, e.g. Llama-4's complex ``freqs_cis``); ``constants`` are literal keyword arguments of the
     model's call; ``rotary_dim`` the leading head dims the layer slices out before calling it (GPT-J style).
     ``norms_after``: the layer applies its q/k norms after RoPE (HunYuan, NanoChat), not before.
-    ``latent`` (multi-head latent attention, ``surgery.latent``): only the last ``trailing`` head dims rotate (the
+    ``latent`` (multi-head latent attention, ``surgery.sites.latent``): only the last ``trailing`` head dims rotate (the
     rope part after the nope part), as adjacent pairs when ``interleaved``, else rotate-half, or by complex
     ``freqs_cis`` when the model passes those (DeepSeek-V2).
     """
