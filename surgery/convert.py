@@ -215,7 +215,8 @@ def _misfit(m: Match, mixer: Mixer, registry: Registry) -> list[tuple[str, str]]
 
 
 def load_model(plan: Plan) -> nn.Module:
-    """The plan's pretrained model, in the plan's dtype, in eval mode."""
+    """The plan's pretrained model, in the plan's dtype, in eval mode: the one loader of a base model (``Run``, the
+    standalone verbs and ``surgery select`` use it), so a base model has one dtype rule, the plan's."""
     from transformers import AutoModelForCausalLM
 
     require_source(plan.model)
@@ -224,6 +225,14 @@ def load_model(plan: Plan) -> nn.Module:
     except (OSError, ValueError) as exc:
         raise PlanError([("model", f"cannot load '{plan.model}': {exc}")]) from None
     return model.eval()
+
+
+def load_tokenizer(plan: Plan) -> Any:
+    """The plan's tokenizer (the base model's): the one place a tokenizer is loaded from a plan."""
+    from transformers import AutoTokenizer
+
+    require_source(plan.model)
+    return AutoTokenizer.from_pretrained(plan.model)
 
 
 def _record(m: Match, site: AttentionSite, src: dict[str, Tensor], mapped: dict[str, Tensor], mixer: Mixer) -> LayerRecord:

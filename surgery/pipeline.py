@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from surgery.artifacts import load, save
-from surgery.convert import convert, load_model
+from surgery.convert import convert, load_model, load_tokenizer
 from surgery.outputs import OutputError, OutputLock, check_writable, claim_dir, run_paths, write_owned
 from surgery.plan import Plan
 from surgery.recovery.distributed import is_main
@@ -74,9 +74,7 @@ class Run:
     def tokenizer(self) -> Any:
         """The plan's tokenizer, loaded on first use."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.plan.model)
+            self._tokenizer = load_tokenizer(self.plan)
         return self._tokenizer
 
     def base_model(self) -> nn.Module:
@@ -103,17 +101,20 @@ class Run:
                 return load(path)
         raise OutputError(f"{self.paths.root} holds no model to evaluate: run surgery convert or surgery run first")
 
-    def recover(self, model: nn.Module, resume: bool = True) -> Any:
+    def recover(self, model: nn.Module, resume: bool = True, callbacks: Any = ()) -> Any:
         from surgery.recovery.loop import recover
 
-        return recover(model, self.plan, tokenizer=self.tokenizer, out_dir=self.paths.recover, resume=resume,
-                       teacher_model=self.base_model)  # fmt: skip
+        if self.plan.recover is None:
+            raise OutputError("the plan has no recover: section")
+        return recover(model, self.plan.recover, self.tokenizer, self.paths.recover, self.base_model, resume=resume,
+                       callbacks=callbacks)  # fmt: skip
 
     def evaluate(self, model: nn.Module, limit: float | None = None) -> Any:
         from surgery.evaluate import evaluate
 
-        return evaluate(model, self.plan, base_model=self.base_model(), tokenizer=self.tokenizer,
-                        out_dir=self.paths.eval, limit=limit)  # fmt: skip
+        if self.plan.eval is None:
+            raise OutputError("the plan has no eval: section")
+        return evaluate(model, self.plan.eval, self.base_model(), self.tokenizer, self.paths.eval, limit=limit)
 
     def save(self, model: nn.Module, path: Path, card: str | None = None) -> Path:
         extra = {"README.md": card} if card is not None else None
@@ -203,6 +204,55 @@ def recover_command(plan: Plan, restart: bool = False, force: bool = False) -> P
         return ctx.save(result.model, ctx.paths.model)
 
 
+def recover_plan(
+    model: nn.Module, plan: Plan | None = None, *, spec: Any = None, tokenizer: Any = None,
+    out_dir: str | Path | None = None, teacher_model: Any = None, resume: bool = True, callbacks: Any = (),
+) -> Any:  # fmt: skip
+    """``surgery.recover(model, plan)``: the stage loop with its inputs resolved from ``plan`` by a ``Run``.
+
+    Each argument given replaces what the plan would give: ``spec`` (a ``RecoverSpec`` or the section as a dict)
+    for ``plan.recover``, ``tokenizer`` for the plan's, ``out_dir`` for ``<output>/recover``, ``teacher_model`` (a
+    model, or a function returning one) for the plan's base model, loaded only if a stage needs it.
+    """
+    from surgery.recovery.loop import recover
+    from surgery.recovery.spec import RecoverSpec
+
+    if plan is None and (spec is None or tokenizer is None or out_dir is None):
+        raise ValueError("recover: pass a plan, or spec=, tokenizer= and out_dir=")
+    ctx = Run(plan) if plan is not None else None
+    if not isinstance(spec, RecoverSpec):
+        section = spec if spec is not None else (plan.recover if plan is not None else None)
+        if section is None:
+            raise OutputError("the plan has no recover: section")
+        context = {"registry": plan.registry} if plan is not None else None
+        spec = section if isinstance(section, RecoverSpec) else RecoverSpec.model_validate(section, context=context)
+    teacher = teacher_model if teacher_model is not None else (ctx.base_model if ctx is not None else None)
+    return recover(model, spec, tokenizer if tokenizer is not None else ctx.tokenizer,
+                   out_dir if out_dir is not None else ctx.paths.recover, teacher, resume=resume,
+                   callbacks=callbacks)  # fmt: skip
+
+
+def evaluate_plan(
+    model: nn.Module, plan: Plan | None = None, *, base_model: nn.Module | None = None, tokenizer: Any = None,
+    tasks: list[str] | None = None, limit: float | None = None, out_dir: str | Path | None = None,
+) -> Any:  # fmt: skip
+    """``surgery.evaluate(model, plan)``: lm-eval with its inputs resolved from ``plan`` by a ``Run``.
+
+    Each argument given replaces what the plan would give: ``base_model`` (else loaded from ``plan.model``),
+    ``tokenizer``, ``tasks`` and ``limit`` (over ``plan.eval``), ``out_dir`` (else ``<output>/eval`` when the
+    plan names an output, else nothing is written).
+    """
+    from surgery.evaluate import evaluate
+
+    if plan is None and (base_model is None or tokenizer is None):
+        raise ValueError("evaluate: pass a plan, or base_model= and tokenizer=")
+    ctx = Run(plan, base_model=base_model) if plan is not None else None
+    out = out_dir if out_dir is not None or plan is None or not plan.output else ctx.paths.eval
+    return evaluate(model, plan.eval if plan is not None else None,
+                    base_model if base_model is not None else ctx.base_model(),
+                    tokenizer if tokenizer is not None else ctx.tokenizer, out, tasks=tasks, limit=limit)  # fmt: skip
+
+
 def _claim_root(ctx: Run, force: bool) -> Path:
     """Rank 0 claims the run's directory; under torchrun the others wait for it (they would race its checks)."""
     from surgery.recovery.distributed import barrier, init
@@ -221,4 +271,5 @@ def eval_command(plan: Plan, limit: float | None = None) -> Any:
     return ctx.evaluate(ctx.final_or_converted(), limit=limit)
 
 
-__all__ = ["Run", "RunReport", "convert_command", "eval_command", "generate_sample", "recover_command", "run"]
+__all__ = ["Run", "RunReport", "convert_command", "eval_command", "evaluate_plan", "generate_sample", "recover_command",
+           "recover_plan", "run"]

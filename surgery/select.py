@@ -153,15 +153,14 @@ def select(plan_path: str | Path, keep: int, tokens: int = 2048, out: str | Path
     suffix ``.json`` (the per-layer KL and the ranking).
     """
     import yaml
-    from transformers import AutoTokenizer
 
-    from surgery.convert import load_model, num_layers
+    from surgery.convert import load_model, load_tokenizer, num_layers
     from surgery.plan import load_plan
 
     raw = yaml.safe_load(Path(plan_path).read_text())
     plan = load_plan(raw)
     base = load_model(plan)
-    tokenizer = AutoTokenizer.from_pretrained(plan.model)
+    tokenizer = load_tokenizer(plan)
     ids = calibration_ids(plan, tokenizer, tokens, seq_len, data)
     damage = layer_damage(plan, base, ids, progress=lambda line: print(line, file=sys.stderr, flush=True))
     hybrid = hybrid_plan(raw, damage.keep(keep), num_layers(base))

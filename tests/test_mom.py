@@ -370,7 +370,7 @@ def test_recovery_reports_tokens_per_memory(checkpointing: bool, registry: Any, 
     model = convert("llama", "mom", {"num_memories": 3, "topk": 2}, registry)
     spec = make_spec(write_data(tmp_path / "data.jsonl"), max_steps=3, batch_size=2,
                      gradient_checkpointing=checkpointing)  # fmt: skip
-    result = recover(model, spec=spec, tokenizer=char_tokenizer(), out_dir=tmp_path / "run")
+    result = recover(model, spec=spec, tokenizer=char_tokenizer(), out=tmp_path / "run")
     stats = result.stages["lora"].extra["mixer_stats"]
     assert sorted(stats) == [f"layer {i} mom" for i in range(model.config.num_hidden_layers)]
     for layer in stats.values():
