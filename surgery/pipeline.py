@@ -90,7 +90,7 @@ class Run:
     def saved_or_converted(self) -> nn.Module:
         """The converted model of ``surgery convert`` (``<output>/convert``), else converted now."""
         if (self.paths.convert / "config.json").exists():
-            return load(self.paths.convert)
+            return load(self.paths.convert, registry=self.plan.registry)
         print(f"[surgery] no converted model in {self.paths.convert}; converting now", flush=True)
         return self.converted()
 
@@ -98,7 +98,7 @@ class Run:
         """The newest finished model: ``<output>/model`` (recovered), else ``<output>/convert``."""
         for path in (self.paths.model, self.paths.convert):
             if (path / "config.json").exists():
-                return load(path)
+                return load(path, registry=self.plan.registry)
         raise OutputError(f"{self.paths.root} holds no model to evaluate: run surgery convert or surgery run first")
 
     def recover(self, model: nn.Module, resume: bool = True, callbacks: Any = ()) -> Any:
