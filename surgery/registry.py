@@ -84,6 +84,14 @@ class Registry:
                 for key in [k for k, owner in self._owner.items() if owner == plugin_name]:
                     del self._table(key[0])[key[1]], self._owner[key]
 
+    def __copy__(self) -> Registry:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Registry:
+        # Shared, never copied: a copied plan or model (FSDP's skeleton, a run's converted copy of the base) keeps
+        # the registry it was validated against, and a registry holds plugin modules, which cannot be copied.
+        return self
+
     def _table(self, kind: str) -> dict[str, Any]:
         return {"mixer": self.mixers, "weight map": self.weight_maps, "stage": self.stages}[kind]
 
