@@ -96,7 +96,7 @@ def _vocab(model: torch.nn.Module) -> int:
 def _convert(model: torch.nn.Module, mixer: str, registry: Any, options: dict[str, Any] | None = None) -> Any:
     import surgery
 
-    return surgery.convert(surgery.load_plan(_plan(mixer, options), registry), copy.deepcopy(model), registry=registry)
+    return surgery.convert(surgery.load_plan(_plan(mixer, options), registry), copy.deepcopy(model))
 
 
 def _decode_matches(model: torch.nn.Module, ids: torch.Tensor, prefill: int) -> str:
@@ -130,7 +130,7 @@ def run_checks(model_type: str, registry: Any, workdir: Path) -> Outcome:
     try:
         meta = meta_model(model_type)
         out.model_class = type(meta).__name__
-        matches = surgery.check(surgery.load_plan(_plan("liger_attention"), registry), meta, registry=registry)
+        matches = surgery.check(surgery.load_plan(_plan("liger_attention"), registry), meta)
         out.passed["check"] = bool(matches)
         if not matches:
             raise RuntimeError("no layer to convert")

@@ -27,7 +27,7 @@ _MLA_SIZES: dict[str, Any] = dict(
     head_dim=8,
 )  # fmt: skip
 
-#: A DSA indexer (``surgery.key_selection``) at sweep size: 2 heads of 16 dims, the top 4 keys per query.
+#: A DSA indexer (``surgery.sites.key_selection``) at sweep size: 2 heads of 16 dims, the top 4 keys per query.
 _DSA_SIZES: dict[str, Any] = dict(index_topk=4, index_head_dim=16, index_n_heads=2)
 
 #: Per-type fields on top of COMMON (validation rules of the family, or a field COMMON names differently).

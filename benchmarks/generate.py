@@ -58,7 +58,7 @@ def convert(model: Any, mixer: str) -> Any:
     registry = load_registry(autoload=False)
     rule = {"layers": "all", "mixer": mixer, "options": MIXERS[mixer]}
     plan = surgery.load_plan({"version": 1, "model": "random/llama", "convert": [rule]}, registry)
-    return surgery.convert(plan, model, registry=registry)
+    return surgery.convert(plan, model)
 
 
 def sync(device: str) -> None:

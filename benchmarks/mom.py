@@ -33,9 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import recall  # noqa: E402
-from surgery.attention import AttentionDims, AttentionSite  # noqa: E402
 from surgery.mixer import MixContext  # noqa: E402
 from surgery.registry import load_registry  # noqa: E402
+from surgery.sites.attention import AttentionDims, AttentionSite  # noqa: E402
 
 # -- quality -------------------------------------------------------------------------------------------------------
 

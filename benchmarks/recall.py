@@ -40,7 +40,7 @@ from surgery.cache import MixerCacheLayer  # noqa: E402
 from surgery.convert import convert  # noqa: E402
 from surgery.mixer import Mixer  # noqa: E402
 from surgery.plan import load_plan  # noqa: E402
-from surgery.recovery import recover  # noqa: E402
+from surgery import recover  # noqa: E402  (resolves the recover verb's inputs from a plan)
 
 LIGER = "liger_attention"
 

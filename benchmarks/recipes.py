@@ -31,7 +31,7 @@ from benchmarks.recovery import heldout_windows, token_ppl  # noqa: E402
 from surgery import demo  # noqa: E402
 from surgery.convert import convert  # noqa: E402
 from surgery.plan import load_plan  # noqa: E402
-from surgery.recovery import recover  # noqa: E402
+from surgery import recover  # noqa: E402  (resolves the recover verb's inputs from a plan)
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import surgery  # noqa: E402
 from surgery import demo  # noqa: E402
 from surgery.convert import convert  # noqa: E402
-from surgery.evaluate import evaluate  # noqa: E402
+from surgery import evaluate  # noqa: E402  (resolves the evaluate verb's inputs from a plan)
 from surgery.plan import load_plan  # noqa: E402
-from surgery.recovery import recover  # noqa: E402
+from surgery import recover  # noqa: E402  (resolves the recover verb's inputs from a plan)
 
 
 def token_ppl(model: torch.nn.Module, windows: list[torch.Tensor]) -> dict[str, float]:

@@ -72,7 +72,7 @@ def worker(job: dict[str, Any]) -> None:
 
     from surgery.convert import convert
     from surgery.plan import load_plan
-    from surgery.recovery import recover
+    from surgery import recover
     from surgery.recovery.distributed import is_main, world_size
 
     shape = TINY if job["tiny"] else LLAMA_1B

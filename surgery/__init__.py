@@ -14,7 +14,6 @@ from typing import Any
 
 from surgery.artifacts import load, register_auto_classes, save
 from surgery.convert import check, convert
-from surgery.evaluate import evaluate
 from surgery.plan import PlanError, load_plan
 
 __version__ = "0.1.0"
@@ -26,12 +25,27 @@ register_auto_classes()
 def recover(model: Any, plan: Any = None, **kwargs: Any) -> Any:
     """Recovery of a converted model, stage by stage; returns a ``RecoverResult`` (``.model`` is the trained model).
 
-    See ``surgery.recovery.loop.recover``; peft and the Trainer load on first use. The package is named
-    ``surgery.recovery`` so that importing it never replaces this function on ``surgery``.
+    The plan gives the stages, the tokenizer, the output (``<output>/recover``) and the teacher (its base model,
+    loaded only if a stage needs it); keywords replace any of them (``surgery.pipeline.recover_plan``). The verb
+    itself, which takes them resolved, is ``surgery.recovery.recover(model, spec, tokenizer, out, teacher)``; peft
+    and the Trainer load on first use. The package is named ``surgery.recovery`` so that importing it never replaces
+    this function on ``surgery``.
     """
-    from surgery.recovery.loop import recover as _recover
+    from surgery.pipeline import recover_plan
 
-    return _recover(model, plan, **kwargs)
+    return recover_plan(model, plan, **kwargs)
+
+
+def evaluate(model: Any, plan: Any = None, **kwargs: Any) -> Any:
+    """lm-eval on the converted model and on the plan's base model, side by side; returns the results dict.
+
+    The plan gives the tasks, the base model, the tokenizer and the output (``<output>/eval``); keywords replace any
+    of them (``surgery.pipeline.evaluate_plan``). The verb itself, which takes them resolved, is
+    ``surgery.evaluate.evaluate(model, spec, base, tokenizer, out)``.
+    """
+    from surgery.pipeline import evaluate_plan
+
+    return evaluate_plan(model, plan, **kwargs)
 
 
 def run(plan: Any, **kwargs: Any) -> Any:

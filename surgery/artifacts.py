@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from surgery.artifacts_fs import ArtifactError, recover_interrupted, write_atomically
 from surgery.convert import DTYPES, LayerRecord, apply_plan
+from surgery.errors import ModelNotFoundError
 from surgery.plan import PlanError, load_plan
 
 __all__ = ["ArtifactError", "SurgeryConfig", "SurgeryForCausalLM", "load", "register_auto_classes", "save"]
@@ -157,7 +158,7 @@ def _state_dict_files(path: Path) -> list[Path]:
         return [path / n for n in names]
     single = path / "model.safetensors"
     if not single.exists():
-        raise FileNotFoundError(f"{path} holds no model.safetensors: is it a directory written by surgery.save?")
+        raise ModelNotFoundError(f"{path} holds no model.safetensors: is it a directory written by surgery.save?")
     return [single]
 
 
@@ -185,12 +186,12 @@ def _read_config(cfg_file: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return plan, base
 
 
-def _stored_plan(cfg_file: Path, data: dict[str, Any]) -> Any:
+def _stored_plan(cfg_file: Path, data: dict[str, Any], registry: Any = None) -> Any:
     """Validate the stored plan without requiring its base model: everything ``load`` needs is in the directory."""
     # load_plan checks that a local model path exists; a placeholder that is no path skips exactly that check.
     placeholder = f"surgery-saved-model-{uuid.uuid4().hex}"
     try:
-        plan = load_plan({**data, "model": placeholder})
+        plan = load_plan({**data, "model": placeholder}, registry)
     except PlanError as exc:
         raise ArtifactError(f"{cfg_file}: the stored plan is invalid: {exc}") from None
     return plan.model_copy(update={"model": data.get("model", "")})
@@ -219,11 +220,12 @@ def _read_manifest(path: Path) -> list[LayerRecord] | None:
         return None
 
 
-def load(path: str | os.PathLike, dtype: Any = None, device: Any = None) -> nn.Module:
+def load(path: str | os.PathLike, dtype: Any = None, device: Any = None, registry: Any = None) -> nn.Module:
     """Load a model saved by ``save``: rebuild the base architecture, re-apply the plan, load the tensors.
 
-    Needs nothing but the directory (not the base model). Raises ``ArtifactError`` (a ``ValueError``) naming the
-    file when the directory is damaged.
+    Needs nothing but the directory (not the base model). ``registry`` is what the stored plan's names resolve
+    against (default: the built-ins and the installed plugins). Raises ``ArtifactError`` (a ``ValueError``) naming
+    the file when the directory is damaged.
     """
     from transformers.initialization import no_init_weights
 
@@ -231,9 +233,9 @@ def load(path: str | os.PathLike, dtype: Any = None, device: Any = None) -> nn.M
     recover_interrupted(path)
     cfg_file = path / "config.json"
     if not cfg_file.exists():
-        raise FileNotFoundError(f"{path} has no config.json")
+        raise ModelNotFoundError(f"{path} has no config.json")
     plan_data, base = _read_config(cfg_file)
-    plan = _stored_plan(cfg_file, plan_data)
+    plan = _stored_plan(cfg_file, plan_data, registry)
     base = dict(base)
     base_config = AutoConfig.for_model(base.pop("model_type"), **base)
     if isinstance(dtype, str) and dtype != "auto":

@@ -27,11 +27,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from surgery.errors import ArtifactError
+
 MARKER = ".surgery"
-
-
-class ArtifactError(ValueError):
-    """A saved directory cannot be written or read; the message names the path and what is wrong."""
 
 
 def _old(path: Path) -> Path:

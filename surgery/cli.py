@@ -1,7 +1,7 @@
 """``surgery`` command line: thin commands over the Python API.
 
-A mistake a user can make (plan, plugin, model path) exits with code 2 and one readable message; ``-v`` shows the
-traceback. Other failures exit with 1.
+A mistake a user can make (any ``surgery.errors.SurgeryError``: plan, plugin, model path, data, output directory)
+exits with code 2 and its located message; ``-v`` shows the traceback. Other failures exit with 1.
 """
 
 from __future__ import annotations
@@ -13,17 +13,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from surgery.artifacts_fs import ArtifactError
-from surgery.attention import AttentionReadError
-from surgery.mixer import MixerDimsError
-from surgery.outputs import OutputError
-from surgery.plan import PlanError
-from surgery.recovery.data import DataError
-from surgery.recovery.stage import TrainingDiverged
-from surgery.registry import PluginError, UnknownNameError
-
-USER_ERRORS = (PlanError, PluginError, UnknownNameError, AttentionReadError, MixerDimsError, FileNotFoundError,
-               OutputError, TrainingDiverged, ArtifactError, DataError)
+from surgery.errors import SurgeryError
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -139,7 +129,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_select(args: argparse.Namespace) -> int:
     from surgery.select import select
 
-    damage, _ = select(args.plan, args.keep, tokens=args.tokens, out=args.out, seq_len=args.seq_len)
+    damage, _ = select(args.plan, args.keep, tokens=args.tokens, out=args.out, seq_len=args.seq_len, data=args.data)
     rows = [[str(i), f"{damage.kl[i]:.4f}", "softmax" if i in damage.keep(args.keep) else ""] for i in damage.ranking]
     print(_table(rows, ["layer", "KL to base (nats/token)", "kept"]))
     if args.out:
@@ -191,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--tokens", type=int, default=2048, help="calibration tokens (default 2048)")
     sel.add_argument("--seq-len", type=int, help="calibration chunk length (default: the plan's recover.data.seq_len, "
                      "else 512); longer chunks weigh the long-range dependence a window or memory loses")
+    sel.add_argument("--data", help="calibration text (a .txt/.jsonl file or directory, or a hub dataset); default: "
+                     "the plan's recover.data")
     sel.add_argument("-o", "--out", help="write the hybrid plan here (YAML; the ranking next to it as .json)")
     add("fetch-demo", cmd_fetch_demo, "build the offline demo model and data", plan=False).add_argument("--root")
     (lm := sub.add_parser("lm-eval", help="lm-eval's own CLI; --model_args pretrained=DIR reads saved models", prefix_chars="\0", add_help=False)).set_defaults(fn=cmd_lm_eval) or lm.add_argument("args", nargs=argparse.REMAINDER)  # every argument, even -h, goes to lm-eval  # fmt: skip
@@ -209,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except USER_ERRORS as exc:
+    except SurgeryError as exc:
         if args.verbose:
             traceback.print_exc()
         print(f"surgery {args.command}: error: {exc}", file=sys.stderr)

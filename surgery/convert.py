@@ -1,6 +1,7 @@
 """Apply a plan to a model: match rules to attention sites, build mixers, map weights, swap, record a manifest.
 
-The converter names no plugin: mixers and weight maps come from the registry by the names the plan gives.
+The converter names no plugin: mixers and weight maps come from the plan's registry (the one it was validated
+against, ``Plan.registry``) by the names the plan gives.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from surgery.attention import AttentionSite, find_attention, read_weights
 from surgery.mixer import MixContext, Mixer, MixerDimsError, Options, SharedState, install_padding_hook
-from surgery.plan import Plan, PlanError, Rule, load_plan, select_layers
-from surgery.registry import Registry, load_registry
+from surgery.plan import Plan, PlanError, Rule, select_layers
+from surgery.registry import Registry
+from surgery.sites.attention import AttentionSite, find_attention, read_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,17 +69,12 @@ def num_layers(model: nn.Module) -> int:
     return int(getattr(text, "num_hidden_layers"))
 
 
-def typed(plan: Plan, registry: Registry) -> Plan:
-    """``plan`` with every rule's options validated into its mixer's ``Options`` (a no-op for ``load_plan``'s)."""
-    return plan if plan.typed else load_plan(plan.to_dict(), registry)
-
-
-def match(plan: Plan, sites: list[AttentionSite], n_layers: int, registry: Registry) -> list[tuple[Match, Rule]]:
+def match(plan: Plan, sites: list[AttentionSite], n_layers: int) -> list[tuple[Match, Rule]]:
     """Resolve every rule against the model's attention sites; raise ``PlanError`` with every problem found.
 
     Each match carries the rule's options resolved for its layer (``Mixer.resolve_options``).
     """
-    plan = typed(plan, registry)
+    registry = plan.registry
     by_layer = {s.layer_idx: s for s in sites}
     problems: list[tuple[str, str]] = []
     owner: dict[int, int] = {}
@@ -119,7 +115,7 @@ def match(plan: Plan, sites: list[AttentionSite], n_layers: int, registry: Regis
 def _reused_selection_problems(
     matches: list[Match], by_layer: dict[int, AttentionSite], registry: Registry
 ) -> list[tuple[str, str]]:
-    """A layer that reuses the key selection of an earlier one (a shared DSA layer, ``surgery.key_selection``) and
+    """A layer that reuses the key selection of an earlier one (a shared DSA layer, ``surgery.sites.key_selection``) and
     keeps it needs that earlier layer to keep its indexer: converted to a mixer that drops it, it selects nothing."""
     mixer_of = {m.layer: m.mixer for m in matches}
     problems = []
@@ -185,15 +181,15 @@ def meta_model(plan: Plan) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def check(plan: Plan, model: nn.Module | None = None, registry: Registry | None = None) -> list[Match]:
+def check(plan: Plan, model: nn.Module | None = None) -> list[Match]:
     """Resolve ``plan`` against the model (meta device when none is given): which layer gets what.
 
     Every mixer is built on the meta device, so what its weight map needs of it is checked without weights.
     """
-    registry = registry if registry is not None else load_registry()
+    registry = plan.registry
     model = model if model is not None else meta_model(plan)
     sites = {s.layer_idx: s for s in find_attention(model)}
-    matches = match(plan, list(sites.values()), num_layers(model), registry)
+    matches = match(plan, list(sites.values()), num_layers(model))
     problems, seen_rules = [], set()
     for m, _ in matches:
         if m.rule in seen_rules:
@@ -219,7 +215,8 @@ def _misfit(m: Match, mixer: Mixer, registry: Registry) -> list[tuple[str, str]]
 
 
 def load_model(plan: Plan) -> nn.Module:
-    """The plan's pretrained model, in the plan's dtype, in eval mode."""
+    """The plan's pretrained model, in the plan's dtype, in eval mode: the one loader of a base model (``Run``, the
+    standalone verbs and ``surgery select`` use it), so a base model has one dtype rule, the plan's."""
     from transformers import AutoModelForCausalLM
 
     require_source(plan.model)
@@ -228,6 +225,14 @@ def load_model(plan: Plan) -> nn.Module:
     except (OSError, ValueError) as exc:
         raise PlanError([("model", f"cannot load '{plan.model}': {exc}")]) from None
     return model.eval()
+
+
+def load_tokenizer(plan: Plan) -> Any:
+    """The plan's tokenizer (the base model's): the one place a tokenizer is loaded from a plan."""
+    from transformers import AutoTokenizer
+
+    require_source(plan.model)
+    return AutoTokenizer.from_pretrained(plan.model)
 
 
 def _record(m: Match, site: AttentionSite, src: dict[str, Tensor], mapped: dict[str, Tensor], mixer: Mixer) -> LayerRecord:
@@ -296,20 +301,17 @@ def _probe(mixer: Mixer, m: Match, registry: Registry, ref: Tensor) -> None:
                           f"a mixer must return [B, T, {hidden}]")])  # fmt: skip
 
 
-def apply_plan(
-    model: nn.Module, plan: Plan, registry: Registry | None = None, map_weights: bool = True
-) -> nn.Module:
+def apply_plan(model: nn.Module, plan: Plan, map_weights: bool = True) -> nn.Module:
     """Swap the attention modules ``plan`` selects for mixers, in place; returns ``model``.
 
     With ``map_weights=False`` only the structure is built (used by ``surgery.load``, which then loads saved
     weights). The model gets ``model.surgery`` (a ``SurgeryInfo``) and a hook that records the padding mask.
     """
-    registry = registry if registry is not None else load_registry()
-    plan = typed(plan, registry)
+    registry = plan.registry
     sites = {s.layer_idx: s for s in find_attention(model)}
     shared = SharedState()
     manifest = []
-    for m, rule in match(plan, list(sites.values()), num_layers(model), registry):
+    for m, rule in match(plan, list(sites.values()), num_layers(model)):
         site = sites[m.layer]
         old = model.get_submodule(site.path)
         # The output projection's dtype, not the module's first parameter's: that may be an fp32 extra (HY-V4's
@@ -341,7 +343,7 @@ def apply_plan(
     return model
 
 
-def convert(plan: Plan, model: nn.Module | None = None, registry: Registry | None = None) -> nn.Module:
+def convert(plan: Plan, model: nn.Module | None = None) -> nn.Module:
     """Convert ``model`` (or the plan's model, loaded from ``plan.model``) as the plan says.
 
     Returns the converted model (the same object when one is given). ``model.surgery.manifest`` lists, per
@@ -351,4 +353,4 @@ def convert(plan: Plan, model: nn.Module | None = None, registry: Registry | Non
         raise ValueError("this model was already converted; convert the original model")
     model = model if model is not None else load_model(plan)
     with torch.no_grad():
-        return apply_plan(model, plan, registry, map_weights=True)
+        return apply_plan(model, plan, map_weights=True)

@@ -112,11 +112,10 @@ class EvalSpec(Options):
         return limits
 
 
-def _spec(plan: Any, tasks: list[str] | None, limit: int | float | None) -> EvalSpec:
-    spec = getattr(plan, "eval", None) if plan is not None else None
+def _spec(spec: EvalSpec | None, tasks: list[str] | None, limit: int | float | None) -> EvalSpec:
     if not isinstance(spec, EvalSpec):
         if tasks is None:
-            raise ValueError("evaluate: name the tasks (tasks=[...]) or pass a plan with an eval: section")
+            raise ValueError("evaluate: name the tasks (tasks=[...]) or pass an eval spec (a plan's eval: section)")
         spec = EvalSpec(tasks=tuple(tasks))
     update: dict[str, Any] = {}
     if tasks is not None:
@@ -223,34 +222,23 @@ def _binomial_stderr(p: float | None, n: int | None) -> float | None:
     return math.sqrt(p * (1.0 - p) / n)
 
 
-def _load_base(plan: Any) -> tuple[nn.Module, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def evaluate(model: nn.Module, spec: EvalSpec | None, base: nn.Module, tokenizer: Any, out: str | Path | None = None,
+             *, tasks: list[str] | None = None, limit: int | float | None = None,
+             before: nn.Module | Scores | None = None) -> EvalResult:
+    """Run lm-eval on the converted ``model`` and on the ``base`` model, with the same tasks and settings.
 
-    name = getattr(plan, "model", None)
-    if not name:
-        raise ValueError("evaluate: pass base_model=, or a plan whose `model` names the base model")
-    dtype = getattr(plan, "dtype", None) or "float32"
-    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
-        dtype = getattr(torch, dtype)  # "bfloat16" -> torch.bfloat16; "auto" passes through
-    return AutoModelForCausalLM.from_pretrained(str(name), dtype=dtype), AutoTokenizer.from_pretrained(str(name))
-
-
-def evaluate(model: nn.Module, plan: Any = None, *, base_model: nn.Module | None = None, tokenizer: Any = None,
-             tasks: list[str] | None = None, limit: int | float | None = None,
-             out_dir: str | Path | None = None, before: nn.Module | Scores | None = None) -> EvalResult:
-    """Run lm-eval on the converted ``model`` and on the base model, with the same tasks and settings.
+    Takes what it needs, resolved: a plan's ``eval`` section, the base model and tokenizer (``surgery.evaluate``
+    and ``surgery.pipeline.Run`` load them from a plan, once). Writes only to ``out``.
 
     Args:
         model: the converted model (in memory; a peft-wrapped model works too).
-        plan: a ``surgery.plan.Plan`` (its ``eval`` section and ``model``), or None to use ``EvalSpec()``
-            defaults with the explicit arguments below.
-        base_model: the unconverted model; None loads ``plan.model`` with transformers.
-        tokenizer: shared by both models; None loads the one of ``plan.model``.
-        tasks: overrides ``plan.eval.tasks``.
-        limit: documents per task, overrides ``plan.eval.limit``/``limits``.
-        out_dir: where ``results.json``, ``results.md`` and ``results.png`` go; None writes nothing (unless the
-            plan has an ``output`` directory: then ``<output>/eval``).
+        spec: the ``eval:`` section (``EvalSpec``), or None to evaluate ``tasks`` with the defaults.
+        base: the unconverted model. It runs on ``model``'s device and goes back to its own afterwards (the base
+            is shared: the run's teacher and source, never changed by a consumer).
+        tokenizer: shared by both models.
+        out: where ``results.json``, ``results.md`` and ``results.png`` go; None writes nothing.
+        tasks: overrides ``spec.tasks``.
+        limit: documents per task, overrides ``spec.limit``/``limits``.
         before: the converted model before recovery, or its ``score`` (taken before training changed it): a third
             column.
 
@@ -258,15 +246,20 @@ def evaluate(model: nn.Module, plan: Any = None, *, base_model: nn.Module | None
         ``{"tasks": {name: {"metric", "higher_is_better", "base", "converted", "ratio", "samples", ...}},
         "settings": {...}}``; ``ratio`` is converted÷base (None when base is 0).
     """
-    spec = _spec(plan, tasks, limit)
-    if base_model is None:
-        base_model, base_tok = _load_base(plan)
-        tokenizer = tokenizer if tokenizer is not None else base_tok
-    device = next(model.parameters()).device
-    if next(base_model.parameters()).device != device:
-        base_model.to(device)  # same device as the converted model, same settings (moved, never reloaded)
+    spec = _spec(spec, tasks, limit)
     if tokenizer is None:
-        raise ValueError("evaluate: pass tokenizer= (or a plan whose `model` has a tokenizer)")
+        raise ValueError("evaluate: pass the tokenizer both models share")
+    device = next(model.parameters()).device
+    home = next(base.parameters()).device
+    try:
+        base.to(device)  # same device as the converted model, same settings (moved, never reloaded)
+        return _evaluate(model, spec, base, tokenizer, out, before)
+    finally:
+        base.to(home)
+
+
+def _evaluate(model: nn.Module, spec: EvalSpec, base_model: nn.Module, tokenizer: Any, out: str | Path | None,
+              before: nn.Module | Scores | None) -> EvalResult:  # fmt: skip
     manager = _task_manager(spec)
     if isinstance(before, nn.Module):
         before = score(before, tokenizer, spec, manager)
@@ -291,12 +284,8 @@ def evaluate(model: nn.Module, plan: Any = None, *, base_model: nn.Module | None
         seconds["before"] = round(before.seconds, 1)
     results: EvalResult = {"tasks": table, "settings": {"batch_size": spec.batch_size, "max_length": spec.max_length,
                                             "lm_eval": version("lm_eval"), "seconds": seconds}}
-    if out_dir is None and getattr(plan, "output", None):
-        from surgery.outputs import run_paths
-
-        out_dir = run_paths(plan).eval
-    if out_dir is not None:
-        write_results(results, Path(out_dir))
+    if out is not None:
+        write_results(results, Path(out))
     return results
 
 

@@ -395,28 +395,18 @@ def custom_generate(
     return res.sequences
 
 
-def model_dir(run_dir: str | Any) -> Any:
-    """The saved model of ``run_dir``: the directory itself, or its ``model/`` (recovered) or ``convert/``."""
-    from pathlib import Path
-
-    root = Path(run_dir)
-    for cand in (root, root / "model", root / "convert"):
-        if (cand / "config.json").exists():
-            return cand
-    raise FileNotFoundError(f"{root}: no saved model (config.json) in it, nor in its model/ or convert/")
-
-
 def run_generate(run_dir: str, prompts: list[str], max_new_tokens: int = 64, capture: str = "graph",
                  device: str | None = None, dtype: str | None = None, write: Callable[[str], Any] = print,
                  ) -> GenerateResult:  # fmt: skip
     """``surgery generate``: load a saved model and its tokenizer, stream the first prompt's continuation."""
     from transformers import AutoTokenizer
 
-    import surgery
+    from surgery.artifacts import load
+    from surgery.outputs import saved_model_dir
 
-    path = model_dir(run_dir)
+    path = saved_model_dir(run_dir)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = surgery.load(path, dtype=dtype, device=dev)
+    model = load(path, dtype=dtype, device=dev)
     tok = AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)

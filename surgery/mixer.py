@@ -3,8 +3,8 @@
 A mixer replaces one attention module. It owns HF-named projections (``q_proj``, ``k_proj``, ``v_proj``,
 ``o_proj``, and the model's ``q_norm``/``k_norm``/``v_norm`` when it has them), so LoRA targets and weight maps are
 the same for every architecture; on a multi-head latent attention site it owns copies of the model's own low-rank
-projections instead (``surgery.latent``), and a mixer that keeps the layer's learned key selection owns a copy of its
-DSA indexer (``Mixer.uses_key_selection``, ``surgery.key_selection``). Subclasses implement ``mix``; ``forward``
+projections instead (``surgery.sites.latent``), and a mixer that keeps the layer's learned key selection owns a copy of its
+DSA indexer (``Mixer.uses_key_selection``, ``surgery.sites.key_selection``). Subclasses implement ``mix``; ``forward``
 absorbs the HF calling convention (keyword names that change between architectures and versions, positional
 arguments bound by the replaced module's signature, a residual some layers expect attention to add) in this one
 place and returns ``(output, None)`` (a third output where the pretrained module returns one).
@@ -20,29 +20,20 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from surgery.attention import AttentionSite
-from surgery.attention_extras import AttentionExtras
+from surgery.errors import MixerDimsError
 from surgery.kernels import transient_saves
-from surgery.latent import latent_compress, latent_gate, latent_project
-from surgery.rotary import apply_rope, rotate_half
+from surgery.options import Options  # re-exported: plugins import it from here
+from surgery.sites.attention import AttentionSite
+from surgery.sites.attention_extras import AttentionExtras
+from surgery.sites.latent import latent_compress, latent_gate, latent_project
+from surgery.sites.rotary import apply_rope, rotate_half
 
 __all__ = ["MixContext", "Mixer", "Options", "SharedState", "WeightMap", "apply_rope", "rotate_half"]
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-class Options(BaseModel):
-    """Base of every plugin's options: unknown keys are errors, values are immutable once validated."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class MixerDimsError(ValueError):
-    """A mixer cannot take the dimensions of an attention layer (raised by ``Mixer.check_site``)."""
 
 
 class SharedState:
@@ -94,7 +85,7 @@ class MixContext:
         bias_in_product: the bias came as Bloom's ``alibi``, which the layer adds inside the score product
             (``baddbmm``) rather than after scaling (MPT's ``position_bias``); kept layers round as it does.
         previous_selection: the keys the previous layer's indexer selected, ``[B, T, k]`` indices, as the decoder
-            layer passes them (``prev_topk_indices``, ``surgery.key_selection``); None when it passes none.
+            layer passes them (``prev_topk_indices``, ``surgery.sites.key_selection``); None when it passes none.
         selection: the keys this layer selected, set by a mixer that runs the layer's key selection; the adapter
             returns it to the decoder layer (or ``previous_selection`` on a layer that reuses it).
     """
@@ -141,12 +132,16 @@ class Mixer(nn.Module):
     #: A mixer that cannot promise this sets False and decodes eagerly (``surgery.generate`` warns).
     capturable: ClassVar[bool] = True
     #: Whether this mixer runs a softmax that takes the pretrained layer's learned sink logits (``sink_logits``
-    #: ``[Hq]``, see ``surgery.attention_extras``). Others do not own them, and the manifest reports them dropped.
+    #: ``[Hq]``, see ``surgery.sites.attention_extras``). Others do not own them, and the manifest reports them dropped.
     uses_sink_logits: ClassVar[bool] = False
     #: Whether this mixer reproduces the pretrained layer's learned key selection (a DSA indexer: each query sees
-    #: only the top-k keys it scores, ``surgery.key_selection``). Such a mixer owns a copy of the indexer under its
+    #: only the top-k keys it scores, ``surgery.sites.key_selection``). Such a mixer owns a copy of the indexer under its
     #: own name; others attend to every key by construction, and the manifest reports the indexer dropped.
     uses_key_selection: ClassVar[bool] = False
+    #: Whether the layer stays softmax attention over a key/value cache that grows with the sequence (the
+    #: identity mixer ``softmax``): the static cache holds such a layer as a kept one (keys and values up to
+    #: ``max_length``), not as a constant-size mixer state.
+    keeps_kv_cache: ClassVar[bool] = False
     #: A scalar a mixer may set during a training forward (e.g. a load-balancing loss); recovery adds it to the
     #: stage's loss and clears it.
     aux_loss: Tensor | None = None
@@ -250,7 +245,7 @@ class Mixer(nn.Module):
 
         After the model's q/k norms, unless the layer applies them after RoPE (``site.rotary.norms_after``):
         then ``rotate`` applies them, and recurrent branches see q and k unnormalised. A latent site expands its
-        compressed latent into per-head q/k/v (``surgery.latent``).
+        compressed latent into per-head q/k/v (``surgery.sites.latent``).
         """
         if self.site.latent is not None:
             parts, k, v = latent_project(self, x, self.site.latent, self.num_heads)

@@ -21,13 +21,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from surgery.errors import ModelNotFoundError, OutputError
+
 MARKER = ".surgery"
 LOCK = ".surgery.lock"
 DEFAULT_OUTPUT = Path("runs/surgery")
-
-
-class OutputError(ValueError):
-    """An output path surgery must not write (a foreign directory, a file, a run in use); names the path."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +63,18 @@ def run_paths(plan: Any, output: str | os.PathLike | None = None) -> RunPaths:
     """The paths of ``plan``'s run: ``output`` if given, else the plan's ``output:``, else ``runs/surgery``."""
     root = output if output is not None else (getattr(plan, "output", None) or DEFAULT_OUTPUT)
     return RunPaths(Path(root))
+
+
+def saved_model_dir(path: str | os.PathLike) -> Path:
+    """The saved model ``path`` names: the directory itself when it holds one, else the run's ``model/`` (recovered),
+    else its ``convert/`` (``surgery generate`` takes either a model or a run directory)."""
+    root = Path(path)
+    paths = run_paths(None, root)
+    for candidate in (root, paths.model, paths.convert):
+        if (candidate / "config.json").exists():
+            return candidate
+    raise ModelNotFoundError(f"{root}: no saved model (config.json) in it, nor in its {paths.model.name}/ or "
+                             f"{paths.convert.name}/")
 
 
 def _written(path: Path) -> set[str]:

@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from surgery.artifacts import load, save
-from surgery.convert import convert, load_model
+from surgery.convert import convert, load_model, load_tokenizer
 from surgery.outputs import OutputError, OutputLock, check_writable, claim_dir, run_paths, write_owned
 from surgery.plan import Plan
 from surgery.recovery.distributed import is_main, world_size
@@ -57,21 +57,14 @@ class Run:
     Args:
         plan: a plan from ``surgery.load_plan``.
         output: overrides the plan's ``output:`` (``runs/surgery`` when neither is set).
-        registry: the plugin registry (default: a fresh one).
         base_model: the unconverted model, when the caller has it in memory (then nothing is read from disk).
         force: write into a non-empty directory that surgery did not create.
     """
 
     def __init__(
-        self, plan: Plan, *, output: str | Path | None = None, registry: Any = None, base_model: nn.Module | None = None,
-        force: bool = False,
-    ) -> None:  # fmt: skip
-        if registry is None:
-            from surgery.registry import load_registry
-
-            registry = load_registry()
-        self.plan = plan
-        self.registry = registry
+        self, plan: Plan, *, output: str | Path | None = None, base_model: nn.Module | None = None, force: bool = False
+    ) -> None:
+        self.plan = plan  # carries the registry it was validated against: the run's one registry
         self.paths = run_paths(plan, output)
         self.force = force
         self._base = base_model
@@ -81,9 +74,7 @@ class Run:
     def tokenizer(self) -> Any:
         """The plan's tokenizer, loaded on first use."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.plan.model)
+            self._tokenizer = load_tokenizer(self.plan)
         return self._tokenizer
 
     def base_model(self) -> nn.Module:
@@ -94,12 +85,12 @@ class Run:
 
     def converted(self) -> nn.Module:
         """A freshly converted copy of the base model (the base itself stays unconverted)."""
-        return convert(self.plan, copy.deepcopy(self.base_model()), registry=self.registry)
+        return convert(self.plan, copy.deepcopy(self.base_model()))
 
     def saved_or_converted(self) -> nn.Module:
         """The converted model of ``surgery convert`` (``<output>/convert``), else converted now."""
         if (self.paths.convert / "config.json").exists():
-            return load(self.paths.convert)
+            return load(self.paths.convert, registry=self.plan.registry)
         print(f"[surgery] no converted model in {self.paths.convert}; converting now", flush=True)
         return self.converted()
 
@@ -107,20 +98,24 @@ class Run:
         """The newest finished model: ``<output>/model`` (recovered), else ``<output>/convert``."""
         for path in (self.paths.model, self.paths.convert):
             if (path / "config.json").exists():
-                return load(path)
+                return load(path, registry=self.plan.registry)
         raise OutputError(f"{self.paths.root} holds no model to evaluate: run surgery convert or surgery run first")
 
-    def recover(self, model: nn.Module, resume: bool = True) -> Any:
+    def recover(self, model: nn.Module, resume: bool = True, callbacks: Any = ()) -> Any:
         from surgery.recovery.loop import recover
 
-        return recover(model, self.plan, tokenizer=self.tokenizer, out_dir=self.paths.recover, resume=resume,
-                       teacher_model=self.base_model, registry=self.registry)  # fmt: skip
+        if self.plan.recover is None:
+            raise OutputError("the plan has no recover: section")
+        return recover(model, self.plan.recover, self.tokenizer, self.paths.recover, self.base_model, resume=resume,
+                       callbacks=callbacks)  # fmt: skip
 
     def evaluate(self, model: nn.Module, limit: float | None = None, before: Any = None) -> Any:
         from surgery.evaluate import evaluate
 
-        return evaluate(model, self.plan, base_model=self.base_model(), tokenizer=self.tokenizer,
-                        out_dir=self.paths.eval, limit=limit, before=before)  # fmt: skip
+        if self.plan.eval is None:
+            raise OutputError("the plan has no eval: section")
+        return evaluate(model, self.plan.eval, self.base_model(), self.tokenizer, self.paths.eval, limit=limit,
+                        before=before)  # fmt: skip
 
     def score_before_recovery(self, model: nn.Module, limit: float | None = None) -> Any:
         """The converted model's evaluation before recovery changes it (``evaluate``'s ``before``), or None when the
@@ -131,7 +126,7 @@ class Run:
         from surgery.evaluate import _spec, score
 
         print("[surgery] scoring the converted model before recovery", flush=True)
-        return score(model, self.tokenizer, _spec(self.plan, None, limit))
+        return score(model, self.tokenizer, _spec(spec, None, limit))
 
     def save(self, model: nn.Module, path: Path, card: str | None = None) -> Path:
         extra = {"README.md": card} if card is not None else None
@@ -151,7 +146,7 @@ def generate_sample(model: Any, tokenizer: Any, prompt: str = SAMPLE_PROMPT, max
 
 def run(
     plan: Plan, *, output: str | Path | None = None, model: nn.Module | None = None, limit: float | None = None,
-    force: bool = False, registry: Any = None,
+    force: bool = False,
 ) -> RunReport:  # fmt: skip
     """Run every step the plan has; returns the ``RunReport`` (also written to ``<output>/report.json``).
 
@@ -162,7 +157,7 @@ def run(
     """
     from surgery.card import model_card
 
-    ctx = Run(plan, output=output, registry=registry, base_model=model, force=force)
+    ctx = Run(plan, output=output, base_model=model, force=force)
     root = _claim_root(ctx, force)
     report = RunReport()
     with OutputLock(root):
@@ -230,6 +225,55 @@ def recover_command(plan: Plan, restart: bool = False, force: bool = False) -> P
         return ctx.save(result.model, ctx.paths.model)
 
 
+def recover_plan(
+    model: nn.Module, plan: Plan | None = None, *, spec: Any = None, tokenizer: Any = None,
+    out_dir: str | Path | None = None, teacher_model: Any = None, resume: bool = True, callbacks: Any = (),
+) -> Any:  # fmt: skip
+    """``surgery.recover(model, plan)``: the stage loop with its inputs resolved from ``plan`` by a ``Run``.
+
+    Each argument given replaces what the plan would give: ``spec`` (a ``RecoverSpec`` or the section as a dict)
+    for ``plan.recover``, ``tokenizer`` for the plan's, ``out_dir`` for ``<output>/recover``, ``teacher_model`` (a
+    model, or a function returning one) for the plan's base model, loaded only if a stage needs it.
+    """
+    from surgery.recovery.loop import recover
+    from surgery.recovery.spec import RecoverSpec
+
+    if plan is None and (spec is None or tokenizer is None or out_dir is None):
+        raise ValueError("recover: pass a plan, or spec=, tokenizer= and out_dir=")
+    ctx = Run(plan) if plan is not None else None
+    if not isinstance(spec, RecoverSpec):
+        section = spec if spec is not None else (plan.recover if plan is not None else None)
+        if section is None:
+            raise OutputError("the plan has no recover: section")
+        context = {"registry": plan.registry} if plan is not None else None
+        spec = section if isinstance(section, RecoverSpec) else RecoverSpec.model_validate(section, context=context)
+    teacher = teacher_model if teacher_model is not None else (ctx.base_model if ctx is not None else None)
+    return recover(model, spec, tokenizer if tokenizer is not None else ctx.tokenizer,
+                   out_dir if out_dir is not None else ctx.paths.recover, teacher, resume=resume,
+                   callbacks=callbacks)  # fmt: skip
+
+
+def evaluate_plan(
+    model: nn.Module, plan: Plan | None = None, *, base_model: nn.Module | None = None, tokenizer: Any = None,
+    tasks: list[str] | None = None, limit: float | None = None, out_dir: str | Path | None = None,
+) -> Any:  # fmt: skip
+    """``surgery.evaluate(model, plan)``: lm-eval with its inputs resolved from ``plan`` by a ``Run``.
+
+    Each argument given replaces what the plan would give: ``base_model`` (else loaded from ``plan.model``),
+    ``tokenizer``, ``tasks`` and ``limit`` (over ``plan.eval``), ``out_dir`` (else ``<output>/eval`` when the
+    plan names an output, else nothing is written).
+    """
+    from surgery.evaluate import evaluate
+
+    if plan is None and (base_model is None or tokenizer is None):
+        raise ValueError("evaluate: pass a plan, or base_model= and tokenizer=")
+    ctx = Run(plan, base_model=base_model) if plan is not None else None
+    out = out_dir if out_dir is not None or plan is None or not plan.output else ctx.paths.eval
+    return evaluate(model, plan.eval if plan is not None else None,
+                    base_model if base_model is not None else ctx.base_model(),
+                    tokenizer if tokenizer is not None else ctx.tokenizer, out, tasks=tasks, limit=limit)  # fmt: skip
+
+
 def _claim_root(ctx: Run, force: bool) -> Path:
     """Rank 0 claims the run's directory; under torchrun the others wait for it (they would race its checks)."""
     from surgery.recovery.distributed import barrier, init
@@ -248,4 +292,5 @@ def eval_command(plan: Plan, limit: float | None = None) -> Any:
     return ctx.evaluate(ctx.final_or_converted(), limit=limit)
 
 
-__all__ = ["Run", "RunReport", "convert_command", "eval_command", "generate_sample", "recover_command", "run"]
+__all__ = ["Run", "RunReport", "convert_command", "eval_command", "evaluate_plan", "generate_sample", "recover_command",
+           "recover_plan", "run"]

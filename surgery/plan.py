@@ -1,7 +1,11 @@
-"""The plan file: YAML validated with pydantic v2, names resolved against the plugin registry.
+"""The plan file: YAML validated with pydantic v2 in one pass, names resolved against the plugin registry.
 
-Every error carries its location (``convert.0.options.gate_rank: ...``); all errors of a plan are reported together.
-Model-dependent checks (layers in range, overlapping rules, dimensions) happen in ``surgery.convert.check``.
+``load_plan`` validates the plan with the registry in pydantic's validation context; every registered name with its
+options (a rule's mixer and weight map, a stage, a nested recurrent mixer) is resolved inside that one validation
+by ``surgery.options.resolve``. The plan keeps the registry it was validated against (``Plan.registry``): convert,
+check, recover and evaluate read it from there. Every error carries its location (``convert.0.options.gate_rank:
+...``); all errors of a plan are reported together. Model-dependent checks (layers in range, overlapping rules,
+dimensions) happen in ``surgery.convert.check``.
 """
 
 from __future__ import annotations
@@ -11,28 +15,19 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import Field, NonNegativeInt, PositiveInt, SerializeAsAny, ValidationError, field_validator
+from pydantic import (Field, NonNegativeInt, PositiveInt, PrivateAttr, SerializeAsAny, ValidationError, ValidationInfo,
+                      field_validator, model_validator)  # fmt: skip
 
+from surgery.errors import PlanError
 from surgery.evaluate import EvalSpec
-from surgery.mixer import Options
+from surgery.options import Options, fail, registry_of, relocate, resolve, set_default_registry
 from surgery.recovery.spec import RecoverSpec
-from surgery.registry import Registry, did_you_mean, load_registry
+from surgery.registry import Registry, load_registry
 
 PLAN_VERSION = 1
 MAX_PLAN_BYTES = 1 << 20  # a plan is a few hundred bytes; anything this large is a mistake (or an attack)
 MAX_LAYER_INDEX = 100_000  # beyond any model: a range past it is a typo, and must not allocate its list
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
-
-
-class PlanError(ValueError):
-    """A mistake in a plan. ``problems`` holds ``(location, message)`` pairs; ``str()`` is one line per problem."""
-
-    def __init__(self, problems: list[tuple[str, str]], source: str | None = None) -> None:
-        self.problems = problems
-        self.source = source
-        head = f"invalid plan {source}" if source else "invalid plan"
-        lines = [f"{loc}: {msg}" if loc else msg for loc, msg in problems]
-        super().__init__(head + ":\n  " + "\n  ".join(lines) if len(lines) > 1 else f"{head}: {lines[0]}")
 
 
 class Every(Options):
@@ -83,8 +78,8 @@ def select_layers(selector: LayerSelector, n_layers: int) -> list[int]:
 class Rule(Options):
     """One line of ``convert:``: which layers get which mixer and which weight mapping.
 
-    After ``load_plan``, ``options`` is an instance of the mixer's own ``Options`` class and ``weight_options`` of
-    the weight map's (validated once, every default filled in); before, they are the plan's dicts.
+    Validated, ``options`` is an instance of the mixer's own ``Options`` class and ``weight_options`` of the weight
+    map's (every default filled in), and ``weights`` names the map (the mixer's default when the plan names none).
     """
 
     layers: LayerSelector = "all"
@@ -111,8 +106,32 @@ class Rule(Options):
         return v
 
 
+    @model_validator(mode="after")
+    def _resolve(self, info: ValidationInfo) -> Rule:
+        errors = []
+        try:
+            mixer, options = resolve("mixer", self.mixer, self.options, info, name_at=("mixer",),
+                                     options_at=("options",))  # fmt: skip
+            object.__setattr__(self, "options", options)  # in place: an after-validator returns self
+            weights = self.weights or mixer.default_weights_for(options)
+            object.__setattr__(self, "weights", weights)
+        except ValidationError as err:
+            errors += relocate(err)
+            weights = self.weights
+        if weights is not None:
+            try:
+                _, weight_options = resolve("weight map", weights, self.weight_options, info, name_at=("weights",),
+                                            options_at=("weight_options",))  # fmt: skip
+                object.__setattr__(self, "weight_options", weight_options)
+            except ValidationError as err:
+                errors += relocate(err)
+        if errors:
+            fail(errors, "Rule")
+        return self
+
+
 class Plan(Options):
-    """A whole plan. Build it with ``load_plan`` so names and options are resolved against the registry."""
+    """A whole plan. ``load_plan`` builds it: validated against a registry, which it keeps (``registry``)."""
 
     version: int
     model: str
@@ -121,6 +140,26 @@ class Plan(Options):
     convert: list[Rule] = Field(min_length=1)
     recover: RecoverSpec | None = None
     eval: EvalSpec | None = None
+    _registry: Registry | None = PrivateAttr(None)
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, v: str) -> str:
+        if _is_local_path(v) and not Path(v).expanduser().exists():
+            raise ValueError(f"model path '{v}' does not exist")
+        return v
+
+    @model_validator(mode="after")
+    def _keep_registry(self, info: ValidationInfo) -> Plan:
+        self._registry = registry_of(info)
+        return self
+
+    @property
+    def registry(self) -> Registry:
+        """The plugin registry this plan was validated against: its mixers, weight maps and stages."""
+        if self._registry is None:  # only a plan made without validation (model_construct) lacks one
+            raise PlanError("this plan was not validated: build it with surgery.load_plan")
+        return self._registry
 
     @field_validator("version")
     @classmethod
@@ -132,24 +171,14 @@ class Plan(Options):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
 
-    @property
-    def typed(self) -> bool:
-        """Whether every rule's options are validated ``Options`` objects (a plan from ``load_plan``)."""
-        return all(isinstance(r.options, Options) and isinstance(r.weight_options, Options) for r in self.convert)
 
-
-def _pydantic_problems(err: ValidationError, prefix: tuple = (), allowed: dict[str, list[str]] | None = None) -> list:
+def _problems(err: ValidationError) -> list[tuple[str, str]]:
+    """``(location, message)`` pairs of a validation error, as ``PlanError`` prints them."""
     problems = []
     for e in err.errors():
-        loc = tuple(prefix) + tuple(e["loc"])
         # Union types add the member name to the location ("layers.list[union[int,str]].0"); drop it.
-        loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("Every", "str", "int"))))
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            key = str(loc[-1])
-            known = (allowed or {}).get(".".join(map(str, loc[:-1])), [])
-            msg = f"unknown key '{key}'{did_you_mean(key, known)}"
-        problems.append((".".join(map(str, loc)), msg))
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p in ("Every", "str", "int"))))
+        problems.append((".".join(map(str, loc)), e["msg"].removeprefix("Value error, ")))
     # A selector that failed every member of the union reports once per member; keep the first per location.
     seen, unique = set(), []
     for loc, msg in problems:
@@ -204,60 +233,31 @@ def _is_local_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
 
 
+def default_registry() -> Registry:
+    """The registry of a plan loaded without one: the built-ins and every installed plugin.
+
+    The one place a default registry is built; the plan keeps it, so a run uses this one registry throughout.
+    """
+    return load_registry()
+
+
+# An Options class with a nested name validated on its own (``LigerAttention.Options()``) resolves it here.
+set_default_registry(default_registry)
+
+
 def load_plan(source: str | Path | dict, registry: Registry | None = None) -> Plan:
-    """Parse and validate a plan (YAML path or dict); resolve mixers, weight maps and their options.
+    """Parse and validate a plan (YAML path or dict); resolve mixers, weight maps, stages and their options.
 
     Returns a plan whose rules name their weight map explicitly and whose options include every default, so that
-    the resolved plan saved with a model rebuilds it exactly. Raises ``PlanError`` listing every problem.
+    the resolved plan saved with a model rebuilds it exactly; it keeps ``registry`` (default: ``default_registry()``)
+    as ``plan.registry``. Raises ``PlanError`` listing every problem.
     """
     data, where = _read(source)
-    registry = registry if registry is not None else load_registry()
-    allowed = {"": list(Plan.model_fields), "recover": list(RecoverSpec.model_fields),
-               "eval": list(EvalSpec.model_fields)}  # fmt: skip
-    for i in range(len(data.get("convert") or []) if isinstance(data.get("convert"), list) else 0):
-        allowed[f"convert.{i}"] = list(Rule.model_fields)
+    registry = registry if registry is not None else default_registry()
     try:
-        plan = Plan.model_validate(data, context={"registry": registry})
+        return Plan.model_validate(data, context={"registry": registry})
     except ValidationError as err:
-        raise PlanError(_pydantic_problems(err, allowed=allowed), where) from None
-
-    problems: list[tuple[str, str]] = []
-    if _is_local_path(plan.model) and not Path(plan.model).expanduser().exists():
-        problems.append(("model", f"model path '{plan.model}' does not exist"))
-    rules = []
-    for i, rule in enumerate(plan.convert):
-        loc = f"convert.{i}"
-        if rule.mixer not in registry.mixers:
-            problems.append((f"{loc}.mixer", f"unknown mixer '{rule.mixer}'{did_you_mean(rule.mixer, registry.mixers)}"))
-            rules.append(rule)
-            continue
-        mixer_cls = registry.mixers[rule.mixer]
-        options: Any = rule.options
-        try:
-            raw = options.model_dump() if isinstance(options, Options) else options
-            options = mixer_cls.Options.model_validate(raw, context={"registry": registry})
-        except ValidationError as err:
-            known = {"": list(mixer_cls.Options.model_fields)}
-            problems += _pydantic_problems(err, (loc, "options"), allowed={f"{loc}.options": known[""]})
-        typed = isinstance(options, mixer_cls.Options)
-        weights = rule.weights or (mixer_cls.default_weights_for(options) if typed else mixer_cls.default_weights)
-        weight_options: Any = rule.weight_options
-        if weights not in registry.weight_maps:
-            hint = did_you_mean(weights, registry.weight_maps)
-            problems.append((f"{loc}.weights", f"unknown weight map '{weights}'{hint}"))
-        else:
-            wm = registry.weight_maps[weights]
-            try:
-                raw = weight_options.model_dump() if isinstance(weight_options, Options) else weight_options
-                weight_options = wm.Options.model_validate(raw, context={"registry": registry})
-            except ValidationError as err:
-                problems += _pydantic_problems(
-                    err, (loc, "weight_options"), allowed={f"{loc}.weight_options": list(wm.Options.model_fields)}
-                )
-        rules.append(rule.model_copy(update={"options": options, "weights": weights, "weight_options": weight_options}))
-    if problems:
-        raise PlanError(problems, where)
-    return plan.model_copy(update={"convert": rules})
+        raise PlanError(_problems(err), where) from None
 
 
 def plan_json_schema(registry: Registry | None = None) -> dict[str, Any]:
@@ -266,7 +266,7 @@ def plan_json_schema(registry: Registry | None = None) -> dict[str, Any]:
     A rule is one of the mixers (``if mixer == NAME then options: NAME's Options``); ``recover.stages`` maps each
     registered stage to its options.
     """
-    registry = registry if registry is not None else load_registry()
+    registry = registry if registry is not None else default_registry()
     schema = Plan.model_json_schema()
     defs = schema.setdefault("$defs", {})
 

@@ -22,17 +22,18 @@ padded token writes nothing and decays nothing, so a left-padded row ends in the
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 from torch import Tensor, nn
 
-from surgery.attention import AttentionSite
 from surgery.cache import State, mixer_cache
 from surgery.kernels.gla import chunk_gla, fused_recurrent_gla, torch_gla_state
 from surgery.mixer import MixContext, Mixer
+from surgery.options import Named
+from surgery.sites.attention import AttentionSite
 
-__all__ = ["GLAForm", "RecurrentMixer", "State", "identity_on_padding", "recurrent_mixer", "run_gla"]
+__all__ = ["GLAForm", "RecurrentMixer", "State", "RecurrentBranch", "identity_on_padding", "run_gla"]
 
 #: One GLA call: ``(q, k, v, gk, gv)`` with q ``[B, T, Hq, K]`` fp32 (features, scale folded in), k and gk
 #: ``[B, T, Hkv, K]``, v and gv ``[B, T, Hkv, V]`` (gk/gv natural-log decays <= 0, or None); padding already an
@@ -173,15 +174,19 @@ class RecurrentMixer(Mixer):
         return self.output(o.reshape(B, T, -1).to(x.dtype), x)
 
 
-def recurrent_mixer(name: str, registry: Any) -> type[RecurrentMixer]:
-    """The registered recurrent mixer ``name`` (how a parent such as Liger Attention or MoM finds its recurrence).
+class RecurrentBranch(Named):
+    """A recurrent mixer nested in another mixer's options, the one spelling for it everywhere::
 
-    Raises:
-        ValueError: ``name`` is not registered, or not a recurrent mixer; the message lists the recurrent mixers.
+        recurrent: {mixer: hgrn2, options: {lower_bound: 0.1}}      # or ``recurrent: hgrn2`` for its defaults
+
+    Liger Attention's recurrent branch and MoM's memories are one. The name is looked up among the registered
+    recurrent mixers (built-ins and plugins'); ``cls`` is the class, ``options`` its validated ``Options``.
     """
-    recurrent = sorted(n for n, c in registry.mixers.items() if issubclass(c, RecurrentMixer))
-    cls = registry.mixers.get(name)
-    if cls is None or not issubclass(cls, RecurrentMixer):
-        what = "is not a recurrent mixer" if cls is not None else "is not a registered mixer"
-        raise ValueError(f"recurrent: '{name}' {what}; recurrent mixers: {', '.join(recurrent)}")
-    return cls
+
+    kind: ClassVar[str] = "recurrent mixer"
+
+    mixer: str = Field("gla", description="a registered recurrent mixer: gla, hgrn2, gsa, mom, or a plugin's")
+
+    @property
+    def mixer_cls(self) -> type[RecurrentMixer]:
+        return self.cls

@@ -1,12 +1,11 @@
 """Build a fresh plugin registry: built-ins, the ``surgery`` entry points, and extras (for tests).
 
-Nothing is created at import time. ``load_registry()`` returns a ``Registry`` facade so that the rest of the code
+Nothing is created at import time. ``load_registry`` returns a ``Registry`` facade so that the rest of the code
 never calls ``pm.hook.*`` itself. Set ``SURGERY_DISABLE_PLUGIN_AUTOLOAD=1`` to skip entry points.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.metadata as md
 import os
@@ -18,8 +17,11 @@ from typing import Any
 import pluggy
 
 from surgery import hookspecs
+from surgery.errors import PluginError, UnknownNameError
 from surgery.mixer import NAME_RE, Mixer, WeightMap
+from surgery.options import did_you_mean
 from surgery.recovery.stage import Stage
+from surgery.recurrent import RecurrentMixer
 
 #: Built-in plugin modules, registered exactly like third-party plugins.
 DEFAULT_PLUGINS = (
@@ -37,22 +39,6 @@ DEFAULT_PLUGINS = (
 )
 ENTRY_POINT_GROUP = "surgery"
 AUTOLOAD_ENV = "SURGERY_DISABLE_PLUGIN_AUTOLOAD"
-
-
-class PluginError(RuntimeError):
-    """A plugin could not be loaded or breaks the contract; the message names the plugin and its distribution."""
-
-
-class UnknownNameError(KeyError, ValueError):
-    """An unknown mixer, weight-map or stage name; the message suggests the closest names."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
-
-
-def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 @dataclass(frozen=True)
@@ -98,8 +84,24 @@ class Registry:
                 for key in [k for k, owner in self._owner.items() if owner == plugin_name]:
                     del self._table(key[0])[key[1]], self._owner[key]
 
+    def __copy__(self) -> Registry:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Registry:
+        # Shared, never copied: a copied plan or model (FSDP's skeleton, a run's converted copy of the base) keeps
+        # the registry it was validated against, and a registry holds plugin modules, which cannot be copied.
+        return self
+
     def _table(self, kind: str) -> dict[str, Any]:
         return {"mixer": self.mixers, "weight map": self.weight_maps, "stage": self.stages}[kind]
+
+    def table(self, kind: str) -> dict[str, type]:
+        """The registered classes of one kind by name: ``mixer``, ``recurrent mixer`` (the mixers a parent such as
+        Liger Attention or MoM can run as its recurrence), ``weight map`` or ``stage``. Plans resolve names here
+        (``surgery.options.resolve``)."""
+        if kind == "recurrent mixer":
+            return {n: c for n, c in self.mixers.items() if issubclass(c, RecurrentMixer)}
+        return dict(self._table(kind))
 
     def _register(self, plugin_name: str, plugin: object) -> None:
         for kind, hook, base in (
@@ -231,19 +233,6 @@ def load_registry(
     return Registry(pm, sources, broken, strict)
 
 
-def context_registry(info: Any = None) -> Registry:
-    """The registry a plan is validated against: ``load_plan`` passes it in pydantic's validation context;
-    without one (an ``Options`` class validated on its own), a fresh registry."""
-    registry = (getattr(info, "context", None) or {}).get("registry") if info is not None else None
-    return registry if registry is not None else load_registry()
-
-
-def _is_recurrent(cls: type) -> bool:
-    from surgery.recurrent import RecurrentMixer
-
-    return issubclass(cls, RecurrentMixer)
-
-
 def catalogue(registry: Registry) -> dict[str, Any]:
     """The catalogue of a registry's built-in plugins: name, kind, description, options with defaults.
 
@@ -254,8 +243,14 @@ def catalogue(registry: Registry) -> dict[str, Any]:
 
     def options(cls: type) -> dict[str, Any]:
         out = {}
+        try:  # the defaults as validated (a nested mixer's name resolved into its options)
+            validated = cls.Options.model_validate({}, context={"registry": registry})
+        except ValueError:  # an option without a default
+            validated = None
         for name, f in cls.Options.model_fields.items():
             default = None if f.is_required() else f.get_default(call_default_factory=True)
+            if validated is not None and f.validate_default:
+                default = getattr(validated, name)
             if hasattr(default, "model_dump"):
                 default = default.model_dump(mode="json")
             ann = f.annotation
@@ -273,7 +268,7 @@ def catalogue(registry: Registry) -> dict[str, Any]:
                                  "description": cls.description, "options": options(cls)}  # fmt: skip
         if kind == "mixer":
             entry["default_weights"] = cls.default_weights
-            entry["recurrent"] = _is_recurrent(cls)
+            entry["recurrent"] = issubclass(cls, RecurrentMixer)
         elif kind == "weight map":
             entry["needs"] = dict(cls.needs)
         else:

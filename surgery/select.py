@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from surgery.errors import PlanError
 from surgery.plan import Plan, select_layers
 
 __all__ = ["LayerDamage", "calibration_ids", "hybrid_plan", "layer_damage", "select"]
@@ -53,7 +54,7 @@ def _kl(base_logits: Tensor, logits: Tensor) -> Tensor:
     return (lp.exp() * (lp - lq)).sum()
 
 
-def layer_damage(plan: Plan, base: nn.Module, ids: Tensor, registry: Any = None,
+def layer_damage(plan: Plan, base: nn.Module, ids: Tensor,
                  progress: Callable[[str], None] | None = None) -> LayerDamage:  # fmt: skip
     """Per converted layer, the mean KL of the base to the base with only that layer converted.
 
@@ -68,7 +69,7 @@ def layer_damage(plan: Plan, base: nn.Module, ids: Tensor, registry: Any = None,
     """
     from surgery.convert import convert
 
-    converted = convert(plan, copy.deepcopy(base), registry=registry).eval()
+    converted = convert(plan, copy.deepcopy(base)).eval()
     records = converted.surgery.manifest
     mixers = {r.layer: (r.path, converted.get_submodule(r.path)) for r in records}
     device = next(base.parameters()).device
@@ -116,18 +117,27 @@ def hybrid_plan(raw: dict[str, Any], keep: list[int], n_layers: int) -> dict[str
     return raw
 
 
-def calibration_ids(plan: Plan, tokenizer: Any, tokens: int, seq_len: int | None = None) -> Tensor:
-    """``[N, seq_len]`` token ids, about ``tokens`` in all: from the plan's ``recover.data`` (chunks of its
-    ``seq_len`` unless given), else the demo's training text (chunks of 512)."""
+def calibration_ids(
+    plan: Plan, tokenizer: Any, tokens: int, seq_len: int | None = None, data: str | Path | None = None
+) -> Tensor:
+    """``[N, seq_len]`` token ids, about ``tokens`` in all: from ``data`` (a text source as ``recover.data.source``
+    takes it) or else the plan's ``recover.data``, in chunks of ``seq_len`` (default: the plan's, else 512).
+
+    Raises:
+        PlanError: neither ``data`` nor a ``recover.data`` section says what text to calibrate on.
+    """
     from surgery.recovery.data import load_chunks
     from surgery.recovery.spec import DataSpec
 
-    if plan.recover is not None and plan.recover.data is not None:
-        spec = plan.recover.data.model_copy(update={"seq_len": seq_len or plan.recover.data.seq_len})
+    section = plan.recover.data if plan.recover is not None else None
+    if data is not None:
+        base = section if section is not None else DataSpec()
+        spec = base.model_copy(update={"source": str(data), "seq_len": seq_len or base.seq_len})
+    elif section is not None:
+        spec = section.model_copy(update={"seq_len": seq_len or section.seq_len})
     else:
-        from surgery.demo import build_data
-
-        spec = DataSpec(source=str(build_data().train), seq_len=seq_len or 512)
+        raise PlanError([("recover.data", "surgery select needs calibration text: give the plan a recover.data "
+                                          "section, or pass --data FILE (surgery.select(..., data=FILE))")])  # fmt: skip
     chunks = load_chunks(spec, tokenizer)
     n = max(1, min(len(chunks), round(tokens / spec.seq_len)))
     # Spread over the data (every k-th chunk), not only its first documents.
@@ -136,23 +146,22 @@ def calibration_ids(plan: Plan, tokenizer: Any, tokens: int, seq_len: int | None
 
 
 def select(plan_path: str | Path, keep: int, tokens: int = 2048, out: str | Path | None = None,
-           seq_len: int | None = None) -> tuple[LayerDamage, dict[str, Any]]:  # fmt: skip
+           seq_len: int | None = None, data: str | Path | None = None) -> tuple[LayerDamage, dict[str, Any]]:  # fmt: skip
     """``surgery select``: measure ``plan_path``'s layers, write the hybrid plan keeping the ``keep`` worst.
 
     Returns the measurement and the hybrid plan (dict). With ``out``, writes ``out`` (YAML) and ``out`` with
     suffix ``.json`` (the per-layer KL and the ranking).
     """
     import yaml
-    from transformers import AutoTokenizer
 
-    from surgery.convert import load_model, num_layers
+    from surgery.convert import load_model, load_tokenizer, num_layers
     from surgery.plan import load_plan
 
     raw = yaml.safe_load(Path(plan_path).read_text())
     plan = load_plan(raw)
     base = load_model(plan)
-    tokenizer = AutoTokenizer.from_pretrained(plan.model)
-    ids = calibration_ids(plan, tokenizer, tokens, seq_len)
+    tokenizer = load_tokenizer(plan)
+    ids = calibration_ids(plan, tokenizer, tokens, seq_len, data)
     damage = layer_damage(plan, base, ids, progress=lambda line: print(line, file=sys.stderr, flush=True))
     hybrid = hybrid_plan(raw, damage.keep(keep), num_layers(base))
     if out is not None:

@@ -38,13 +38,10 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from surgery.cache import MixerCacheLayer, State
+from surgery.errors import StaticCacheError
 
 __all__ = ["StaticCacheError", "StaticDecodeCache", "StaticKVLayer", "StaticMixerLayer", "layer_kinds",
            "not_capturable"]  # fmt: skip
-
-
-class StaticCacheError(ValueError):
-    """A layer's cache cannot live in static buffers (shape changed, batch differs, length exceeded)."""
 
 
 def _rows(rows: int | Sequence[int] | Tensor, device: torch.device) -> Tensor:
@@ -360,15 +357,14 @@ def _sliding(config: Any, i: int) -> bool:
 
 def layer_kinds(model: nn.Module) -> list[str]:
     """Per layer: ``"mixer"`` (a converted layer), ``"kv"`` (kept full softmax attention) or ``"sliding"`` (kept
-    sliding-window softmax attention, which the static cache does not hold)."""
-    from surgery.plugins.softmax import SoftmaxAttention
-
+    sliding-window softmax attention, which the static cache does not hold). A mixer that keeps a key/value cache
+    (``Mixer.keeps_kv_cache``, the identity mixer) counts as a kept layer."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     mixers = _top_mixers(model)
     kinds = []
     for i in range(config.num_hidden_layers):
         m = mixers.get(i)
-        if m is not None and not isinstance(m, SoftmaxAttention):
+        if m is not None and not m.keeps_kv_cache:
             kinds.append("mixer")
         else:
             kinds.append("sliding" if _sliding(config, i) else "kv")

@@ -62,3 +62,7 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# tests/plugins/* are third-party packages with their own tests, run as their authors would (tests/test_plugin_kit.py).
+collect_ignore_glob = ["plugins/*"]

@@ -21,7 +21,7 @@ PLAN = {"version": 1, "model": "unused/hub-id", "convert": [{"layers": "0-1", "m
 @pytest.fixture
 def converted(registry):
     model = tiny_model("qwen3")  # q/k norms: exercises copied norm modules
-    return surgery.convert(surgery.load_plan(PLAN, registry), model, registry=registry)
+    return surgery.convert(surgery.load_plan(PLAN, registry), model)
 
 
 def test_round_trip_gives_identical_logits(converted, tmp_path: Path) -> None:
@@ -75,7 +75,7 @@ def test_identity_round_trip_per_family(arch: str, registry, tmp_path: Path) -> 
     """GPT-NeoX used to save ``embed_out.weight`` (its checkpoint name) and fail to load ``lm_head.weight``."""
     model = tiny_model(arch)
     plan = {"version": 1, "model": "unused/hub-id", "convert": [{"layers": "all", "mixer": "softmax"}]}
-    converted = surgery.convert(surgery.load_plan(plan, registry), model, registry=registry)
+    converted = surgery.convert(surgery.load_plan(plan, registry), model)
     ids = torch.randint(3, 160, (2, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = converted(ids).logits
@@ -233,7 +233,7 @@ def test_load_does_not_need_the_base_model(registry, tmp_path: Path, monkeypatch
     monkeypatch.chdir(tmp_path)
     tiny_model("llama", num_hidden_layers=2).save_pretrained(tmp_path / "base")
     plan = surgery.load_plan({"version": 1, "model": "./base", "convert": [{"layers": "0", "mixer": "gla"}]}, registry)
-    out = surgery.save(surgery.convert(plan, registry=registry), tmp_path / "m")
+    out = surgery.save(surgery.convert(plan), tmp_path / "m")
     assert json.loads((out / "config.json").read_text())["plan"]["model"] == str(tmp_path / "base")
     shutil.rmtree(tmp_path / "base")
     assert type(surgery.load(out)).__name__ == "LlamaForCausalLM"

@@ -1,4 +1,4 @@
-"""Reading attention modules (``surgery.attention``) and the identity mixer that proves the reading exact.
+"""Reading attention modules (``surgery.sites.attention``) and the identity mixer that proves the reading exact.
 
 The identity tests swap every attention module of a tiny model for ``SoftmaxAttention`` loaded through
 ``read_weights`` + ``copy_qkvo`` and require bit-identical logits, with and without left padding, and through
@@ -18,11 +18,11 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as lla
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as phi3_rope
 
 from surgery import hookspecs
-from surgery.attention import CANONICAL, AttentionReadError, AttentionSite, find_attention, read_weights
 from surgery.mixer import apply_rope
 from surgery.plugins import softmax, weight_maps
 from surgery.plugins.softmax import SoftmaxAttention
 from surgery.plugins.weight_maps import CopyQKVO
+from surgery.sites.attention import CANONICAL, AttentionReadError, AttentionSite, find_attention, read_weights
 from tests.models import ARCHS, WINDOW, meta_model, tiny_config, tiny_model
 
 #: What each tiny architecture is built to exercise (see tests/models.py): layout, q/k norms, qkv and o biases.

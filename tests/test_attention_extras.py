@@ -1,4 +1,4 @@
-"""Attention extras (``surgery.attention_extras``): sink logits, output gates, pre-output norms, output biases.
+"""Attention extras (``surgery.sites.attention_extras``): sink logits, output gates, pre-output norms, output biases.
 
 Each kind is read from a tiny model of a family that has it, copied by ``copy_qkvo`` and reproduced: bit for bit by
 the softmax mixer, and inside the window softmax of ``swa``/``liger_attention`` for the sink logits.
@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 import surgery
 from benchmarks.coverage import tiny_model
-from surgery.attention import AttentionReadError, find_attention, read_weights
 from surgery.registry import load_registry
+from surgery.sites.attention import AttentionReadError, find_attention, read_weights
 from surgery.window import sliding_window_attention
 
 
@@ -40,7 +40,7 @@ def registry() -> Any:
 def _convert(model: nn.Module, registry: Any, mixer: str, options: dict[str, Any] | None = None) -> nn.Module:
     rule = {"layers": "all", "mixer": mixer, "options": options or {}}
     plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, registry)
-    return surgery.convert(plan, copy.deepcopy(model), registry=registry)
+    return surgery.convert(plan, copy.deepcopy(model))
 
 
 def _ids(vocab: int = 160) -> Tensor:

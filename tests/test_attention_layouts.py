@@ -1,7 +1,7 @@
 """Reader features beyond the common layouts, each checked against the family's own module.
 
 Grouped ``query_key_value`` rows (Falcon), q/k/v clamping (DBRX), value norms and values taken from the key
-projection (Gemma-3n/4), NoPE layers (SmolLM3-style flags, EXAONE-4 global layers, read as ``surgery.rotary``'s
+projection (Gemma-3n/4), NoPE layers (SmolLM3-style flags, EXAONE-4 global layers, read as ``surgery.sites.rotary``'s
 "none" convention), layers that mask their own window (GPT-Neo), position biases (MPT, Bloom), Bloom's residual
 inside attention, the ``Wo`` output projection and a ``get_decoder`` that is not the layer stack
 (ModernBERT-decoder), and KV-sharing layers (refused). The coverage sweep (tests/test_coverage.py) checks whole
@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.coverage import meta_model, tiny_model
-from surgery.attention import AttentionReadError, find_attention, read_weights
 from surgery.mixer import MixContext
 from surgery.plugins.softmax import SoftmaxAttention, _with_window, eager_attention
 from surgery.plugins.weight_maps import CopyQKVO
+from surgery.sites.attention import AttentionReadError, find_attention, read_weights
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -175,7 +175,7 @@ def test_kv_sharing_layers_are_refused_by_path() -> None:
 def test_exaone4_global_layers_are_nope_without_window() -> None:
     model = meta_model("exaone4")
     sliding, full = find_attention(model)
-    # NoPE is read from the forward (surgery.rotary): RoPE under a condition the global layers do not meet.
+    # NoPE is read from the forward (surgery.sites.rotary): RoPE under a condition the global layers do not meet.
     assert sliding.rotary.convention != "none" and sliding.dims.sliding_window == model.config.sliding_window
     assert (full.rotary.convention, full.dims.sliding_window) == ("none", None)
     assert model.get_submodule(full.path).sliding_window == model.config.sliding_window  # what the reader overrides

@@ -29,7 +29,7 @@ def test_identity_conversion_is_exact(arch: str, registry) -> None:
         ref = model(ids, attention_mask=mask).logits
         ref_nomask = model(ids).logits
     plan = surgery.load_plan(IDENTITY, registry)
-    out = surgery.convert(plan, model, registry=registry)
+    out = surgery.convert(plan, model)
     assert out is model
     n = model.config.num_hidden_layers
     assert sum(isinstance(m, Mixer) for m in model.modules()) == n
@@ -41,7 +41,7 @@ def test_identity_conversion_is_exact(arch: str, registry) -> None:
 @pytest.mark.parametrize("arch", ["llama", "phi3", "gpt_neox"])
 def test_manifest_records_every_tensor(arch: str, registry) -> None:
     model = tiny_model(arch)
-    model = surgery.convert(surgery.load_plan(IDENTITY, registry), model, registry=registry)
+    model = surgery.convert(surgery.load_plan(IDENTITY, registry), model)
     rec = model.surgery.manifest
     assert [r.layer for r in rec] == list(range(model.config.num_hidden_layers))
     qkv = {"q_proj.weight", "k_proj.weight", "v_proj.weight"}
@@ -56,14 +56,14 @@ def test_hybrid_keeps_unselected_layers(registry) -> None:
     model = tiny_model("llama")
     original = model.model.layers[1].self_attn
     plan = surgery.load_plan({**IDENTITY, "convert": [{"layers": [0, 2], "mixer": "softmax"}]}, registry)
-    surgery.convert(plan, model, registry=registry)
+    surgery.convert(plan, model)
     assert model.model.layers[1].self_attn is original
     assert isinstance(model.model.layers[0].self_attn, Mixer) and isinstance(model.model.layers[2].self_attn, Mixer)
 
 
 def test_check_works_on_meta_device(tiny_dir: str, registry) -> None:
     plan = surgery.load_plan({**IDENTITY, "model": tiny_dir}, registry)
-    matches = surgery.check(plan, registry=registry)
+    matches = surgery.check(plan)
     assert [(m.layer, m.path, m.mixer, m.weights) for m in matches] == [
         (0, "model.layers.0.self_attn", "softmax", "copy_qkvo"),
         (1, "model.layers.1.self_attn", "softmax", "copy_qkvo"),
@@ -71,9 +71,9 @@ def test_check_works_on_meta_device(tiny_dir: str, registry) -> None:
 
 
 def test_converting_twice_is_refused(registry) -> None:
-    model = surgery.convert(surgery.load_plan(IDENTITY, registry), tiny_model("llama"), registry=registry)
+    model = surgery.convert(surgery.load_plan(IDENTITY, registry), tiny_model("llama"))
     with pytest.raises(ValueError, match="already converted"):
-        surgery.convert(surgery.load_plan(IDENTITY, registry), model, registry=registry)
+        surgery.convert(surgery.load_plan(IDENTITY, registry), model)
 
 
 def test_weight_map_returning_unknown_key_is_named(registry) -> None:
@@ -95,4 +95,4 @@ def test_weight_map_returning_unknown_key_is_named(registry) -> None:
     reg = load_registry(autoload=False, extra=[Plugin()])
     plan = surgery.load_plan({**IDENTITY, "convert": [{"mixer": "softmax", "weights": "bad_map"}]}, reg)
     with pytest.raises(PlanError, match=r"layer 0 \(model.layers.0.self_attn\): weight map 'bad_map'.*'gate.weight'"):
-        surgery.convert(plan, tiny_model("llama"), registry=reg)
+        surgery.convert(plan, tiny_model("llama"))

@@ -338,7 +338,7 @@ def _main(job: dict[str, Any]) -> None:
                      batch_size=job["batch_size"], grad_accum=job["grad_accum"])  # fmt: skip
     spec = spec.model_copy(update={"distributed": job.get("distributed", "ddp")})
     model, _ = converted()
-    recover(model, spec=spec, tokenizer=char_tokenizer(), out_dir=job["out"], callbacks=[Hang()])
+    recover(model, spec=spec, tokenizer=char_tokenizer(), out=job["out"], callbacks=[Hang()])
 
 
 if __name__ == "__main__":

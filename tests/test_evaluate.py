@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+import surgery
 from surgery import demo
 from surgery.evaluate import evaluate, format_table
 from surgery.evaluate import EvalSpec
@@ -56,16 +57,15 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> demo.DataPaths:
     return demo.build_data(tmp_path_factory.mktemp("demo"))
 
 
-def _plan(data: demo.DataPaths, **kw: Any) -> SimpleNamespace:
+def _spec(data: demo.DataPaths, **kw: Any) -> EvalSpec:
     kw.setdefault("tasks", tuple(LOCAL))
-    spec = EvalSpec(include=(data.tasks_dir,), batch_size=2, max_length=2560, **kw)
-    return SimpleNamespace(eval=spec, model=None, output=None)
+    return EvalSpec(include=(data.tasks_dir,), batch_size=2, max_length=2560, **kw)
 
 
 def test_same_model_twice_gives_ratio_one(tokenizer: Any, data: demo.DataPaths, tmp_path: Path) -> None:
     model = _tiny_llama(len(tokenizer), seed=0)
     model.train()  # evaluate() switches to eval mode and back
-    res = evaluate(model, _plan(data, limit=2), base_model=model, tokenizer=tokenizer, out_dir=tmp_path)
+    res = evaluate(model, _spec(data, limit=2), model, tokenizer, tmp_path)
     assert model.training
     assert list(res["tasks"]) == LOCAL
     for name, r in res["tasks"].items():
@@ -101,8 +101,7 @@ def _word_perplexity(model: torch.nn.Module, tokenizer: Any, texts: list[str]) -
 
 def test_two_models_ratio_and_perplexity(tokenizer: Any, data: demo.DataPaths) -> None:
     base, conv = _tiny_llama(len(tokenizer), seed=0), _tiny_llama(len(tokenizer), seed=1)
-    res = evaluate(conv, _plan(data, tasks=("wiki_ppl", "wiki_nextsent"), limit=3), base_model=base,
-                   tokenizer=tokenizer)
+    res = evaluate(conv, _spec(data, tasks=("wiki_ppl", "wiki_nextsent"), limit=3), base, tokenizer)
     for name, r in res["tasks"].items():
         assert r["samples"] == 3
         assert r["ratio"] == pytest.approx(r["converted"] / r["base"]), name
@@ -120,7 +119,7 @@ def test_base_loaded_from_plan_and_output_dir(tokenizer: Any, data: demo.DataPat
     tokenizer.save_pretrained(tmp_path / "base")
     plan = SimpleNamespace(eval=EvalSpec(include=(data.tasks_dir,), tasks=("wiki_ppl",), limit=1, max_length=1024),
                            model=str(tmp_path / "base"), dtype="float32", output=str(tmp_path / "out"))
-    res = evaluate(base, plan)  # base and tokenizer come from plan.model
+    res = surgery.evaluate(base, plan)  # base and tokenizer come from plan.model (the one base loader)
     assert res["tasks"]["wiki_ppl"]["ratio"] == 1.0
     assert (tmp_path / "out" / "eval" / "results.json").is_file()
 
@@ -128,14 +127,13 @@ def test_base_loaded_from_plan_and_output_dir(tokenizer: Any, data: demo.DataPat
 def test_errors_name_the_problem(tokenizer: Any, data: demo.DataPaths) -> None:
     model = _tiny_llama(len(tokenizer), seed=0)
     with pytest.raises(ValueError, match="base_model"):
-        evaluate(model, None, tokenizer=tokenizer, tasks=["wiki_ppl"])
+        surgery.evaluate(model, None, tokenizer=tokenizer, tasks=["wiki_ppl"])
     with pytest.raises(ValueError, match="name the tasks"):
-        evaluate(model, None, base_model=model, tokenizer=tokenizer)
+        evaluate(model, None, model, tokenizer)
     with pytest.raises(ValueError, match="eval.include: no such directory"):
-        evaluate(model, SimpleNamespace(eval=EvalSpec(tasks=("x",), include=(Path("/nonexistent"),)), output=None),
-                 base_model=model, tokenizer=tokenizer)
+        evaluate(model, EvalSpec(tasks=("x",), include=(Path("/nonexistent"),)), model, tokenizer)
     with pytest.raises(ValueError, match=r"wiki_ppx.*did you mean wiki_ppl"):
-        evaluate(model, _plan(data), base_model=model, tokenizer=tokenizer, tasks=["wiki_ppx"])
+        evaluate(model, _spec(data), model, tokenizer, tasks=["wiki_ppx"])
     with pytest.raises(ValueError, match="eval.tasks is empty"):
         EvalSpec(tasks=())
     with pytest.raises(ValueError, match="limit"):
@@ -190,6 +188,6 @@ def test_smollm2_beats_a_random_model(tokenizer: Any, data: demo.DataPaths) -> N
 
     real = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
     rand = _tiny_llama(len(tokenizer), seed=0)
-    res = evaluate(rand, _plan(data, tasks=("wiki_ppl",), limit=2), base_model=real, tokenizer=tokenizer)
+    res = evaluate(rand, _spec(data, tasks=("wiki_ppl",), limit=2), real, tokenizer)
     r = res["tasks"]["wiki_ppl"]
     assert r["base"] < 200 < r["converted"] and r["ratio"] > 10

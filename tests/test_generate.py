@@ -28,7 +28,7 @@ def convert(mixer: str, options: dict | None = None, layers: Any = "all", dtype:
     torch.manual_seed(0)
     rule = {"layers": layers, "mixer": mixer, "options": options or {}}
     plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, REGISTRY)
-    return surgery.convert(plan, tiny_model("llama"), registry=REGISTRY).to(device=device, dtype=dtype).eval()
+    return surgery.convert(plan, tiny_model("llama")).to(device=device, dtype=dtype).eval()
 
 
 def ids(*shape: int, seed: int = 0) -> torch.Tensor:

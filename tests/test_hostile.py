@@ -217,4 +217,4 @@ def test_a_plugin_mixer_of_the_wrong_shape_is_named_at_convert(registry: Any) ->
     p = surgery.load_plan({"version": 1, "model": "unused/hub", "convert": [{"mixer": "broken_shape"}]}, reg)
     with pytest.raises(PlanError, match=r"layer 0: mixer 'broken_shape' \(plugin 'shapeplugin' .*\) returned "
                                         r"\(1, 3, 32\) for an input \[1, 3, 64\]"):  # fmt: skip
-        surgery.convert(p, tiny_model("llama"), registry=reg)
+        surgery.convert(p, tiny_model("llama"))

@@ -1,4 +1,4 @@
-"""Learned key selection (DSA lightning indexers, ``surgery.key_selection``) on latent attention.
+"""Learned key selection (DSA lightning indexers, ``surgery.sites.key_selection``) on latent attention.
 
 Tiny DeepSeek-V3.2, GLM-MoE-DSA, AXK2, HY-V4 and Dots3 models (benchmarks/coverage_configs.py sizes: the indexer
 keeps the top 4 keys, fewer than the sequences here, so its selection changes the logits). Kept layers run a copy of
@@ -17,10 +17,10 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 import surgery
 from benchmarks.coverage_configs import tiny_config
-from surgery.attention import find_attention
-from surgery.latent import Q_GATE
 from surgery.plan import PlanError
 from surgery.registry import load_registry
+from surgery.sites.attention import find_attention
+from surgery.sites.latent import Q_GATE
 
 DSA = ["deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4", "dots3_note_text"]
 INDEXER = {"indexer.wq_b.weight", "indexer.wk.weight", "indexer.k_norm.weight", "indexer.k_norm.bias",
@@ -57,7 +57,7 @@ def _model(model_type: str, dtype: torch.dtype = torch.float32, **overrides: Any
 
 def _convert(model: Any, registry: Any, *rules: tuple[str, str]) -> Any:
     plan = {"version": 1, "model": "unused/hub-id", "convert": [{"layers": lay, "mixer": m} for lay, m in rules]}
-    return surgery.convert(surgery.load_plan(plan, registry), model, registry=registry)
+    return surgery.convert(surgery.load_plan(plan, registry), model)
 
 
 def _ids(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Multi-head latent attention (``surgery.latent``) and value head dims that differ from the query/key head dim.
+"""Multi-head latent attention (``surgery.sites.latent``) and value head dims that differ from the query/key head dim.
 
 Two tiny models of tests/models.py: DeepSeek-V3 (MLA: low-rank q and kv with norms in between, interleaved RoPE on
 a trailing part, q/k head dim 24, value head dim 12) and MiMo-V2 (separate projections, value head dim 24 != q/k
@@ -19,12 +19,12 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 )
 
 import surgery
-from surgery.attention import AttentionReadError, find_attention, read_weights
-from surgery.latent import KV, Q_FULL, Q_LORA, LatentQKV
 from surgery.plan import PlanError
 from surgery.recovery.adapters import mixer_params
 from surgery.registry import load_registry
-from surgery.rotary import Rotary
+from surgery.sites.attention import AttentionReadError, find_attention, read_weights
+from surgery.sites.latent import KV, Q_FULL, Q_LORA, LatentQKV
+from surgery.sites.rotary import Rotary
 from tests.models import meta_model, tiny_model
 
 
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _convert(model: Any, mixer: str, registry: Any, options: dict | None = None) -> Any:
     rule = {"layers": "all", "mixer": mixer, "options": options or {}}
     plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, registry)
-    return surgery.convert(plan, model, registry=registry)
+    return surgery.convert(plan, model)
 
 
 def _ids(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -131,7 +131,7 @@ def test_latent_rotary_matches_transformers_conventions() -> None:
 #: Every built-in mixer on a site whose value head dim differs: mom on MiMo only (latent sites have no k/v_proj).
 _MIXERS = [("gla", {}), ("hgrn2", {}), ("gsa", {"num_slots": 4}), ("swa", {"window": 3}),
            ("liger_attention", {"window": 3}), ("liger_attention", {"window": 2, "memory": 2, "memory_chunk": 2}),
-           ("liger_attention", {"window": 3, "recurrent": "gsa", "num_slots": 4, "sinks": 2})]  # fmt: skip
+           ("liger_attention", {"window": 3, "recurrent": {"mixer": "gsa", "options": {"num_slots": 4}}, "sinks": 2})]  # fmt: skip
 _CASES = [pytest.param(arch, m, o, id=f"{arch}-{m}-{i}") for arch in ("deepseek_v3", "mimo_v2_flash")
           for i, (m, o) in enumerate(_MIXERS)] + [pytest.param("mimo_v2_flash", "mom", {}, id="mimo_v2_flash-mom")]
 
@@ -165,7 +165,7 @@ def test_mom_refuses_latent_attention_at_check(registry: Any) -> None:
     plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [{"layers": "all", "mixer": "mom"}]},
                              registry)  # fmt: skip
     with pytest.raises(PlanError, match="DeepseekV3Attention.*mom.*latent"):
-        surgery.check(plan, meta_model("deepseek_v3"), registry=registry)
+        surgery.check(plan, meta_model("deepseek_v3"))
 
 
 def test_latent_attention_with_unread_parts_names_path_and_class() -> None:

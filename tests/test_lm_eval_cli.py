@@ -62,7 +62,7 @@ def test_lm_eval_reads_a_saved_directory(registry, tmp_path: Path) -> None:
     base.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     plan = {"version": 1, "model": "unused/hub-id", "convert": [{"layers": "all", "mixer": "softmax"}]}
-    converted = surgery.convert(surgery.load_plan(plan, registry), base, registry=registry)
+    converted = surgery.convert(surgery.load_plan(plan, registry), base)
     saved = surgery.save(converted, tmp_path / "converted", tokenizer=tok)
     # The identity conversion must score exactly what the plain model scores: the saved directory really loaded.
     assert _ppl(saved, tasks, tmp_path / "out-c") == pytest.approx(_ppl(tmp_path / "base", tasks, tmp_path / "out-b"))

@@ -11,9 +11,9 @@ import torch
 from transformers import DynamicCache
 
 import surgery
-from surgery.attention import find_attention
 from surgery.cache import MixerCacheLayer
 from surgery.mixer import Mixer
+from surgery.sites.attention import find_attention
 from tests.models import tiny_model
 
 ARCHS = ["llama", "qwen2", "gemma3"]
@@ -26,7 +26,7 @@ def convert(arch: str, mixer: str, options: dict[str, Any], registry: Any, layer
     model = tiny_model(arch, **kw)
     rule = {"layers": layers, "mixer": mixer, "options": options}
     plan = {"version": 1, "model": "unused/hub-id", "convert": [rule]}
-    return surgery.convert(surgery.load_plan(plan, registry), model, registry=registry)
+    return surgery.convert(surgery.load_plan(plan, registry), model)
 
 
 def ids(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -79,7 +79,7 @@ def test_swa_reproduces_the_pretrained_sliding_layers(arch: str, registry: Any) 
     with torch.no_grad():
         ref = base(x, attention_mask=mask).logits
         plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": rules}, registry)
-        out = surgery.convert(plan, base, registry=registry)(x, attention_mask=mask).logits
+        out = surgery.convert(plan, base)(x, attention_mask=mask).logits
     torch.testing.assert_close(out[0], ref[0], rtol=1e-4, atol=2e-5)
     torch.testing.assert_close(out[1, 3:], ref[1, 3:], rtol=1e-4, atol=2e-5)  # padded queries are unspecified
 
@@ -119,10 +119,10 @@ def test_pooled_key_gate_with_full_pool_equals_the_key_gate(registry: Any) -> No
     x = ids(2, 15, seed=7)
     plain = convert("llama", "liger_attention", {"window": 3}, registry)
     model = tiny_model("llama")
-    rule = {"layers": "all", "mixer": "liger_attention", "options": {"window": 3, "gate": "projection"},
-            "weights": "pooled_key_gate"}  # fmt: skip (gate: the short form, moved into the gla branch's options)
+    rule = {"layers": "all", "mixer": "liger_attention", "weights": "pooled_key_gate",
+            "options": {"window": 3, "recurrent": {"mixer": "gla", "options": {"gate": "projection"}}}}
     plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, registry)
-    gated = surgery.convert(plan, model, registry=registry)
+    gated = surgery.convert(plan, model)
     rec = gated.surgery.manifest[0]
     assert "recurrent.g_proj.weight" in rec.copied or "recurrent.g_proj.weight" in rec.reshaped
     with torch.no_grad():

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import surgery
-from surgery.attention import AttentionDims, AttentionSite
 from surgery.mixer import MixerDimsError
 from surgery.plan import PlanError
 from surgery.plugins.gla import GLA
@@ -20,6 +19,7 @@ from surgery.plugins.gsa import GSA
 from surgery.plugins.hgrn2 import HGRN2
 from surgery.plugins.liger import LigerAttention
 from surgery.plugins.pooled_key_gate import pool_rows
+from surgery.sites.attention import AttentionDims, AttentionSite
 from surgery.window import band_mask, sliding_window_attention
 from tests.models import tiny_model
 
@@ -189,20 +189,22 @@ def test_llama3_8b_dims_keep_one_state_per_kv_head() -> None:
 
 
 def test_liger_branch_takes_its_own_options_and_rejects_others() -> None:
-    with pytest.raises(ValueError, match="num_slots"):
-        LigerAttention.Options(num_slots=8)  # gla has no num_slots: not silently ignored
-    with pytest.raises(ValueError, match="lower_bound"):
-        LigerAttention.Options(recurrent="gsa", lower_bound=0.5)
-    with pytest.raises(ValueError, match="'swa' is not a recurrent mixer"):
+    with pytest.raises(ValueError, match=r"num_slots\n.*goes under recurrent: \{mixer: NAME, options: \{num_slots"):
+        LigerAttention.Options(num_slots=8)  # beside Liger's own: the old short form, which says where it goes
+    with pytest.raises(ValueError, match=r"recurrent.options.lower_bound\n.*unknown key 'lower_bound'"):
+        LigerAttention.Options(recurrent={"mixer": "gsa", "options": {"lower_bound": 0.5}})  # not gsa's
+    with pytest.raises(ValueError, match=r"recurrent.mixer\n.*'swa' is a mixer but not a recurrent mixer; recurrent "
+                                         r"mixers: gla, gsa, hgrn2, mom"):  # fmt: skip
         LigerAttention.Options(recurrent="swa")
-    with pytest.raises(ValueError, match="not a registered mixer"):
+    with pytest.raises(ValueError, match="unknown recurrent mixer 'glaa'; did you mean 'gla'"):
         LigerAttention.Options(recurrent={"mixer": "glaa"})
-    short = LigerAttention.Options(recurrent="hgrn2", lower_bound=0.5)
+    short = LigerAttention.Options(recurrent="hgrn2")  # a name alone: its default options
+    assert short.recurrent.options == HGRN2.Options() and short.recurrent.mixer_cls is HGRN2
     full = LigerAttention.Options(recurrent={"mixer": "hgrn2", "options": {"lower_bound": 0.5}})
-    assert short == full and short.recurrent.options.lower_bound == 0.5 and short.recurrent.mixer_cls is HGRN2
+    assert full.recurrent.options.lower_bound == 0.5 and full.recurrent.mixer_cls is HGRN2
     assert LigerAttention.Options().recurrent.options.gate_normalizer == 16.0  # Liger's default: gla
-    again = LigerAttention.Options.model_validate(short.model_dump())  # the saved (resolved) form reloads
-    assert again == short
+    again = LigerAttention.Options.model_validate(full.model_dump())  # the saved (resolved) form reloads
+    assert again == full
 
 
 def test_option_ranges_are_checked() -> None:
@@ -218,13 +220,13 @@ def test_gsa_slots_must_divide_head_dim(registry: Any) -> None:
     rule = {"layers": "all", "mixer": "gsa", "options": {"num_slots": 6}}
     plan = {"version": 1, "model": "unused/hub-id", "convert": [rule]}
     with pytest.raises(PlanError, match=r"num_slots=6 must divide head_dim=16.*\[1, 2, 4, 8, 16\]"):
-        surgery.check(surgery.load_plan(plan, registry), tiny_model("llama"), registry=registry)
+        surgery.check(surgery.load_plan(plan, registry), tiny_model("llama"))
     dims = AttentionDims(64, 4, 2, 16, False, False, 0.25)
     site = AttentionSite(0, "model.layers.0.self_attn", "X", dims, "separate")
     with pytest.raises(MixerDimsError, match="num_slots=64 must divide head_dim=16"):
         GSA.check_site(site, GSA.Options(num_slots=64))
     with pytest.raises(MixerDimsError, match="num_slots=3"):
-        LigerAttention.check_site(site, LigerAttention.Options(recurrent="gsa", num_slots=3))
+        LigerAttention.check_site(site, LigerAttention.Options(recurrent={"mixer": "gsa", "options": {"num_slots": 3}}))
     GSA.check_site(site, GSA.Options(num_slots=16))
 
 
@@ -239,7 +241,7 @@ def test_gsa_default_slots_fit_the_head_dim_and_are_recorded(head_dim: int, slot
     assert nested.recurrent.options.num_slots == slots
     if head_dim == 16:  # the manifest of a converted tiny model records the choice
         plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [{"mixer": "gsa"}]}, registry)
-        model = surgery.convert(plan, tiny_model("llama"), registry=registry)
+        model = surgery.convert(plan, tiny_model("llama"))
         assert {r.options["num_slots"] for r in model.surgery.manifest} == {16}
 
 
@@ -260,12 +262,12 @@ def test_pooled_key_gate_needs_a_gate_projection(registry: Any) -> None:
     rule = {"layers": "all", "mixer": "gla", "weights": "pooled_key_gate"}
     plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, registry)
     with pytest.raises(ValueError, match="gate: projection"):
-        surgery.convert(plan, tiny_model("llama"), registry=registry)
+        surgery.convert(plan, tiny_model("llama"))
     bad = {"layers": "all", "mixer": "swa", "weights": "pooled_key_gate"}
     plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [bad]}, registry)
     with pytest.raises(PlanError, match=r"convert.0.weights: layer 0: weight map 'pooled_key_gate' needs a module "
                                         r"'g_proj' \(build the mixer with gate: projection\)"):  # fmt: skip
-        surgery.check(plan, tiny_model("llama"), registry=registry)  # on the meta-device check, before weights
+        surgery.check(plan, tiny_model("llama"))  # on the meta-device check, before weights
 
 
 def test_pooled_key_gate_fills_liger_branch_gate(registry: Any) -> None:
@@ -274,7 +276,7 @@ def test_pooled_key_gate_fills_liger_branch_gate(registry: Any) -> None:
     model = tiny_model("llama")
     k_w = model.model.layers[0].self_attn.k_proj.weight.detach().clone()
     plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, registry)
-    mixer = surgery.convert(plan, model, registry=registry).model.layers[0].self_attn
+    mixer = surgery.convert(plan, model).model.layers[0].self_attn
     assert torch.equal(mixer.recurrent.g_proj.weight, k_w)
 
 
@@ -285,7 +287,7 @@ def test_pooled_key_gate_pools_weight_and_bias(registry: Any) -> None:
     k_w = model.model.layers[0].self_attn.k_proj.weight.detach().clone()
     k_b = model.model.layers[0].self_attn.k_proj.bias.detach().clone()
     plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, registry)
-    mixer = surgery.convert(plan, model, registry=registry).model.layers[0].self_attn
+    mixer = surgery.convert(plan, model).model.layers[0].self_attn
     torch.testing.assert_close(mixer.g_proj.weight, pool_rows(k_w, 2, 16, 4))
     torch.testing.assert_close(mixer.g_proj.bias, pool_rows(k_b, 2, 16, 4))
     assert torch.equal(mixer.k_proj.weight, k_w)
@@ -323,7 +325,7 @@ def test_shared_combine_spans_softmax_alone_to_the_normalized_recurrence(memory:
         rule = {"layers": "all", "mixer": "liger_attention", "options": {**base, **opts}}
         plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, registry)
         with torch.no_grad():
-            return surgery.convert(plan, tiny_model("llama"), registry=registry)(x).logits
+            return surgery.convert(plan, tiny_model("llama"))(x).logits
 
     soft = logits({"w_swa": 1.0, "w_rec": 0.0})
     torch.testing.assert_close(logits({"combine": "shared", "shared_bias": -30.0}), soft, rtol=1e-5, atol=1e-5)

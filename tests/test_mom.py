@@ -15,13 +15,13 @@ import torch
 from transformers import DynamicCache
 
 import surgery
-from surgery.attention import find_attention
 from surgery.cache import MixerCacheLayer
 from surgery.plan import PlanError
 from surgery.plugins.gla import GLA
 from surgery.plugins.mom import MemoryLinear, MoM
 from surgery.plugins.mom_dispatch import Routing, dense_rows, dispatch, load_balancing_loss, route, take_rows
 from surgery.plugins.mom_dispatch import pack, tokens_per_memory
+from surgery.sites.attention import find_attention
 from tests.models import tiny_model
 
 TOL = dict(rtol=1e-4, atol=2e-5)
@@ -38,7 +38,7 @@ def convert(arch: str, mixer: str, options: dict[str, Any], registry: Any, weigh
     if weight_options is not None:
         rule["weight_options"] = weight_options
     plan = {"version": 1, "model": "unused/hub-id", "convert": [rule]}
-    return surgery.convert(surgery.load_plan(plan, registry), tiny_model(arch, **kw), registry=registry)
+    return surgery.convert(surgery.load_plan(plan, registry), tiny_model(arch, **kw))
 
 
 def ids(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -239,7 +239,7 @@ def test_one_memory_without_sharing_is_gla(arch: str, registry: Any) -> None:
 
 OPTIONS = [
     ("default", {}),
-    ("gsa-projection", {"num_memories": 3, "recurrence": "gsa", "recurrence_options": {"num_slots": 4},
+    ("gsa-projection", {"num_memories": 3, "recurrent": {"mixer": "gsa", "options": {"num_slots": 4}},
                         "gate": "projection"}),  # fmt: skip
 ]
 
@@ -318,10 +318,11 @@ def test_liger_attention_over_mom_decodes_exactly(registry: Any) -> None:
         parts = [model(x[:, :5], cache=cache, use_cache=True).logits]
         parts += [model(x[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(5, 12)]
     torch.testing.assert_close(torch.cat(parts, 1), full, **TOL)
-    # The short form puts mom's own knobs beside liger's.
-    short = convert("llama", "liger_attention", {"window": 3, "recurrent": "mom", "num_memories": 2}, registry,
-                    weights="mom_from_attention")
-    assert short.model.layers[0].self_attn.recurrent.options.num_memories == 2
+    # mom's own knobs beside liger's (the old short form) are an error that says where they go.
+    with pytest.raises(PlanError, match=r"convert.0.options.num_memories: unknown key 'num_memories': an option of "
+                                        r"the recurrent branch goes under recurrent"):  # fmt: skip
+        convert("llama", "liger_attention", {"window": 3, "recurrent": "mom", "num_memories": 2}, registry,
+                weights="mom_from_attention")
 
 
 def test_gradients_and_aux_loss(registry: Any) -> None:
@@ -369,7 +370,7 @@ def test_recovery_reports_tokens_per_memory(checkpointing: bool, registry: Any, 
     model = convert("llama", "mom", {"num_memories": 3, "topk": 2}, registry)
     spec = make_spec(write_data(tmp_path / "data.jsonl"), max_steps=3, batch_size=2,
                      gradient_checkpointing=checkpointing)  # fmt: skip
-    result = recover(model, spec=spec, tokenizer=char_tokenizer(), out_dir=tmp_path / "run")
+    result = recover(model, spec=spec, tokenizer=char_tokenizer(), out=tmp_path / "run")
     stats = result.stages["lora"].extra["mixer_stats"]
     assert sorted(stats) == [f"layer {i} mom" for i in range(model.config.num_hidden_layers)]
     for layer in stats.values():
@@ -403,10 +404,15 @@ def test_weight_map(registry: Any) -> None:
     "options,match",
     [
         ({"num_memories": 2, "topk": 3}, "topk=3 must not exceed num_memories=2"),
-        ({"recurrence": "softmax"}, "not a recurrent mixer"),
-        ({"recurrence": "mom"}, "cannot be its own memory"),
-        ({"recurrence_options": {"gate": "projection"}}, "set 'gate' on mom itself"),
-        ({"recurrence": "gsa", "recurrence_options": {"num_slot": 4}}, "recurrence_options for 'gsa'"),
+        ({"recurrent": "softmax"}, r"convert.0.options.recurrent.mixer: 'softmax' is a mixer but not a recurrent mixer"),
+        ({"recurrent": "mom"}, "cannot be its own memory"),
+        ({"recurrent": {"mixer": "gla", "options": {"gate": "projection"}}}, "set 'gate' on mom itself"),
+        ({"recurrent": {"mixer": "gsa", "options": {"num_slot": 4}}},
+         r"convert.0.options.recurrent.options.num_slot: unknown key 'num_slot'; did you mean 'num_slots'"),
+        # the old spelling names the new one, at the old key's location
+        ({"recurrence": "gsa"}, r"convert.0.options.recurrence: recurrence is no longer a key: write recurrent: "
+                                r"\{mixer: NAME, options: \{...\}\}"),
+        ({"recurrence_options": {}}, r"convert.0.options.recurrence_options: recurrence_options is no longer a key"),
     ],
 )
 def test_option_errors(options: dict, match: str, registry: Any) -> None:
@@ -417,12 +423,12 @@ def test_option_errors(options: dict, match: str, registry: Any) -> None:
 
 def test_gsa_slots_that_do_not_divide_the_head_dim_are_located(registry: Any) -> None:
     with pytest.raises(PlanError, match="num_slots=5 must divide head_dim"):
-        convert("llama", "mom", {"recurrence": "gsa", "recurrence_options": {"num_slots": 5}}, registry)
+        convert("llama", "mom", {"recurrent": {"mixer": "gsa", "options": {"num_slots": 5}}}, registry)
 
 
 def test_liger_over_mom_saves_and_loads(registry: Any, tmp_path: Any) -> None:
     """The stored plan (mom's options nested in liger's, the recurrence's options inside mom's) rebuilds the model."""
-    opts = {"window": 3, "recurrent": {"mixer": "mom", "options": {"num_memories": 3, "recurrence": "hgrn2"}}}
+    opts = {"window": 3, "recurrent": {"mixer": "mom", "options": {"num_memories": 3, "recurrent": "hgrn2"}}}
     model = convert("llama", "liger_attention", opts, registry, weights="mom_from_attention",
                     weight_options={"noise": 0.1})  # fmt: skip
     surgery.save(model, tmp_path / "m")
@@ -430,7 +436,7 @@ def test_liger_over_mom_saves_and_loads(registry: Any, tmp_path: Any) -> None:
     x = ids(2, 9, seed=5)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
-    assert loaded.model.layers[0].self_attn.recurrent.options.recurrence == "hgrn2"
+    assert loaded.model.layers[0].self_attn.recurrent.options.recurrent.mixer == "hgrn2"
 
 
 def test_liger_over_mom_defaults_to_moms_weight_map(registry: Any) -> None:

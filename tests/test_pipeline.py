@@ -121,8 +121,12 @@ def test_run_reads_the_base_model_once(tiny_with_tokenizer, tmp_path: Path, monk
         {**yaml.safe_load(plan_path.read_text()), "recover": {**yaml.safe_load(plan_path.read_text())["recover"],
          "stages": {"attention_transfer": {"max_steps": 1}, "lora": {"max_steps": 1}}}}).recover.stages})})
     counts = _count_loads(monkeypatch)
+    registries = []
+    real_load_registry = surgery.plan.load_registry
+    monkeypatch.setattr(surgery.plan, "load_registry", lambda *a, **k: registries.append(1) or real_load_registry(*a, **k))
     report = surgery.run(plan)
     assert counts == {"model": 1, "tokenizer": 1}
+    assert registries == []  # the run uses the registry the plan was validated against, and builds none
     assert set(report.recover.stages) == {"attention_transfer", "lora"} and report.eval["tasks"]["wiki_ppl"]
     assert (tmp_path / "run" / "report.json").is_file()
 

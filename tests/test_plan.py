@@ -31,7 +31,7 @@ def test_invalid_plan_gives_its_message(path: Path, tmp_path: Path, tiny_dir: st
     expected = first.removeprefix("# error: ")
     with pytest.raises(PlanError) as err:
         plan = load_plan(_materialise(path, tmp_path, tiny_dir), registry)
-        surgery.check(plan, registry=registry)
+        surgery.check(plan)
     assert expected in str(err.value)
     # One clear message: exactly one problem is reported for each of these plans.
     assert len(err.value.problems) == 1, err.value.problems
@@ -92,17 +92,17 @@ def test_schema_has_every_mixers_and_stages_options(registry) -> None:
 
 def test_recover_stages_are_checked_against_the_registry(registry) -> None:
     base = {"version": 1, "model": "x/y", "convert": [{"mixer": "gla"}]}
-    with pytest.raises(PlanError, match=r"recover.stages: .*unknown stage 'lorra'; did you mean 'lora'"):
+    with pytest.raises(PlanError, match=r"recover.stages.lorra: unknown stage 'lorra'; did you mean 'lora'"):
         load_plan({**base, "recover": {"stages": ["lorra"]}}, registry)
-    with pytest.raises(PlanError, match=r"lora.lrr: unknown key 'lrr'; did you mean 'lr'"):
+    with pytest.raises(PlanError, match=r"recover.stages.lora.lrr: unknown key 'lrr'; did you mean 'lr'"):
         load_plan({**base, "recover": {"stages": {"lora": {"lrr": 1}}}}, registry)
-    with pytest.raises(PlanError, match="attention_transfer must come before lora"):
+    with pytest.raises(PlanError, match="recover.stages.attention_transfer: attention_transfer must come before lora"):
         load_plan({**base, "recover": {"stages": ["lora", "attention_transfer"]}}, registry)
     with pytest.raises(PlanError, match=r"recover.train is no longer a key; its settings now live under "
                                         r"recover.stages.lora"):  # fmt: skip
         load_plan({**base, "recover": {"train": {"lr": 1}}}, registry)
     plan = load_plan({**base, "recover": {"stages": {"attention_transfer": {"lr": 5e-3}, "lora": None}}}, registry)
-    stages = plan.recover.stage_objects(registry)
+    stages = plan.recover.stage_objects()
     assert [s.name for s in stages] == ["attention_transfer", "lora"]
     assert stages[0].options.lr == 5e-3 and stages[0].needs_teacher() and not stages[1].needs_teacher()
     assert load_plan(plan.to_dict(), registry) == plan

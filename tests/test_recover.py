@@ -28,13 +28,14 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerFast, TrainerCallback
 
-from surgery.attention import AttentionDims, AttentionSite
 from surgery.mixer import Mixer, MixContext
-from surgery.recovery.spec import RecoverSpec, TrainOptions
 from surgery.recovery import load_adapter
 from surgery.recovery import recover as recover_result
 from surgery.recovery.data import ALPACA_NO_INPUT, IGNORE, tokenize_records
+from surgery.recovery.spec import RecoverSpec
+from surgery.recovery.stage import TrainOptions
 from surgery.recovery.state import load_state, rng_states, save_state, set_rng_states
+from surgery.sites.attention import AttentionDims, AttentionSite
 from tests.models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,7 +161,7 @@ def trained(data: Path, probe: Tensor, tmp_path_factory: pytest.TempPathFactory)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss_before = chunk_loss(model, probe)
     out = tmp_path_factory.mktemp("recover-run")
-    result = recover_result(model, spec=make_spec(data, max_steps=12), tokenizer=char_tokenizer(), out_dir=out)
+    result = recover_result(model, spec=make_spec(data, max_steps=12), tokenizer=char_tokenizer(), out=out)
     return {"model": result.model, "result": result, "before": before, "loss_before": loss_before, "out": out}
 
 
@@ -207,7 +208,7 @@ def test_mixer_params_are_trained_saved_and_reloaded(trained: dict, probe: Tenso
 def test_resume_with_another_spec_is_refused(trained: dict, data: Path) -> None:
     model, _ = converted()
     with pytest.raises(ValueError, match="differs in: stages.lora.lr"):
-        recover(model, spec=make_spec(data, max_steps=12, lr=5e-3), tokenizer=char_tokenizer(), out_dir=trained["out"])
+        recover(model, spec=make_spec(data, max_steps=12, lr=5e-3), tokenizer=char_tokenizer(), out=trained["out"])
 
 
 class StepCounter(TrainerCallback):
@@ -222,7 +223,7 @@ def test_finished_run_is_reloaded_not_retrained(trained: dict, data: Path, probe
     model, _ = converted()
     counter = StepCounter()
     spec = make_spec(data, max_steps=12, save_steps=6)  # checkpoint spacing may change between runs
-    again = recover(model, spec=spec, tokenizer=char_tokenizer(), out_dir=trained["out"], callbacks=[counter])
+    again = recover(model, spec=spec, tokenizer=char_tokenizer(), out=trained["out"], callbacks=[counter])
     assert counter.steps == 0
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=probe).logits, trained["model"](input_ids=probe).logits)
@@ -243,7 +244,7 @@ class Hang(TrainerCallback):
             time.sleep(600)
 
 model, _ = converted()
-recover(model, spec=make_spec({data!r}, max_steps=8, save_steps=2), tokenizer=char_tokenizer(), out_dir={out!r},
+recover(model, spec=make_spec({data!r}, max_steps=8, save_steps=2), tokenizer=char_tokenizer(), out={out!r},
         callbacks=[Hang()])
 """
 
@@ -277,9 +278,9 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(
     with monkeypatch.context() as m:  # resume and train again without a single pickle read or written
         forbid_pickle(m)
         model, _ = converted()
-        resumed = recover(model, spec=spec, tokenizer=char_tokenizer(), out_dir=killed)
+        resumed = recover(model, spec=spec, tokenizer=char_tokenizer(), out=killed)
         model, _ = converted()
-        reference = recover(model, spec=spec, tokenizer=char_tokenizer(), out_dir=clean)
+        reference = recover(model, spec=spec, tokenizer=char_tokenizer(), out=clean)
     assert pickled_files(killed) == [] and pickled_files(clean) == []
 
     a, b = resumed.state_dict(), reference.state_dict()
@@ -397,7 +398,7 @@ class Crash(TrainerCallback):
 def test_a_checkpoint_with_pickled_state_is_refused_not_unpickled(data: Path, tmp_path: Path) -> None:
     spec = make_spec(data, max_steps=4, save_steps=2)
     with pytest.raises(Crashed):
-        recover(converted()[0], spec=spec, tokenizer=char_tokenizer(), out_dir=tmp_path, callbacks=[Crash()])
+        recover(converted()[0], spec=spec, tokenizer=char_tokenizer(), out=tmp_path, callbacks=[Crash()])
     ckpt = tmp_path / "lora" / "checkpoints" / "checkpoint-2"
     assert {"optimizer.json", "optimizer.safetensors", "scheduler.json", "rng_state.json"} <= set(os.listdir(ckpt))
     # What a stock Trainer leaves: the optimizer pickled in its place.
@@ -406,14 +407,14 @@ def test_a_checkpoint_with_pickled_state_is_refused_not_unpickled(data: Path, tm
     with pytest.MonkeyPatch.context() as m:
         forbid_pickle(m)
         with pytest.raises(ValueError, match=r"checkpoint-2/optimizer\.pt: pickled weights are not loaded"):
-            recover(converted()[0], spec=spec, tokenizer=char_tokenizer(), out_dir=tmp_path)
+            recover(converted()[0], spec=spec, tokenizer=char_tokenizer(), out=tmp_path)
         (ckpt / "optimizer.pt").unlink()
         with pytest.raises(ValueError, match=r"checkpoint-2 holds no optimizer\.json"):
-            recover(converted()[0], spec=spec, tokenizer=char_tokenizer(), out_dir=tmp_path)
+            recover(converted()[0], spec=spec, tokenizer=char_tokenizer(), out=tmp_path)
         # An adapter_model.bin (what peft would torch.load) is refused by our own loading path, never unpickled.
         (ckpt / "adapter_model.bin").write_bytes(b"\x80\x04N.")  # a pickle; its content never matters
         with pytest.raises(ValueError, match=r"adapter_model\.bin: pickled weights are not loaded"):
-            recover(converted()[0], spec=spec, tokenizer=char_tokenizer(), out_dir=tmp_path)
+            recover(converted()[0], spec=spec, tokenizer=char_tokenizer(), out=tmp_path)
 
 
 def test_layers_without_adapter_are_refused(data: Path, tmp_path: Path) -> None:
@@ -422,12 +423,12 @@ def test_layers_without_adapter_are_refused(data: Path, tmp_path: Path) -> None:
         {"data": {"source": str(data)}, "lora": {"modules": ["model.layers.0.self_attn.q_proj"]}}
     )
     with pytest.raises(ValueError, match=r"no adapter to 1 of 2 converted layers: model\.layers\.1\.self_attn\. "):
-        recover(model, spec=spec, tokenizer=char_tokenizer(), out_dir=tmp_path / "a")
+        recover(model, spec=spec, tokenizer=char_tokenizer(), out=tmp_path / "a")
     spec = RecoverSpec.model_validate({"data": {"source": str(data)}, "lora": {"targets": ["q_proj", "gate"]}})
     with pytest.raises(ValueError, match=r"no module 'gate'.*layers\.0\.self_attn.*layers\.1\.self_attn"):
-        recover(model, spec=spec, tokenizer=char_tokenizer(), out_dir=tmp_path / "b")
+        recover(model, spec=spec, tokenizer=char_tokenizer(), out=tmp_path / "b")
     with pytest.raises(ValueError, match="no converted layer"):
-        recover(tiny_model("llama", num_hidden_layers=1), spec=spec, tokenizer=char_tokenizer(), out_dir=tmp_path)
+        recover(tiny_model("llama", num_hidden_layers=1), spec=spec, tokenizer=char_tokenizer(), out=tmp_path)
     assert not (tmp_path / "a" / "lora").exists()  # refused before any training
 
 
@@ -438,7 +439,7 @@ def test_attention_transfer_lowers_each_layers_mse(data: Path, probe: Tensor, tm
         {"stages": {"attention_transfer": {"max_steps": 20, "lr": 3e-3, "save_steps": 100}},
          "data": {"source": str(data), "seq_len": 64}}
     )  # fmt: skip
-    out = recover(model, spec=spec, tokenizer=char_tokenizer(), out_dir=tmp_path, teacher_model=teacher)
+    out = recover(model, spec=spec, tokenizer=char_tokenizer(), out=tmp_path, teacher=teacher)
     after = layer_mse(out, teacher, probe)
     assert all(a < 0.9 * b for a, b in zip(after, before, strict=True)), (before, after)
     rows = list(csv.DictReader((tmp_path / "attention_transfer" / "loss.csv").open()))
@@ -457,7 +458,7 @@ def test_distill_loss_pulls_the_model_towards_its_teacher(data: Path, probe: Ten
     model, teacher = converted()
     before = next_token_kl(model, teacher, probe)
     spec = make_spec(data, max_steps=12, loss="distill")
-    out = recover(model, spec=spec, tokenizer=char_tokenizer(), out_dir=tmp_path, teacher_model=teacher)
+    out = recover(model, spec=spec, tokenizer=char_tokenizer(), out=tmp_path, teacher=teacher)
     after = next_token_kl(out, teacher, probe)
     assert after < 0.9 * before, (before, after)
     losses = [float(r["loss"]) for r in csv.DictReader((tmp_path / "lora" / "loss.csv").open())]
@@ -469,7 +470,7 @@ def test_distill_without_a_teacher_is_refused(data: Path, tmp_path: Path) -> Non
     model, _ = converted(layers=1)
     with pytest.raises(ValueError, match="teacher"):
         recover(model, spec=make_spec(data, max_steps=2, loss="distill"), tokenizer=char_tokenizer(),
-                out_dir=tmp_path)
+                out=tmp_path)
 
 
 def test_instruction_records_learn_the_response_only() -> None:
@@ -492,9 +493,9 @@ def test_plan_recover_section_with_a_registered_mixer(data: Path, probe: Tensor,
          "recover": {"data": {"source": str(data), "seq_len": 64}, "stages": {"lora": {"max_steps": 6, "lr": 1e-2}}}},
         registry,
     )  # fmt: skip
-    model = surgery.convert(plan, tiny_model("llama", num_hidden_layers=2), registry=registry)
+    model = surgery.convert(plan, tiny_model("llama", num_hidden_layers=2))
     loss_before = chunk_loss(model, probe)
-    out = recover(model, plan, tokenizer=char_tokenizer(), registry=registry)
+    out = surgery.recover(model, plan, tokenizer=char_tokenizer()).model  # the plan resolves spec, out and teacher
     assert chunk_loss(out, probe) < loss_before - 0.05
     assert (tmp_path / "recover" / "lora" / "done.json").is_file()  # <output>/recover, as run_paths says
 

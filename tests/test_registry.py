@@ -147,3 +147,17 @@ def test_plugin_that_raises_on_load_is_named(example_site: Path, tmp_path_factor
     assert "BROKEN broken (surgery-broken 0.0.1): plugin 'broken' (distribution surgery-broken 0.0.1) failed to load" \
         in out.stdout
     assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_copies_of_a_plan_share_its_registry(registry) -> None:
+    """A plan keeps the registry it was validated against; deep copies (FSDP's skeleton of a converted model, which
+    holds the plan) share it rather than copying plugin modules."""
+    import copy
+
+    from surgery.plan import load_plan
+
+    plan = load_plan({"version": 1, "model": "x/y", "convert": [{"mixer": "gla"}], "recover": {"stages": ["lora"]}},
+                     registry)  # fmt: skip
+    again = copy.deepcopy(plan)
+    assert again.registry is registry and again == plan
+    assert copy.deepcopy(plan.recover).stage_objects()[0].name == "lora"

@@ -1,4 +1,4 @@
-"""How attention layers apply RoPE (``surgery.rotary``), read from their ``forward``, and the sharded qkv split.
+"""How attention layers apply RoPE (``surgery.sites.rotary``), read from their ``forward``, and the sharded qkv split.
 
 The synthetic attention classes below exist only for their ``forward`` source: ``read_rotary`` parses it and never
 runs it. Real families (Cohere-2, HunYuan, GPT-J, Llama-4, CodeGen) check the reading end to end.
@@ -14,10 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.coverage import meta_model, tiny_model
-from surgery.attention import AttentionReadError, find_attention, read_weights
 from surgery.mixer import MixContext, apply_rope
 from surgery.plugins.softmax import SoftmaxAttention
-from surgery.rotary import ROTATE_HALF, Rotary, _evaluate, read_rotary
+from surgery.sites.attention import AttentionReadError, find_attention, read_weights
+from surgery.sites.rotary import ROTATE_HALF, Rotary, _evaluate, read_rotary
 from surgery.window import rope
 
 

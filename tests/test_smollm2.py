@@ -42,7 +42,7 @@ def test_identity_conversion_of_smollm2_is_exact(ids: torch.Tensor, registry) ->
     with torch.no_grad():
         ref = model(ids).logits
     plan = surgery.load_plan({"version": 1, "model": str(MODEL_DIR), "convert": [{"mixer": "softmax"}]}, registry)
-    surgery.convert(plan, model, registry=registry)
+    surgery.convert(plan, model)
     assert sum(isinstance(m, Mixer) for m in model.modules()) == 30
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref)
@@ -51,9 +51,9 @@ def test_identity_conversion_of_smollm2_is_exact(ids: torch.Tensor, registry) ->
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_example_plan_converts_runs_and_generates(path: Path, ids: torch.Tensor, registry) -> None:
     plan = surgery.load_plan(_with_model(path), registry)
-    model = surgery.convert(plan, registry=registry)
+    model = surgery.convert(plan)
     converted = [m for n, m in model.named_modules() if isinstance(m, Mixer) and n.endswith("self_attn")]
-    assert len(converted) == len(surgery.check(plan, registry=registry)) > 0
+    assert len(converted) == len(surgery.check(plan)) > 0
     with torch.no_grad():
         logits = model(ids).logits
         out = model.generate(ids[:1, :8], max_new_tokens=4, do_sample=False)

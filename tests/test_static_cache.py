@@ -30,7 +30,7 @@ def convert(mixer: str, options: dict | None = None, layers: Any = "all", arch: 
     torch.manual_seed(0)
     rule = {"layers": layers, "mixer": mixer, "options": options or {}}
     plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, REGISTRY)
-    return surgery.convert(plan, tiny_model(arch), registry=REGISTRY)
+    return surgery.convert(plan, tiny_model(arch))
 
 
 def ids(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from surgery.attention import AttentionSite
 from surgery.hookspecs import hookimpl
 from surgery.kernels.gsa import chunk_gsa, fused_recurrent_gsa
 from surgery.mixer import Mixer, MixerDimsError
 from surgery.recurrent import RecurrentMixer, State, identity_on_padding
+from surgery.sites.attention import AttentionSite
 
 DEFAULT_MAX_SLOTS = 64
 

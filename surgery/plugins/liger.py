@@ -23,8 +23,8 @@ same recurrence over a column of ones). It runs as one softmax with a marker key
 initialised to ``shared_bias``: at a low value the conversion is the softmax side alone, and recovery learns how
 much the recurrent state should add.
 
-Plans name the branch as ``recurrent: {mixer: hgrn2, options: {lower_bound: 0.1}}``, or in the short form
-``recurrent: hgrn2`` with the branch's options beside Liger's own (``{recurrent: gsa, num_slots: 8}``).
+Plans name the branch as ``recurrent: {mixer: hgrn2, options: {lower_bound: 0.1}}`` (``recurrent: hgrn2`` for its
+default options), the one spelling of a nested mixer (``surgery.recurrent.RecurrentBranch``).
 """
 
 from __future__ import annotations
@@ -32,52 +32,21 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, PrivateAttr, SerializeAsAny, ValidationError, ValidationInfo, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 from torch import Tensor, nn
 
-from surgery.attention import AttentionSite
 from surgery.cache import mixer_cache
 from surgery.hookspecs import hookimpl
 from surgery.mixer import MixContext, Mixer, MixerDimsError, Options, apply_rope
-from surgery.recurrent import RecurrentMixer, recurrent_mixer
-from surgery.registry import context_registry
+from surgery.options import did_you_mean, fail, lookup, problem
+from surgery.recurrent import RecurrentBranch
 from surgery.retrieval import memory_branch
+from surgery.sites.attention import AttentionSite
 from surgery.window import rope, swa_branch, update_sinks
-
 
 #: Decode steps over a static cache on CUDA take the fused window kernel (``LigerAttention._decode_step``); tests
 #: switch it off to compare with the two-branch path.
 FUSED_DECODE = True
-
-
-class RecurrentBranch(Options):
-    """``recurrent:`` of Liger Attention: a registered recurrent mixer and its own options."""
-
-    mixer: str = Field("gla", description="a registered recurrent mixer: gla, hgrn2, gsa, mom, or a plugin's")
-    options: SerializeAsAny[Options] | dict[str, Any] = Field(default_factory=dict, description="its options")
-    _mixer_cls: type[RecurrentMixer] | None = PrivateAttr(None)
-
-    @model_validator(mode="after")
-    def _resolve(self, info: ValidationInfo) -> RecurrentBranch:
-        cls = recurrent_mixer(self.mixer, context_registry(info))
-        options = self.options
-        if not isinstance(options, cls.Options):
-            raw = options.model_dump() if isinstance(options, Options) else options
-            try:
-                options = cls.Options.model_validate(raw, context=info.context)
-            except ValidationError as err:
-                where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-                raise ValueError(f"recurrent mixer '{self.mixer}' options: {where}") from None
-        # Mutate rather than copy: a model validator must return self (pydantic drops a copy made under __init__),
-        # and the branch is frozen to everyone else.
-        object.__setattr__(self, "options", options)
-        self._mixer_cls = cls
-        return self
-
-    @property
-    def mixer_cls(self) -> type[RecurrentMixer]:
-        assert self._mixer_cls is not None, "validated branches always carry their class"
-        return self._mixer_cls
 
 
 class LigerAttention(Mixer):
@@ -90,7 +59,7 @@ class LigerAttention(Mixer):
     test_options = (
         {"window": 4},
         {"window": 4, "recurrent": "hgrn2"},
-        {"window": 4, "recurrent": "gsa", "num_slots": 4},  # the short form with the branch's own knob
+        {"window": 4, "recurrent": {"mixer": "gsa", "options": {"num_slots": 4}}},
         {"window": 4, "recurrent": {"mixer": "gla", "options": {"gate": "projection"}}, "w_swa": 0.3, "w_rec": 0.9},
         {"window": 4, "sinks": 2},
         {"window": 2, "sinks": 3, "window_dropout": 0.5},
@@ -101,7 +70,7 @@ class LigerAttention(Mixer):
     )
 
     class Options(Mixer.Options):
-        recurrent: RecurrentBranch = Field(default_factory=RecurrentBranch, description="the recurrent branch")
+        recurrent: RecurrentBranch = Field("gla", validate_default=True, description="the recurrent branch")
         window: int = Field(64, ge=0, description="previous tokens each query sees in the softmax branch")
         sinks: int = Field(0, ge=0, description="first real tokens of each sequence the softmax branch always sees")
         memory: int = Field(
@@ -125,25 +94,21 @@ class LigerAttention(Mixer):
 
         @model_validator(mode="before")
         @classmethod
-        def _short_form(cls, data: Any, info: ValidationInfo) -> Any:
-            """``recurrent: NAME`` becomes ``{mixer: NAME}``; keys the branch's options own move into them."""
-            if not isinstance(data, dict):
-                return data
-            data = dict(data)
-            branch = data.get("recurrent", {"mixer": "gla"})
-            if isinstance(branch, str):
-                branch = {"mixer": branch}
-            if isinstance(branch, dict):
-                own = set(cls.model_fields)
-                loose = {k: data.pop(k) for k in list(data) if k not in own}
+        def _branch_keys(cls, data: Any, info: ValidationInfo) -> Any:
+            """A branch's option beside Liger's own (the old short form) is an error that says where it goes."""
+            if isinstance(data, dict):
+                branch = data.get("recurrent", "gla")
+                name = branch.get("mixer", "gla") if isinstance(branch, dict) else branch
+                try:
+                    theirs = set(lookup("recurrent mixer", name, info).Options.model_fields)
+                except ValueError:  # an unknown branch is reported at recurrent.mixer
+                    theirs = set()
+                loose = [k for k in data if k not in cls.model_fields
+                         and (k in theirs or not did_you_mean(str(k), cls.model_fields))]  # fmt: skip
                 if loose:
-                    branch_cls = recurrent_mixer(branch.get("mixer", "gla"), context_registry(info))
-                    theirs = {k: v for k, v in loose.items() if k in branch_cls.Options.model_fields}
-                    data.update({k: v for k, v in loose.items() if k not in theirs})  # left to extra="forbid"
-                    opts = branch.get("options", {})
-                    opts = opts.model_dump() if isinstance(opts, Options) else dict(opts)
-                    branch = {**branch, "options": {**opts, **theirs}}
-            data["recurrent"] = branch
+                    fail([problem((k,), f"unknown key '{k}': an option of the recurrent branch goes under recurrent: "
+                                        f"{{mixer: NAME, options: {{{k}: ...}}}}", data[k]) for k in loose],
+                         cls.__qualname__)  # fmt: skip
             return data
 
         @model_validator(mode="after")
@@ -179,9 +144,7 @@ class LigerAttention(Mixer):
         resolved = branch.mixer_cls.resolve_options(site, branch.options)
         if resolved is branch.options:
             return options
-        new_branch = branch.model_copy(update={"options": resolved})
-        new_branch._mixer_cls = branch.mixer_cls
-        return options.model_copy(update={"recurrent": new_branch})
+        return options.model_copy(update={"recurrent": branch.with_options(resolved)})
 
     @classmethod
     def check_site(cls, site: AttentionSite, options: Options) -> None:

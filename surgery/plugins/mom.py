@@ -1,7 +1,7 @@
 """The ``mom`` mixer, Mixture-of-Memories (arXiv 2502.13685), and its weight map ``mom_from_attention``.
 
-M memories, each a gated linear recurrence of a registered recurrent mixer (``recurrence``, default ``gla``, whose
-``recur`` runs them: MoM never restates a formula). A router sends each token to k of them; a shared memory sees
+M memories, each a gated linear recurrence of a registered recurrent mixer (``recurrent: {mixer, options}``, default
+``gla``, whose ``recur`` runs them: MoM never restates a formula). A router sends each token to k of them; a shared memory sees
 every token. With shared pre-RoPE queries ``q`` and per-memory keys/values ``k^m = x W_k^m``, ``v^m = x W_v^m``::
 
     p_t = softmax(x_t W_r)  (softmax in fp32),   (w_t, E_t) = top-k(p_t),   w_t <- w_t / sum(w_t)
@@ -34,17 +34,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PrivateAttr, SerializeAsAny, ValidationError, ValidationInfo, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from surgery.attention import AttentionSite
 from surgery.hookspecs import hookimpl
 from surgery.mixer import Mixer, MixerDimsError, Options, WeightMap
+from surgery.options import fail, problem
 from surgery.plugins.mom_dispatch import MemoryRows, Packing, dense_rows, dispatch, load_balancing_loss, route
 from surgery.plugins.mom_dispatch import tokens_per_memory
 from surgery.plugins.weight_maps import CopyQKVO
-from surgery.recurrent import RecurrentMixer, State, recurrent_mixer
-from surgery.registry import context_registry
+from surgery.recurrent import RecurrentBranch, RecurrentMixer, State
+from surgery.sites.attention import AttentionSite
 
 
 class MemoryLinear(nn.Module):
@@ -114,55 +114,47 @@ class MoM(RecurrentMixer):
         # shared_memory false is covered by tests/test_mom.py: there the pretrained k_proj/v_proj go unused, which
         # the conformance suite's "values always learn" check rightly flags.
         {"num_memories": 2, "topk": 1},
-        {"num_memories": 3, "recurrence": "gsa", "recurrence_options": {"num_slots": 4}, "gate": "projection"},
+        {"num_memories": 3, "recurrent": {"mixer": "gsa", "options": {"num_slots": 4}}, "gate": "projection"},
     )
 
     class Options(RecurrentMixer.Options):
         num_memories: int = Field(4, ge=1, description="routed memories M")
         topk: int = Field(2, ge=1, description="memories each token is written to and read from (k <= M)")
         shared_memory: bool = Field(True, description="add a memory that sees every token, with the pretrained k/v")
-        recurrence: str = Field("gla", description="the registered recurrent mixer each memory runs")
-        recurrence_options: SerializeAsAny[Options] | dict[str, Any] = Field(
-            default_factory=dict, description="that mixer's options (its gate is mom's own 'gate')"
-        )
+        recurrent: RecurrentBranch = Field(
+            "gla", validate_default=True,
+            description="the recurrent mixer each memory runs, {mixer, options} (its gate is mom's own 'gate')")
         aux_loss_scale: float = Field(1e-3, ge=0, description="weight of the load-balancing loss (0: none)")
-        _recurrence_cls: type[RecurrentMixer] | None = PrivateAttr(None)
+
+        @model_validator(mode="before")
+        @classmethod
+        def _moved_keys(cls, data: Any) -> Any:
+            """The keys of the old spelling name the new one, at their own location."""
+            if isinstance(data, dict):
+                moved = [k for k in ("recurrence", "recurrence_options") if k in data]
+                if moved:
+                    fail([problem((k,), f"{k} is no longer a key: write recurrent: {{mixer: NAME, options: {{...}}}} "
+                                       "(the one spelling of a nested mixer, as in liger_attention)", data[k])
+                          for k in moved], cls.__qualname__)  # fmt: skip
+            return data
 
         @model_validator(mode="after")
-        def _resolve(self, info: ValidationInfo) -> MoM.Options:
+        def _check(self) -> MoM.Options:
             if self.topk > self.num_memories:
                 raise ValueError(f"topk={self.topk} must not exceed num_memories={self.num_memories}")
-            if self.recurrence == "mom":
-                raise ValueError("recurrence: 'mom' cannot be its own memory; name a plain recurrence such as gla")
-            cls = recurrent_mixer(self.recurrence, context_registry(info))
-            inner = self.recurrence_options
-            if not isinstance(inner, cls.Options):
-                raw = inner.model_dump() if isinstance(inner, Options) else dict(inner)
-                # "key" is what a saved plan holds (mom hands the gate in); anything else belongs to mom itself.
-                if raw.get("gate", "key") != "key":
-                    raise ValueError("recurrence_options.gate: set 'gate' on mom itself (it applies to every memory)")
-                try:
-                    inner = cls.Options.model_validate(raw, context=info.context)
-                except ValidationError as err:
-                    where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-                    raise ValueError(f"recurrence_options for '{self.recurrence}': {where}") from None
-            changed = inner is not self.recurrence_options
-            out = self.model_copy(update={"recurrence_options": inner}) if changed else self
-            out._recurrence_cls = cls
-            return out
-
-        @property
-        def recurrence_cls(self) -> type[RecurrentMixer]:
-            assert self._recurrence_cls is not None, "validated options always carry their recurrence class"
-            return self._recurrence_cls
+            if self.recurrent.mixer == "mom":
+                raise ValueError("recurrent: 'mom' cannot be its own memory; name a plain recurrence such as gla")
+            if self.recurrent.options.gate != "key":
+                raise ValueError("recurrent.options.gate: set 'gate' on mom itself (it applies to every memory)")
+            return self
 
     def __init__(self, site: AttentionSite, options: Options, config: Any, *, projections: bool = True) -> None:
         super().__init__(site, options, config, projections=projections)
         d, M = site.dims, options.num_memories
         width, v_width = d.num_kv_heads * d.head_dim, d.num_kv_heads * self.v_head_dim
         # The memories' cell: the recurrence without projections, and with gate "key" since mom hands it the gate.
-        inner = options.recurrence_options.model_copy(update={"gate": "key"})
-        self.recurrence = options.recurrence_cls(site, inner, config, projections=False)
+        inner = options.recurrent.options.model_copy(update={"gate": "key"})
+        self.recurrence = options.recurrent.cls(site, inner, config, projections=False)
         self.router = nn.Linear(d.hidden_size, M, bias=False)
         self.k_mem = MemoryLinear(M, d.hidden_size, width, d.qkv_bias)
         self.v_mem = MemoryLinear(M, d.hidden_size, v_width, d.qkv_bias)
@@ -174,19 +166,18 @@ class MoM(RecurrentMixer):
 
     @classmethod
     def resolve_options(cls, site: AttentionSite, options: Options) -> Options:
-        resolved = options.recurrence_cls.resolve_options(site, options.recurrence_options)
-        if resolved is options.recurrence_options:
+        branch = options.recurrent
+        resolved = branch.cls.resolve_options(site, branch.options)
+        if resolved is branch.options:
             return options
-        out = options.model_copy(update={"recurrence_options": resolved})
-        out._recurrence_cls = options.recurrence_cls
-        return out
+        return options.model_copy(update={"recurrent": branch.with_options(resolved)})
 
     @classmethod
     def check_site(cls, site: AttentionSite, options: Options) -> None:
         if site.latent is not None:
             raise MixerDimsError("mom builds each memory's key/value projection from the pretrained k_proj/v_proj; "
                                  "multi-head latent attention has none (its keys/values come from a shared latent)")
-        options.recurrence_cls.check_site(site, options.recurrence_options)
+        options.recurrent.cls.check_site(site, options.recurrent.options)
 
     def stats(self) -> dict[str, Any]:
         """``tokens_per_memory``: (real token, choice) pairs routed to each memory since the last reset."""

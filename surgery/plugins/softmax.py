@@ -4,7 +4,7 @@ It is the identity of the framework. A layer a plan keeps (or converts to ``soft
 pretrained layer computed, bit for bit, through whichever attention function the model is configured with
 (``config._attn_implementation``: sdpa, eager, flash, flex), so that a converted model differs from its base
 only where the plan says so, and so that the converter itself can be tested for exactness. On a DSA layer it runs a
-copy of the model's own indexer and attends only to the keys it selects (``surgery.key_selection``).
+copy of the model's own indexer and attends only to the keys it selects (``surgery.sites.key_selection``).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import torch
 from torch import Tensor, nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from surgery.attention import AttentionSite
 from surgery.hookspecs import hookimpl
-from surgery.key_selection import select_keys, selection_mask
-from surgery.latent import latent_softmax_inputs
 from surgery.mixer import MixContext, Mixer
+from surgery.sites.attention import AttentionSite
+from surgery.sites.key_selection import select_keys, selection_mask
+from surgery.sites.latent import latent_softmax_inputs
 
 
 def _repeat_kv(x: Tensor, groups: int) -> Tensor:
@@ -109,6 +109,7 @@ class SoftmaxAttention(Mixer):
     default_weights = "copy_qkvo"
     uses_sink_logits = True
     uses_key_selection = True
+    keeps_kv_cache = True
 
     class Options(Mixer.Options):
         pass

@@ -10,9 +10,9 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from surgery.attention import CANONICAL
 from surgery.hookspecs import hookimpl
 from surgery.mixer import Mixer, WeightMap
+from surgery.sites.attention import CANONICAL
 
 
 class CopyQKVO(WeightMap):

@@ -21,11 +21,11 @@ from typing import Any
 __all__ = ["load_adapter", "recover"]
 
 
-def recover(model: Any, plan: Any = None, **kwargs: Any) -> Any:
-    """See ``surgery.recovery.loop.recover``."""
+def recover(model: Any, spec: Any, tokenizer: Any, out: Any, teacher: Any = None, **kwargs: Any) -> Any:
+    """See ``surgery.recovery.loop.recover`` (``surgery.recover`` resolves the arguments from a plan)."""
     from surgery.recovery.loop import recover as _recover
 
-    return _recover(model, plan, **kwargs)
+    return _recover(model, spec, tokenizer, out, teacher, **kwargs)
 
 
 def load_adapter(model: Any, adapter_dir: Any, **kwargs: Any) -> Any:

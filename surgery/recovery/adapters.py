@@ -25,8 +25,8 @@ from torch import nn
 from surgery.mixer import Mixer
 from surgery.recovery.spec import LoraSpec
 
-#: Children of a mixer that hold pretrained tensors (``surgery.attention.CANONICAL``): adapted by LoRA or frozen.
-#: The extras (``surgery.attention_extras``: sink logits, output gate, pre-output norm, output bias) are pretrained.
+#: Children of a mixer that hold pretrained tensors (``surgery.sites.attention.CANONICAL``): adapted by LoRA or frozen.
+#: The extras (``surgery.sites.attention_extras``: sink logits, output gate, pre-output norm, output bias) are pretrained.
 PRETRAINED_CHILDREN = frozenset({
     "q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm",
     "sink_logits", "out_gate", "out_gate_head_bias", "o_norm", "o_bias",

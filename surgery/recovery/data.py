@@ -23,12 +23,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from surgery.errors import DataError
 from surgery.recovery.spec import DataSpec
 
 log = logging.getLogger("surgery.recover")
-
-class DataError(ValueError):
-    """Unusable training data (a missing path, a bad record, too few tokens); the message names the file."""
 
 
 IGNORE = -100  # label of tokens that carry no loss (the prompt of an instruction pair)

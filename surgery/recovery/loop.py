@@ -3,7 +3,7 @@
 Stages are registered units (``surgery.recovery.stage``): the plan lists them in order under ``recover.stages``;
 every stage trains the same parameters, the LoRA adapters on the converted layers plus the mixers' own parameters.
 
-Layout of ``out_dir``::
+Layout of ``out``::
 
     spec.json                  the resolved recover section; resuming with one that changes the weights is refused
     <stage>/                   per stage: checkpoints/, adapter/ (its result), loss.csv, loss.png, done.json
@@ -18,10 +18,10 @@ and ends with the same weights as an uninterrupted run. ``recover`` returns a ty
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -37,7 +37,8 @@ from surgery.outputs import OutputError, OutputLock
 from surgery.recovery.adapters import find_mixers, inject_lora, load_adapter_weights, load_mixer_params, lora_config
 from surgery.recovery.data import PackedChunks, load_chunks
 from surgery.recovery.distributed import barrier, init, is_main, is_sharded, shards, skeleton, unsharded
-from surgery.recovery.spec import NEUTRAL_TRAIN_KEYS, RecoverSpec
+from surgery.recovery.spec import RecoverSpec
+from surgery.recovery.stage import NEUTRAL_TRAIN_KEYS
 from surgery.recovery.stage import Stage, StageContext, StageResult
 from surgery.recovery.trainer import last_checkpoint, mixer_stats, reset_mixer_stats, tokens_per_step, training_arguments
 from surgery.recovery.trainer import use_bf16, write_loss_curve
@@ -74,72 +75,62 @@ class RecoverResult:
 
 def recover(
     model: nn.Module,
-    plan: Any = None,
+    spec: RecoverSpec,
+    tokenizer: Any,
+    out: str | Path,
+    teacher: Teacher = None,
     *,
-    spec: RecoverSpec | dict[str, Any] | None = None,
-    tokenizer: Any = None,
-    out_dir: str | Path | None = None,
     resume: bool = True,
-    teacher_model: Teacher = None,
     callbacks: Sequence[TrainerCallback] = (),
-    registry: Any = None,
 ) -> RecoverResult:
-    """Train the converted layers of ``model`` as ``spec`` (or ``plan.recover``) says.
+    """Train the converted layers of ``model`` as ``spec`` says; takes what it needs, resolved.
+
+    ``surgery.recover(model, plan)`` and ``surgery.pipeline.Run`` resolve these from a plan (its ``recover:``
+    section, its tokenizer, ``<output>/recover``, its base model, loaded once).
 
     Args:
         model: a converted HF causal LM (some attention modules replaced by ``surgery.mixer.Mixer``). Trained in
             place; on CPU a half-precision model is cast to fp32 first (``precision: auto``).
-        plan: a ``surgery.plan.Plan``; gives ``recover`` (unless ``spec`` is given) and the output directory
-            (``<output>/recover``). May be None.
-        spec: the recover section to use instead of the plan's.
-        tokenizer: defaults to ``AutoTokenizer.from_pretrained(plan.model)``.
-        out_dir: where checkpoints and outputs go (see the module docstring). Default ``<plan output>/recover``,
-            else a fresh temporary directory (no resume possible).
-        resume: continue from the last complete checkpoint in ``out_dir``; False moves an earlier run there aside
+        spec: the ``recover:`` section (a validated ``RecoverSpec``, its stages resolved).
+        tokenizer: the tokenizer of the training text.
+        out: where checkpoints and outputs go (see the module docstring).
+        teacher: the unconverted model, or a function returning it (called only when a stage that still has to
+            train needs it); None when no stage needs one. Never changed: a teacher in another dtype than the
+            student is copied in the student's.
+        resume: continue from the last complete checkpoint in ``out``; False moves an earlier run there aside
             (``previous-<time>/``) and starts over.
-        teacher_model: the unconverted model, or a function returning it (called only when a stage that still has
-            to train needs it); default: loaded from ``plan.model``.
         callbacks: extra ``transformers.TrainerCallback`` objects, given to every stage's Trainer.
-        registry: the plugin registry the stages come from (default: a fresh one).
 
     Returns:
         A ``RecoverResult`` whose ``model`` has LoRA merged into its weights (``spec.merge``, the default), else the
         ``PeftModel``.
 
     Raises:
-        ValueError: no converted layer, a converted layer would get no adapter, unusable data, or ``out_dir``
+        ValueError: no converted layer, a converted layer would get no adapter, unusable data, or ``out``
             holds a run of a different spec that already trained.
-        surgery.outputs.OutputError: another process is recovering into ``out_dir``.
-        surgery.recovery.trainer.TrainingDiverged: a non-finite loss or gradient.
+        surgery.errors.OutputError: another process is recovering into ``out``.
+        surgery.errors.TrainingDiverged: a non-finite loss or gradient.
     """
-    if registry is None:
-        from surgery.registry import load_registry
-
-        registry = load_registry()
-    spec = _resolve_spec(plan, spec, registry)
     lora_config(model, spec.lora)  # refuse a model or targets that leave a converted layer bare, before any work
     init()  # under torchrun / accelerate launch: the process group, before the first barrier
-    out = _resolve_out_dir(plan, out_dir)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(out):  # taken by rank 0 only (surgery.outputs): the processes of one run share the directory
         _claim(out, spec, resume)
-        tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(plan, model)
         chunks = load_chunks(spec.data, tokenizer)
-        return _train(model, spec, registry, chunks, out, resume, teacher_model, plan, callbacks)
+        return _train(model, spec, chunks, out, resume, teacher, callbacks)
 
 
 def _train(
     model: nn.Module,
     spec: RecoverSpec,
-    registry: Any,
     chunks: PackedChunks,
     out: Path,
     resume: bool,
     teacher_model: Teacher,
-    plan: Any,
     callbacks: Sequence[TrainerCallback],
 ) -> RecoverResult:
-    stages = spec.stage_objects(registry)
+    stages = spec.stage_objects()
     grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     if not use_bf16(stages[0].options) and any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
         log.info("casting the model to float32 for training on %s", "GPU" if torch.cuda.is_available() else "CPU")
@@ -159,7 +150,7 @@ def _train(
         for stage in stages:
             finished = resume and (out / stage.name / "done.json").exists()  # reloaded, not retrained
             if not finished and stage.needs_teacher() and teacher is None:
-                teacher = _teacher(model, plan, teacher_model)  # once for every stage that needs it
+                teacher = _teacher(model, teacher_model, stage.name)  # once for every stage that needs it
             ctx = StageContext(model=model, peft_model=peft_model, mixer_params=extra, chunks=chunks,
                                teacher=teacher if stage.needs_teacher() else None)  # fmt: skip
             results[stage.name] = _run_stage(stage, ctx, out / stage.name, resume, callbacks, spec.distributed)
@@ -202,27 +193,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, *, merge: bool = Tru
     peft_model = wrap_for_adapter(model, adapter_dir)
     load_adapter_weights(peft_model, adapter_dir)
     return peft_model.merge_and_unload() if merge else peft_model
-
-
-def _resolve_spec(plan: Any, spec: RecoverSpec | dict[str, Any] | None, registry: Any) -> RecoverSpec:
-    if spec is None:
-        section = getattr(plan, "recover", None) if plan is not None else None
-        spec = section if section is not None else {}
-    if isinstance(spec, RecoverSpec):
-        return spec
-    return RecoverSpec.model_validate(spec, context={"registry": registry})
-
-
-def _resolve_out_dir(plan: Any, out_dir: str | Path | None) -> Path:
-    if out_dir is not None:
-        return Path(out_dir)
-    if plan is not None and getattr(plan, "output", None):
-        from surgery.outputs import run_paths
-
-        return run_paths(plan).recover
-    path = Path(tempfile.mkdtemp(prefix="surgery-recover-"))
-    log.warning("recover: no out_dir and no plan.output; writing to %s (a rerun cannot resume from it)", path)
-    return path
 
 
 def _trained(out: Path) -> bool:
@@ -273,30 +243,17 @@ def _weight_changes(previous: dict[str, Any], current: dict[str, Any], prefix: s
     return changed
 
 
-def _load_tokenizer(plan: Any, model: nn.Module) -> Any:
-    from transformers import AutoTokenizer
-
-    source = getattr(plan, "model", None) if plan is not None else None
-    source = source or getattr(model.config, "_name_or_path", None)
-    if not source:
-        raise ValueError("recover(): pass tokenizer=, or a plan whose model names one")
-    return AutoTokenizer.from_pretrained(source)
-
-
-def _teacher(model: nn.Module, plan: Any, teacher_model: Teacher) -> nn.Module:
-    """The unconverted model in the student's dtype: ``teacher_model`` (or what it returns), else ``plan.model``."""
+def _teacher(model: nn.Module, teacher: Teacher, stage: str) -> nn.Module:
+    """The unconverted model in the student's dtype: ``teacher`` (or what it returns), copied when its dtype differs
+    (the teacher is the run's shared base model: no consumer changes it)."""
+    if callable(teacher) and not isinstance(teacher, nn.Module):
+        teacher = teacher()
+    if teacher is None:
+        raise ValueError(f"recover: stage '{stage}' needs the original model as teacher: pass teacher=")
     dtype = model.get_input_embeddings().weight.dtype  # the hidden states' dtype, which the teacher will see
-    if callable(teacher_model) and not isinstance(teacher_model, nn.Module):
-        teacher_model = teacher_model()
-    if teacher_model is not None:
-        return teacher_model.to(dtype=dtype)
-    source = getattr(plan, "model", None) if plan is not None else None
-    if not source:
-        raise ValueError("recover: a stage needs the original model as teacher: pass teacher_model=, or a plan "
-                         "naming the model")  # fmt: skip
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    if next(teacher.parameters()).dtype != dtype:
+        teacher = copy.deepcopy(teacher).to(dtype=dtype)
+    return teacher
 
 
 def describe_stats(stats: dict[str, dict[str, Any]]) -> str:

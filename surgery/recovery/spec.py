@@ -10,61 +10,20 @@
         lora: {tokens: 49152, lr: 1.0e-3}
 
 ``stages`` may also be a list of names (``[attention_transfer, lora]``), each with its default options. Stage names
-and options are validated against the registered stages (``surgery.recovery.stage.Stage``, hook
-``surgery_stages``), with the same located errors and "did you mean" as mixers. Kept free of heavy imports: the
-plan parser reads it.
+and options are validated against the registered stages of the validation context's registry
+(``surgery.options.resolve``: hook ``surgery_stages``, contract ``surgery.recovery.stage.Stage``), with the same
+located errors and "did you mean" as mixers. Imports only the options helper and the stage contract: the plan parser
+reads it.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SerializeAsAny, ValidationError, ValidationInfo, field_validator, model_validator
 
-from surgery.mixer import Options
-
-
-class TrainOptions(Options):
-    """The Trainer settings of one stage. Budget: ``tokens`` or ``max_steps``, else ``epochs`` over the data.
-
-    Defaults are Liger's recipe (liger.md §4): AdamW lr 1e-3 (weight decay 0.01), constant schedule, grad clip 1.0.
-    Batch 2 follows the measured CPU anchor (quality_anchor.md); Liger used a global batch of 8.
-    """
-
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    batch_size: int = Field(
-        2, ge=1, description="chunks per micro-batch; the global batch (batch_size * grad_accum) is split over processes"
-    )
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step in a single process")
-    max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
-    schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    tokens: int | None = Field(None, ge=1, description="token budget over all processes")
-    max_steps: int | None = Field(None, ge=1)
-    epochs: float = Field(1.0, gt=0)
-    seed: int = 0
-    save_steps: int = Field(100, ge=1)
-    keep_checkpoints: int | None = Field(2, ge=1, description="None keeps all")
-    logging_steps: int = Field(1, ge=1)
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU (a half-precision model is trained in fp32)"
-    )
-    gradient_checkpointing: bool = False
-    recompute_mixers: bool | None = Field(
-        None, description="recompute each converted layer's token mixing in the backward instead of keeping its "
-                          "activations (less memory than the base model, a few % slower); None: on CUDA only"
-    )
-
-    @model_validator(mode="after")
-    def _check_budget(self) -> TrainOptions:
-        if self.tokens is not None and self.max_steps is not None:
-            raise ValueError(f"give tokens ({self.tokens}) or max_steps ({self.max_steps}), not both")
-        return self
-
-
-#: Settings that do not change the trained weights: a resumed run may differ in them.
-NEUTRAL_TRAIN_KEYS = frozenset({"save_steps", "keep_checkpoints", "logging_steps", "recompute_mixers"})
+from surgery.options import Options, RegistryLike, fail, lookup, problem, registry_of, relocate, resolve
+from surgery.recovery.stage import Stage
 
 
 class LoraSpec(Options):
@@ -104,12 +63,6 @@ class DataSpec(Options):
     max_records: int | None = Field(None, ge=1, description="use only the first N documents / examples")
 
 
-def _registry(info: ValidationInfo | None) -> Any:
-    from surgery.registry import context_registry  # the registry imports the stage contract, which imports this
-
-    return context_registry(info)
-
-
 class RecoverSpec(Options):
     """The ``recover:`` section (see the module docstring). ``stages`` maps stage name -> its validated options."""
 
@@ -121,6 +74,7 @@ class RecoverSpec(Options):
     lora: LoraSpec = LoraSpec()
     data: DataSpec = DataSpec()
     merge: bool = Field(True, description="return the model with LoRA merged into its weights")
+    _registry: RegistryLike = PrivateAttr()
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="under torchrun / accelerate launch: ddp (every process holds the model) or fsdp (FSDP2 shards "
@@ -150,40 +104,31 @@ class RecoverSpec(Options):
             raise ValueError("stages is a list of stage names, or a mapping of stage name -> options")
         if not value:
             raise ValueError("stages is empty: name at least one stage (e.g. lora)")
-        from surgery.registry import did_you_mean
-
-        registry = _registry(info)
         out: dict[str, Options] = {}
-        problems = []
+        errors = []
         for name, options in value.items():
-            if not isinstance(name, str) or name not in registry.stages:
-                problems.append(f"unknown stage '{name}'{did_you_mean(str(name), registry.stages)}")
-                continue
-            stage_cls = registry.stages[name]
-            if isinstance(options, stage_cls.Options):
-                out[name] = options
-                continue
             try:
-                out[name] = stage_cls.Options.model_validate(options or {}, context=info.context)
+                _, out[name] = resolve("stage", name, options, info, name_at=(str(name),), options_at=(str(name),))
             except ValidationError as err:
-                for e in err.errors():
-                    loc = ".".join(map(str, e["loc"]))
-                    msg = e["msg"].removeprefix("Value error, ")
-                    if e["type"] == "extra_forbid" or e["type"] == "extra_forbidden":
-                        key = str(e["loc"][-1])
-                        msg = f"unknown key '{key}'{did_you_mean(key, stage_cls.Options.model_fields)}"
-                    problems.append(f"{name}.{loc}: {msg}" if loc else f"{name}: {msg}")
+                errors += relocate(err)
         names = list(value)
         for i, name in enumerate(names):
-            stage_cls = registry.stages.get(name)
-            for later in getattr(stage_cls, "before", ()):
+            if name not in out:
+                continue
+            for later in lookup("stage", name, info).before:
                 if later in names[:i]:
-                    problems.append(f"{name} must come before {later}")
-        if problems:
-            raise ValueError("; ".join(problems))
+                    errors.append(problem((name,), f"{name} must come before {later}", value[name]))
+        if errors:
+            fail(errors, cls.__name__)
         return out
 
-    def stage_objects(self, registry: Any = None) -> list[Any]:
-        """The stages as ``Stage`` instances, in order."""
-        registry = registry if registry is not None else _registry(None)
-        return [registry.stage(name)(options) for name, options in self.stages.items()]
+    @model_validator(mode="after")
+    def _keep_registry(self, info: ValidationInfo) -> RecoverSpec:
+        # Kept with the spec (and its copies): recovery builds its stages from the spec alone.
+        self._registry = registry_of(info)
+        return self
+
+    def stage_objects(self) -> list[Stage]:
+        """The stages as ``Stage`` instances, in order (classes from the registry the spec was validated against)."""
+        classes = self._registry.table("stage")
+        return [classes[name](options) for name, options in self.stages.items()]

@@ -18,28 +18,71 @@ plugin's::
         def trainer(self, ctx, **kwargs):
             yield MyTrainer(**kwargs, teacher=ctx.teacher)
 
-This module stays free of heavy imports (the plan parser and the registry load it); stages import the Trainer
-inside ``trainer``.
+The contract is light: this module imports only ``surgery.options`` (the plan parser and the registry read it, and
+neither the registry nor the rest of ``surgery.recovery`` is imported here); stages import the Trainer inside
+``trainer``.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from surgery.recovery.spec import TrainOptions
+from pydantic import Field, model_validator
+
+from surgery.errors import TrainingDiverged
+from surgery.options import Options
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from torch import nn
     from transformers import Trainer
 
-    from surgery.recovery.data import PackedChunks
+__all__ = ["NEUTRAL_TRAIN_KEYS", "Stage", "StageContext", "StageResult", "TrainOptions", "TrainingDiverged"]
 
 
-class TrainingDiverged(RuntimeError):
-    """A stage met a non-finite loss or gradient: stopped before the update, the last checkpoint kept is finite."""
+class TrainOptions(Options):
+    """The Trainer settings of one stage. Budget: ``tokens`` or ``max_steps``, else ``epochs`` over the data.
+
+    Defaults are Liger's recipe (liger.md §4): AdamW lr 1e-3 (weight decay 0.01), constant schedule, grad clip 1.0.
+    Batch 2 follows the measured CPU anchor (quality_anchor.md); Liger used a global batch of 8.
+    """
+
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    batch_size: int = Field(
+        2, ge=1, description="chunks per micro-batch; the global batch (batch_size * grad_accum) is split over processes"
+    )
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step in a single process")
+    max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    tokens: int | None = Field(None, ge=1, description="token budget over all processes")
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    seed: int = 0
+    save_steps: int = Field(100, ge=1)
+    keep_checkpoints: int | None = Field(2, ge=1, description="None keeps all")
+    logging_steps: int = Field(1, ge=1)
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU (a half-precision model is trained in fp32)"
+    )
+    gradient_checkpointing: bool = False
+    recompute_mixers: bool | None = Field(
+        None, description="recompute each converted layer's token mixing in the backward instead of keeping its "
+                          "activations (less memory than the base model, a few % slower); None: on CUDA only"
+    )
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> TrainOptions:
+        if self.tokens is not None and self.max_steps is not None:
+            raise ValueError(f"give tokens ({self.tokens}) or max_steps ({self.max_steps}), not both")
+        return self
+
+
+#: Settings that do not change the trained weights: a resumed run may differ in them.
+NEUTRAL_TRAIN_KEYS = frozenset({"save_steps", "keep_checkpoints", "logging_steps", "recompute_mixers"})
 
 
 @dataclass
@@ -50,14 +93,15 @@ class StageContext:
         model: the converted model (unwrapped: the peft model's base model), for module paths and hooks.
         peft_model: the model with LoRA adapters, which the Trainer trains.
         mixer_params: the mixers' own trainable parameters by full name (empty when not trained).
-        chunks: the packed training data.
+        chunks: the packed training data (``surgery.recovery.data.PackedChunks``: ``len`` and ``[i]`` -> ``[T]``
+            token ids).
         teacher: the unconverted model (frozen), when ``needs_teacher()``; else None.
     """
 
     model: nn.Module
     peft_model: PeftModel
     mixer_params: dict[str, Any]
-    chunks: PackedChunks
+    chunks: Any
     teacher: nn.Module | None = None
 
 

@@ -29,7 +29,7 @@ from transformers.training_args import ParallelMode
 from transformers.utils import is_torch_xla_available
 
 from surgery.mixer import Mixer
-from surgery.recovery.spec import TrainOptions
+from surgery.recovery.stage import TrainOptions
 from surgery.recovery.stage import TrainingDiverged
 from surgery.recovery.adapters import save_mixer_params
 from surgery.recovery.distributed import fsdp_arguments, full_tensors, load_optimizer_state, optimizer_state

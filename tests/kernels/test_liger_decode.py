@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from surgery.kernels.liger.decode import window_decode, window_decode_reference
-from surgery.rotary import apply_rope
+from surgery.sites.rotary import apply_rope
 from surgery.window import sliding_window_attention
 
 

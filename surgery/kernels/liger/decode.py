@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from surgery.rotary import apply_rope
+from surgery.sites.rotary import apply_rope
 
 __all__ = ["window_decode", "window_decode_reference"]
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from surgery.hookspecs import hookimpl
 from surgery.mixer import Mixer
-from surgery.recovery.spec import TrainOptions
+from surgery.recovery.stage import TrainOptions
 from surgery.recovery.stage import Stage, StageContext
 
 

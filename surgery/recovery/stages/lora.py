@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from surgery.hookspecs import hookimpl
-from surgery.recovery.spec import TrainOptions
+from surgery.recovery.stage import TrainOptions
 from surgery.recovery.stage import Stage, StageContext
 
 

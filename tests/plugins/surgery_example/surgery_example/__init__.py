@@ -6,9 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from surgery.cache import mixer_cache
-from surgery.hookspecs import hookimpl
-from surgery.mixer import MixContext, Mixer, Options, WeightMap
+from surgery.testing import MixContext, Mixer, Options, WeightMap, hookimpl, mixer_cache
 from surgery_example.retention import Retention
 
 

@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from surgery.recurrent import GLAForm, RecurrentMixer, identity_on_padding
+from surgery.testing import GLAForm, RecurrentMixer, identity_on_padding
 
 
 class Retention(RecurrentMixer):

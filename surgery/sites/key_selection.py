@@ -5,7 +5,7 @@ DeepSeek-V3.2, GLM-MoE-DSA, AXK2, HY-V4 and Dots3 add to their latent attention 
 its own (``wq_b``, ``wk``, ``k_norm``, ``weights_proj``). Called as
 ``indexer(hidden_states, q_resid, position_embeddings, mask [B, T, S], position_ids, cache=cache)`` it returns the
 indices ``[B, T, k]`` of the keys each query may see (``q_resid`` is the normalised query latent, see
-``surgery.latent``); it keeps its own single-head keys in the cache (``cache.update_indexer``). Layers whose
+``surgery.sites.latent``); it keeps its own single-head keys in the cache (``cache.update_indexer``). Layers whose
 attention takes ``prev_topk_indices`` also return their selection as a third output, and their "shared" layers
 (``indexer = None``) reuse the previous layer's instead of running one.
 

@@ -7,13 +7,13 @@ take their values from the key projection) and fused ones (Phi-3's ``qkv_proj``,
 ``Wqkv``, and ``query_key_value`` grouped per key/value head: GPT-NeoX per head, Falcon per group), each as
 ``nn.Linear`` or transformers' transposed ``Conv1D``, with the output projection under any of its usual names.
 CodeGen's ``qkv_proj``, interleaved over the model-parallel shards it was trained with (``mp_num``), is split too.
-Multi-head latent attention (DeepSeek-V2/V3 style, ``surgery.latent``) is read as its own layout: q/k/v come from
+Multi-head latent attention (DeepSeek-V2/V3 style, ``surgery.sites.latent``) is read as its own layout: q/k/v come from
 the model's own low-rank projection sub-graph; a DSA indexer that selects the keys each query sees is read with it
-(``surgery.key_selection``).
+(``surgery.sites.key_selection``).
 
 Besides the tensors, a site records what the layer does with them that mixers must repeat: its scale, window,
-soft-cap, q/k/v clamp, q/k/v norms, how it applies RoPE (``surgery.rotary``; none on NoPE layers), its extras
-(``surgery.attention_extras``), and whether it applies its window itself rather than through the model's mask
+soft-cap, q/k/v clamp, q/k/v norms, how it applies RoPE (``surgery.sites.rotary``; none on NoPE layers), its extras
+(``surgery.sites.attention_extras``), and whether it applies its window itself rather than through the model's mask
 (GPT-Neo). Families state these through attributes of the module or its config, or in its ``forward``, read here
 by name; none is keyed on a model type. Anything else fails loudly with the module class in the message.
 """
@@ -29,10 +29,11 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from surgery.attention_extras import EXTRA_CANONICAL, AttentionExtras, extra_weights, read_extras
-from surgery.key_selection import KeySelection, key_selection_weights, read_key_selection
-from surgery.latent import LatentQKV, is_latent, latent_rotary, latent_weights, read_latent
-from surgery.rotary import ROTATE_HALF, Rotary, RotaryReadError, read_rotary
+from surgery.errors import AttentionReadError
+from surgery.sites.attention_extras import EXTRA_CANONICAL, AttentionExtras, extra_weights, read_extras
+from surgery.sites.key_selection import KeySelection, key_selection_weights, read_key_selection
+from surgery.sites.latent import LatentQKV, is_latent, latent_rotary, latent_weights, read_latent
+from surgery.sites.rotary import ROTATE_HALF, Rotary, RotaryReadError, read_rotary
 
 Layout = Literal["separate", "fused_qkv", "fused_qkv_headwise", "fused_qkv_sharded", "latent"]
 
@@ -42,10 +43,6 @@ CANONICAL = (
     "q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias",
     "o_proj.weight", "o_proj.bias", "q_norm.weight", "k_norm.weight", "v_norm.weight", *EXTRA_CANONICAL,
 )  # fmt: skip
-
-
-class AttentionReadError(ValueError):
-    """A module looks like attention but cannot be read; the message names the module path and class."""
 
 
 @dataclass(frozen=True)
@@ -83,8 +80,8 @@ class AttentionSite:
     ``q_norm``/``k_norm`` are the model's own per-head norm modules (Qwen3, Gemma3), applied to q and k before RoPE
     unless ``rotary.norms_after``, ``v_norm`` the one on v (Gemma-3n and Gemma-4, often without a weight); mixers
     deep-copy them so that the exact normalisation (eps, ``1 + w`` offsets) is kept. ``rotary`` says how the layer
-    applies RoPE (``surgery.rotary``: its own function, none at all, or only on a latent site's trailing dims). A
-    ``latent`` site (multi-head latent attention, ``surgery.latent``) has no q/k/v projections: ``modules`` holds the
+    applies RoPE (``surgery.sites.rotary``: its own function, none at all, or only on a latent site's trailing dims). A
+    ``latent`` site (multi-head latent attention, ``surgery.sites.latent``) has no q/k/v projections: ``modules`` holds the
     model's own projection sub-graph by child name, which mixers deep-copy under the same names.
 
     Construct it with keywords past ``layout``: fields are added over time.
@@ -101,11 +98,11 @@ class AttentionSite:
     qkv_names: tuple[str, ...] = ()  # the module's own projection child names, e.g. ("c_attn",)
     out_name: str = ""  # the module's own output projection name, e.g. "dense"
     rotary: Rotary = ROTATE_HALF
-    #: Sink logits, an output gate, a pre-output norm or a separate output bias (``surgery.attention_extras``).
+    #: Sink logits, an output gate, a pre-output norm or a separate output bias (``surgery.sites.attention_extras``).
     extras: AttentionExtras | None = field(default=None, compare=False, repr=False)
     latent: LatentQKV | None = None  # how q/k/v come from the latent sub-graph; None for q/k/v projections
     modules: dict[str, nn.Module] = field(default_factory=dict, compare=False, repr=False)
-    #: A learned top-k key selection (DSA indexer, ``surgery.key_selection``), or None: every key is seen.
+    #: A learned top-k key selection (DSA indexer, ``surgery.sites.key_selection``), or None: every key is seen.
     key_selection: KeySelection | None = None
     #: The names of the module's ``forward`` parameters after the hidden states, in order, so that the mixer
     #: standing in for it binds positional arguments the way it did (GPT-NeoX's mask, Bloom's residual).
@@ -333,7 +330,7 @@ def _scalar(module: nn.Module, name: str) -> float:
 
 
 def _read_latent_site(path: str, module: nn.Module, index: int, model_cfg: Any) -> AttentionSite:
-    """A multi-head latent attention module (``surgery.latent``): q/k/v come from the model's own sub-graph."""
+    """A multi-head latent attention module (``surgery.sites.latent``): q/k/v come from the model's own sub-graph."""
     cfg = module.config if getattr(module, "config", None) is not None else model_cfg
     layer_idx = module.layer_idx if isinstance(getattr(module, "layer_idx", None), int) else index
     try:
@@ -518,7 +515,7 @@ def read_weights(module: nn.Module, site: AttentionSite) -> dict[str, Tensor]:
 
     Shapes: ``q_proj.weight`` [Hq*D, C], ``k_proj.weight``/``v_proj.weight`` [Hkv*D, C], ``o_proj.weight``
     [C, Hq*D], biases to match, ``q_norm.weight``/``k_norm.weight`` [D]. Absent tensors are absent keys.
-    A latent site gives its sub-graph's tensors under the module's own names (``surgery.latent.latent_weights``)
+    A latent site gives its sub-graph's tensors under the module's own names (``surgery.sites.latent.latent_weights``)
     and ``o_proj``.
     """
     d = site.dims

@@ -26,6 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from surgery.errors import RotaryReadError
+
 Convention = Literal["rotate_half", "model", "none", "latent"]
 #: Where the head axis is when the model's function is called: ``heads``: ``[B, H, T, D]``, ``time``: ``[B, T, H, D]``.
 Layout = Literal["heads", "time"]
@@ -63,7 +65,7 @@ class Rotary:
     the whole object, e.g. Llama-4's complex ``freqs_cis``); ``constants`` are literal keyword arguments of the
     model's call; ``rotary_dim`` the leading head dims the layer slices out before calling it (GPT-J style).
     ``norms_after``: the layer applies its q/k norms after RoPE (HunYuan, NanoChat), not before.
-    ``latent`` (multi-head latent attention, ``surgery.latent``): only the last ``trailing`` head dims rotate (the
+    ``latent`` (multi-head latent attention, ``surgery.sites.latent``): only the last ``trailing`` head dims rotate (the
     rope part after the nope part), as adjacent pairs when ``interleaved``, else rotate-half, or by complex
     ``freqs_cis`` when the model passes those (DeepSeek-V2).
     """
@@ -136,10 +138,6 @@ class Rotary:
 
 
 ROTATE_HALF = Rotary()
-
-
-class RotaryReadError(ValueError):
-    """The rotary call of an attention ``forward`` cannot be described; the message names the module."""
 
 
 # -- reading forward -----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ query projection (``q_gate_proj`` maps ``[q_a_norm(q_a(x)) | q_a(x)]`` to ``[nop
 gate applied as ``sigmoid`` in fp32 before ``o_proj``); Dots3 scales the normalised query latent
 (``q_lora_scale``) and key/value latent (``kv_lora_scale``) and normalises ``k_pe`` before RoPE
 (``k_rope_only_layernorm``); LongCat scales q and the key/value latent (``mla_scale_q_lora``/``mla_scale_kv_lora``).
-The normalised query latent is also what a DSA indexer reads (``surgery.key_selection``).
+The normalised query latent is also what a DSA indexer reads (``surgery.sites.key_selection``).
 
 RoPE rotates only the trailing ``rope`` dims of q and k, in the family's convention (rotate-half, interleaved
 pairs, or complex ``freqs_cis``): the site's ``Rotary`` of convention ``latent`` (``latent_rotary``), applied through
@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from surgery.rotary import Rotary
+from surgery.sites.rotary import Rotary
 
 #: The sub-graph's child names, as every MLA family of transformers spells them.
 Q_LORA = ("q_a_proj", "q_a_layernorm", "q_b_proj")
