@@ -24,7 +24,9 @@ from surgery.options import Options, fail, registry_of, relocate, resolve, set_d
 from surgery.recovery.spec import RecoverSpec
 from surgery.registry import Registry, load_registry
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+#: Version 2 spells a nested mixer one way, ``recurrent: {mixer, options}``; version 1 plans are migrated on load
+#: (``migrate``), and a version 2 plan with the old keys gets a located error naming the new spelling.
 MAX_PLAN_BYTES = 1 << 20  # a plan is a few hundred bytes; anything this large is a mistake (or an attack)
 MAX_LAYER_INDEX = 100_000  # beyond any model: a range past it is a typo, and must not allocate its list
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
@@ -165,7 +167,8 @@ class Plan(Options):
     @classmethod
     def _check_version(cls, v: int) -> int:
         if v != PLAN_VERSION:
-            raise ValueError(f"plan version {v} is not supported; this surgery reads version {PLAN_VERSION}")
+            raise ValueError(f"plan version {v} is not supported; this surgery reads version {PLAN_VERSION} (and "
+                             f"migrates version 1)")
         return v
 
     def to_dict(self) -> dict[str, Any]:
@@ -254,10 +257,45 @@ def load_plan(source: str | Path | dict, registry: Registry | None = None) -> Pl
     """
     data, where = _read(source)
     registry = registry if registry is not None else default_registry()
+    data = migrate(data, registry)
     try:
         return Plan.model_validate(data, context={"registry": registry})
     except ValidationError as err:
         raise PlanError(_problems(err), where) from None
+
+
+def migrate(data: dict[str, Any], registry: Registry) -> dict[str, Any]:
+    """A version 1 plan (a saved model's too) in version 2's spelling; any other plan as it is.
+
+    Version 1 also accepted ``recurrence: NAME`` with ``recurrence_options: {...}`` (MoM) and a recurrent branch's
+    options beside the mixer's own (``{recurrent: gsa, num_slots: 8}``, Liger Attention). Both become ``recurrent:
+    {mixer: NAME, options: {...}}``. Keys neither the mixer nor its branch knows stay where they are, for the
+    validation to locate.
+    """
+    if data.get("version") != 1 or not isinstance(data.get("convert"), list):
+        return data
+    rules = []
+    for rule in data["convert"]:
+        opts = rule.get("options") if isinstance(rule, dict) else None
+        cls = registry.mixers.get(rule.get("mixer")) if isinstance(rule, dict) and isinstance(rule.get("mixer"), str) \
+            else None  # fmt: skip
+        if not isinstance(opts, dict) or cls is None or "recurrent" not in cls.Options.model_fields:
+            rules.append(rule)
+            continue
+        opts = dict(opts)
+        if "recurrence" in opts or "recurrence_options" in opts:
+            opts["recurrent"] = {"mixer": opts.pop("recurrence", "gla"), "options": opts.pop("recurrence_options", {})}
+        branch = opts.get("recurrent", "gla")
+        branch = {"mixer": branch} if isinstance(branch, str) else branch
+        inner = registry.mixers.get(branch.get("mixer")) if isinstance(branch, dict) else None
+        if inner is not None:
+            loose = {k: opts.pop(k) for k in list(opts)
+                     if k not in cls.Options.model_fields and k in inner.Options.model_fields}  # fmt: skip
+            if loose:
+                branch = {**branch, "options": {**(branch.get("options") or {}), **loose}}
+            opts["recurrent"] = branch
+        rules.append({**rule, "options": opts})
+    return {**data, "version": PLAN_VERSION, "convert": rules}
 
 
 def plan_json_schema(registry: Registry | None = None) -> dict[str, Any]:

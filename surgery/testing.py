@@ -164,7 +164,7 @@ def converted(registry: Registry, mixer: str, options: dict, arch: str, seed: in
     """``tiny_model(arch)`` with every layer converted to ``mixer`` by the real converter (default weight map)."""
     torch.manual_seed(seed)
     rule = {"layers": "all", "mixer": mixer, "options": options}
-    plan = load_plan({"version": 1, "model": "tiny/unused", "convert": [rule]}, registry)
+    plan = load_plan({"version": 2, "model": "tiny/unused", "convert": [rule]}, registry)
     return convert(plan, tiny_model(arch))
 
 

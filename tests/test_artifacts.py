@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import surgery
 from tests.models import tiny_model
 
-PLAN = {"version": 1, "model": "unused/hub-id", "convert": [{"layers": "0-1", "mixer": "softmax"}]}
+PLAN = {"version": 2, "model": "unused/hub-id", "convert": [{"layers": "0-1", "mixer": "softmax"}]}
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ from tests.models import _SPECS  # noqa: E402
 def test_identity_round_trip_per_family(arch: str, registry, tmp_path: Path) -> None:
     """GPT-NeoX used to save ``embed_out.weight`` (its checkpoint name) and fail to load ``lm_head.weight``."""
     model = tiny_model(arch)
-    plan = {"version": 1, "model": "unused/hub-id", "convert": [{"layers": "all", "mixer": "softmax"}]}
+    plan = {"version": 2, "model": "unused/hub-id", "convert": [{"layers": "all", "mixer": "softmax"}]}
     converted = surgery.convert(surgery.load_plan(plan, registry), model)
     ids = torch.randint(3, 160, (2, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -232,7 +232,7 @@ def test_truncated_tensors_name_the_file(converted, tmp_path: Path) -> None:
 def test_load_does_not_need_the_base_model(registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     tiny_model("llama", num_hidden_layers=2).save_pretrained(tmp_path / "base")
-    plan = surgery.load_plan({"version": 1, "model": "./base", "convert": [{"layers": "0", "mixer": "gla"}]}, registry)
+    plan = surgery.load_plan({"version": 2, "model": "./base", "convert": [{"layers": "0", "mixer": "gla"}]}, registry)
     out = surgery.save(surgery.convert(plan), tmp_path / "m")
     assert json.loads((out / "config.json").read_text())["plan"]["model"] == str(tmp_path / "base")
     shutil.rmtree(tmp_path / "base")

@@ -39,7 +39,7 @@ def registry() -> Any:
 
 def _convert(model: nn.Module, registry: Any, mixer: str, options: dict[str, Any] | None = None) -> nn.Module:
     rule = {"layers": "all", "mixer": mixer, "options": options or {}}
-    plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, registry)
+    plan = surgery.load_plan({"version": 2, "model": "unused/hub-id", "convert": [rule]}, registry)
     return surgery.convert(plan, copy.deepcopy(model))
 
 

@@ -17,7 +17,7 @@ def _plan(tmp_path: Path, text: str) -> str:
 
 
 def test_user_error_exits_2_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    path = _plan(tmp_path, "version: 1\nmodel: x/y\nconvert:\n  - mixer: glaa\n")
+    path = _plan(tmp_path, "version: 2\nmodel: x/y\nconvert:\n  - mixer: glaa\n")
     assert main(["check", path]) == 2
     err = capsys.readouterr().err
     assert "convert.0.mixer: unknown mixer 'glaa'" in err and "Traceback" not in err
@@ -25,7 +25,7 @@ def test_user_error_exits_2_without_traceback(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_verbose_shows_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    path = _plan(tmp_path, "version: 1\nmodel: x/y\nconvert:\n  - mixer: glaa\n")
+    path = _plan(tmp_path, "version: 2\nmodel: x/y\nconvert:\n  - mixer: glaa\n")
     assert main(["-v", "check", path]) == 2
     assert "Traceback" in capsys.readouterr().err
 
@@ -36,14 +36,14 @@ def test_missing_plan_file(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_check_prints_layer_table(tmp_path: Path, tiny_dir: str, capsys: pytest.CaptureFixture) -> None:
-    path = _plan(tmp_path, f"version: 1\nmodel: {tiny_dir}\nconvert:\n  - mixer: softmax\n    layers: '1'\n")
+    path = _plan(tmp_path, f"version: 2\nmodel: {tiny_dir}\nconvert:\n  - mixer: softmax\n    layers: '1'\n")
     assert main(["check", path]) == 0
     out = capsys.readouterr().out
     assert "model.layers.1.self_attn" in out and "LlamaAttention" in out and "model.layers.0" not in out
 
 
 def test_convert_saves(tmp_path: Path, tiny_dir: str, capsys: pytest.CaptureFixture) -> None:
-    path = _plan(tmp_path, f"version: 1\nmodel: {tiny_dir}\noutput: {tmp_path / 'run'}\nconvert:\n  - mixer: softmax\n")
+    path = _plan(tmp_path, f"version: 2\nmodel: {tiny_dir}\noutput: {tmp_path / 'run'}\nconvert:\n  - mixer: softmax\n")
     assert main(["convert", path]) == 0
     assert (tmp_path / "run" / "convert" / "model.safetensors").exists()
     assert "8 tensors copied" in capsys.readouterr().out

@@ -10,7 +10,7 @@ from surgery.mixer import Mixer
 from surgery.plan import PlanError
 from tests.models import ARCHS, tiny_model
 
-IDENTITY = {"version": 1, "model": "unused/hub-id", "convert": [{"layers": "all", "mixer": "softmax"}]}
+IDENTITY = {"version": 2, "model": "unused/hub-id", "convert": [{"layers": "all", "mixer": "softmax"}]}
 
 
 def _inputs(vocab: int = 160) -> tuple[torch.Tensor, torch.Tensor]:

@@ -154,7 +154,7 @@ def test_surgery_recover_under_torchrun_saves_a_model_that_loads_and_generates(e
     tok.save_pretrained(tiny_dir)
     plan = tmp_path / "plan.yaml"
     plan.write_text(yaml.safe_dump({
-        "version": 1, "model": tiny_dir, "output": str(tmp_path / "run"),
+        "version": 2, "model": tiny_dir, "output": str(tmp_path / "run"),
         "convert": [{"layers": "all", "mixer": "gla"}],
         "recover": {"data": {"source": str(data), "seq_len": 64}, "distributed": engine,
                     "stages": {"lora": {"max_steps": 3, "save_steps": 2, "batch_size": 2}}},
@@ -215,7 +215,7 @@ def test_one_gpu_recovers_under_the_launchers_with_nccl(launcher: str, engine: s
     char_tokenizer().save_pretrained(tiny_dir)
     plan = tmp_path / "plan.yaml"
     plan.write_text(yaml.safe_dump({
-        "version": 1, "model": tiny_dir, "output": str(tmp_path / "run"),
+        "version": 2, "model": tiny_dir, "output": str(tmp_path / "run"),
         "convert": [{"layers": "all", "mixer": "liger_attention", "options": {"window": 16}}],
         "recover": {"data": {"source": str(data), "seq_len": 64}, "distributed": engine,
                     "stages": {"lora": {"max_steps": 4, "save_steps": 2, "batch_size": 2}}},

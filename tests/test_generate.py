@@ -27,7 +27,7 @@ def convert(mixer: str, options: dict | None = None, layers: Any = "all", dtype:
             device: str = "cpu") -> Any:  # fmt: skip
     torch.manual_seed(0)
     rule = {"layers": layers, "mixer": mixer, "options": options or {}}
-    plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, REGISTRY)
+    plan = surgery.load_plan({"version": 2, "model": "unused/hub-id", "convert": [rule]}, REGISTRY)
     return surgery.convert(plan, tiny_model("llama")).to(device=device, dtype=dtype).eval()
 
 

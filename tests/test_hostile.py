@@ -38,7 +38,7 @@ def plan(d: Path, tiny: Path, **over: Any) -> Path:
     if not data.exists():
         data.write_text("".join(json.dumps({"text": f"the quick brown fox {i} jumps over the lazy dog. " * 8}) + "\n"
                                 for i in range(12)))  # fmt: skip
-    raw = {"version": 1, "model": str(tiny), "output": str(d / "run"),
+    raw = {"version": 2, "model": str(tiny), "output": str(d / "run"),
            "convert": [{"layers": "all", "mixer": "gla"}],
            "recover": {"data": {"source": str(data), "seq_len": 32}, "stages": {"lora": {"max_steps": 2}}}}
     raw.update(over)
@@ -106,7 +106,7 @@ CASES = [
     Case("unknown-option", lambda d, t: ["check", str(plan(d, t, convert=[{"mixer": "gla", "options": {"gate_norm": 1}}]))],
          r"convert.0.options.gate_norm: unknown key 'gate_norm'; did you mean 'gate_normalizer'"),
     Case("missing-plan", lambda d, t: ["check", str(d / "nope.yaml")], r"plan file '.*nope.yaml' does not exist"),
-    Case("non-utf8", lambda d, t: ["check", str(text_plan(d, b"version: 1\nmodel: x\n# caf\xe9\n"))],
+    Case("non-utf8", lambda d, t: ["check", str(text_plan(d, b"version: 2\nmodel: x\n# caf\xe9\n"))],
          r"plan.yaml: not UTF-8 text: byte 0xe9 on line 3"),
     Case("layers-true", lambda d, t: ["check", str(plan(d, t, convert=[{"layers": True, "mixer": "gla"}]))],
          r"convert.0.layers: true/false is not a layer selector"),
@@ -114,7 +114,7 @@ CASES = [
          r"99999999 is beyond any model"),
     Case("plan-50mb", lambda d, t: ["check", str(text_plan(d, "[" + "1," * (1 << 20) + "1]"))],
          r"a plan is a small YAML file"),
-    Case("duplicate-key", lambda d, t: ["check", str(text_plan(d, f"version: 1\nmodel: {t}\nmodel: {t}\nconvert: []\n"))],
+    Case("duplicate-key", lambda d, t: ["check", str(text_plan(d, f"version: 2\nmodel: {t}\nmodel: {t}\nconvert: []\n"))],
          r"key 'model' appears twice \(first on line 2\)"),
     Case("yaml-python-tag", lambda d, t: ["check", str(text_plan(d, "version: !!python/object/apply:os.system ['echo pwned']\n"))],
          r"broken YAML"),
@@ -214,7 +214,7 @@ def test_a_plugin_mixer_of_the_wrong_shape_is_named_at_convert(registry: Any) ->
     mod = types.ModuleType("shapeplugin")
     mod.surgery_mixers = hookimpl(lambda: [Broken])
     reg = load_registry(autoload=False, extra=[mod])
-    p = surgery.load_plan({"version": 1, "model": "unused/hub", "convert": [{"mixer": "broken_shape"}]}, reg)
+    p = surgery.load_plan({"version": 2, "model": "unused/hub", "convert": [{"mixer": "broken_shape"}]}, reg)
     with pytest.raises(PlanError, match=r"layer 0: mixer 'broken_shape' \(plugin 'shapeplugin' .*\) returned "
                                         r"\(1, 3, 32\) for an input \[1, 3, 64\]"):  # fmt: skip
         surgery.convert(p, tiny_model("llama"))

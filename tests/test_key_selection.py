@@ -56,7 +56,7 @@ def _model(model_type: str, dtype: torch.dtype = torch.float32, **overrides: Any
 
 
 def _convert(model: Any, registry: Any, *rules: tuple[str, str]) -> Any:
-    plan = {"version": 1, "model": "unused/hub-id", "convert": [{"layers": lay, "mixer": m} for lay, m in rules]}
+    plan = {"version": 2, "model": "unused/hub-id", "convert": [{"layers": lay, "mixer": m} for lay, m in rules]}
     return surgery.convert(surgery.load_plan(plan, registry), model)
 
 

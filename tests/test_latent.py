@@ -38,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _convert(model: Any, mixer: str, registry: Any, options: dict | None = None) -> Any:
     rule = {"layers": "all", "mixer": mixer, "options": options or {}}
-    plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, registry)
+    plan = surgery.load_plan({"version": 2, "model": "unused/hub-id", "convert": [rule]}, registry)
     return surgery.convert(plan, model)
 
 
@@ -162,7 +162,7 @@ def test_softmax_identity_with_unequal_value_head_dim_and_value_scale(registry: 
 
 
 def test_mom_refuses_latent_attention_at_check(registry: Any) -> None:
-    plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [{"layers": "all", "mixer": "mom"}]},
+    plan = surgery.load_plan({"version": 2, "model": "unused/hub-id", "convert": [{"layers": "all", "mixer": "mom"}]},
                              registry)  # fmt: skip
     with pytest.raises(PlanError, match="DeepseekV3Attention.*mom.*latent"):
         surgery.check(plan, meta_model("deepseek_v3"))

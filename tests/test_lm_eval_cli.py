@@ -61,7 +61,7 @@ def test_lm_eval_reads_a_saved_directory(registry, tmp_path: Path) -> None:
     (tasks / "tiny_ppl.yaml").write_text(TASK.format(data=tmp_path / "data.jsonl"))
     base.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
-    plan = {"version": 1, "model": "unused/hub-id", "convert": [{"layers": "all", "mixer": "softmax"}]}
+    plan = {"version": 2, "model": "unused/hub-id", "convert": [{"layers": "all", "mixer": "softmax"}]}
     converted = surgery.convert(surgery.load_plan(plan, registry), base)
     saved = surgery.save(converted, tmp_path / "converted", tokenizer=tok)
     # The identity conversion must score exactly what the plain model scores: the saved directory really loaded.

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def convert(arch: str, mixer: str, options: dict[str, Any], registry: Any, layers: Any = "all", **kw: Any) -> Any:
     model = tiny_model(arch, **kw)
     rule = {"layers": layers, "mixer": mixer, "options": options}
-    plan = {"version": 1, "model": "unused/hub-id", "convert": [rule]}
+    plan = {"version": 2, "model": "unused/hub-id", "convert": [rule]}
     return surgery.convert(surgery.load_plan(plan, registry), model)
 
 
@@ -78,7 +78,7 @@ def test_swa_reproduces_the_pretrained_sliding_layers(arch: str, registry: Any) 
     mask[1, :3] = 0
     with torch.no_grad():
         ref = base(x, attention_mask=mask).logits
-        plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": rules}, registry)
+        plan = surgery.load_plan({"version": 2, "model": "unused/hub-id", "convert": rules}, registry)
         out = surgery.convert(plan, base)(x, attention_mask=mask).logits
     torch.testing.assert_close(out[0], ref[0], rtol=1e-4, atol=2e-5)
     torch.testing.assert_close(out[1, 3:], ref[1, 3:], rtol=1e-4, atol=2e-5)  # padded queries are unspecified
@@ -121,7 +121,7 @@ def test_pooled_key_gate_with_full_pool_equals_the_key_gate(registry: Any) -> No
     model = tiny_model("llama")
     rule = {"layers": "all", "mixer": "liger_attention", "weights": "pooled_key_gate",
             "options": {"window": 3, "recurrent": {"mixer": "gla", "options": {"gate": "projection"}}}}
-    plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, registry)
+    plan = surgery.load_plan({"version": 2, "model": "unused/hub-id", "convert": [rule]}, registry)
     gated = surgery.convert(plan, model)
     rec = gated.surgery.manifest[0]
     assert "recurrent.g_proj.weight" in rec.copied or "recurrent.g_proj.weight" in rec.reshaped

@@ -218,7 +218,7 @@ def test_option_ranges_are_checked() -> None:
 
 def test_gsa_slots_must_divide_head_dim(registry: Any) -> None:
     rule = {"layers": "all", "mixer": "gsa", "options": {"num_slots": 6}}
-    plan = {"version": 1, "model": "unused/hub-id", "convert": [rule]}
+    plan = {"version": 2, "model": "unused/hub-id", "convert": [rule]}
     with pytest.raises(PlanError, match=r"num_slots=6 must divide head_dim=16.*\[1, 2, 4, 8, 16\]"):
         surgery.check(surgery.load_plan(plan, registry), tiny_model("llama"))
     dims = AttentionDims(64, 4, 2, 16, False, False, 0.25)
@@ -240,7 +240,7 @@ def test_gsa_default_slots_fit_the_head_dim_and_are_recorded(head_dim: int, slot
     nested = LigerAttention.resolve_options(site, LigerAttention.Options(recurrent="gsa"))
     assert nested.recurrent.options.num_slots == slots
     if head_dim == 16:  # the manifest of a converted tiny model records the choice
-        plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [{"mixer": "gsa"}]}, registry)
+        plan = surgery.load_plan({"version": 2, "model": "unused/hub-id", "convert": [{"mixer": "gsa"}]}, registry)
         model = surgery.convert(plan, tiny_model("llama"))
         assert {r.options["num_slots"] for r in model.surgery.manifest} == {16}
 
@@ -260,11 +260,11 @@ def test_pool_rows_averages_adjacent_key_dims_per_head() -> None:
 
 def test_pooled_key_gate_needs_a_gate_projection(registry: Any) -> None:
     rule = {"layers": "all", "mixer": "gla", "weights": "pooled_key_gate"}
-    plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, registry)
+    plan = surgery.load_plan({"version": 2, "model": "unused/hub-id", "convert": [rule]}, registry)
     with pytest.raises(ValueError, match="gate: projection"):
         surgery.convert(plan, tiny_model("llama"))
     bad = {"layers": "all", "mixer": "swa", "weights": "pooled_key_gate"}
-    plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [bad]}, registry)
+    plan = surgery.load_plan({"version": 2, "model": "unused/hub-id", "convert": [bad]}, registry)
     with pytest.raises(PlanError, match=r"convert.0.weights: layer 0: weight map 'pooled_key_gate' needs a module "
                                         r"'g_proj' \(build the mixer with gate: projection\)"):  # fmt: skip
         surgery.check(plan, tiny_model("llama"))  # on the meta-device check, before weights
@@ -275,7 +275,7 @@ def test_pooled_key_gate_fills_liger_branch_gate(registry: Any) -> None:
             "weights": "pooled_key_gate"}  # fmt: skip
     model = tiny_model("llama")
     k_w = model.model.layers[0].self_attn.k_proj.weight.detach().clone()
-    plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, registry)
+    plan = surgery.load_plan({"version": 2, "model": "unused/hub-id", "convert": [rule]}, registry)
     mixer = surgery.convert(plan, model).model.layers[0].self_attn
     assert torch.equal(mixer.recurrent.g_proj.weight, k_w)
 
@@ -286,7 +286,7 @@ def test_pooled_key_gate_pools_weight_and_bias(registry: Any) -> None:
     model = tiny_model("qwen2")  # k_proj has a bias
     k_w = model.model.layers[0].self_attn.k_proj.weight.detach().clone()
     k_b = model.model.layers[0].self_attn.k_proj.bias.detach().clone()
-    plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, registry)
+    plan = surgery.load_plan({"version": 2, "model": "unused/hub-id", "convert": [rule]}, registry)
     mixer = surgery.convert(plan, model).model.layers[0].self_attn
     torch.testing.assert_close(mixer.g_proj.weight, pool_rows(k_w, 2, 16, 4))
     torch.testing.assert_close(mixer.g_proj.bias, pool_rows(k_b, 2, 16, 4))
@@ -323,7 +323,7 @@ def test_shared_combine_spans_softmax_alone_to_the_normalized_recurrence(memory:
 
     def logits(opts: dict[str, Any]) -> torch.Tensor:
         rule = {"layers": "all", "mixer": "liger_attention", "options": {**base, **opts}}
-        plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, registry)
+        plan = surgery.load_plan({"version": 2, "model": "unused/hub-id", "convert": [rule]}, registry)
         with torch.no_grad():
             return surgery.convert(plan, tiny_model("llama"))(x).logits
 
@@ -338,7 +338,7 @@ def test_shared_combine_spans_softmax_alone_to_the_normalized_recurrence(memory:
 def test_shared_combine_refuses_the_fixed_weights(registry: Any) -> None:
     rule = {"layers": "all", "mixer": "liger_attention", "options": {"combine": "shared", "w_rec": 0.3}}
     with pytest.raises(PlanError, match="w_rec belong to combine: fixed"):
-        surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, registry)
+        surgery.load_plan({"version": 2, "model": "unused/hub-id", "convert": [rule]}, registry)
     rule["options"] = {"shared_bias": 1.0}
     with pytest.raises(PlanError, match="shared_bias belongs to combine: shared"):
-        surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, registry)
+        surgery.load_plan({"version": 2, "model": "unused/hub-id", "convert": [rule]}, registry)

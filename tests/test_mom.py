@@ -37,7 +37,7 @@ def convert(arch: str, mixer: str, options: dict[str, Any], registry: Any, weigh
         rule["weights"] = weights
     if weight_options is not None:
         rule["weight_options"] = weight_options
-    plan = {"version": 1, "model": "unused/hub-id", "convert": [rule]}
+    plan = {"version": 2, "model": "unused/hub-id", "convert": [rule]}
     return surgery.convert(surgery.load_plan(plan, registry), tiny_model(arch, **kw))
 
 
@@ -416,7 +416,7 @@ def test_weight_map(registry: Any) -> None:
     ],
 )
 def test_option_errors(options: dict, match: str, registry: Any) -> None:
-    plan = {"version": 1, "model": "unused/hub-id", "convert": [{"layers": "all", "mixer": "mom", "options": options}]}
+    plan = {"version": 2, "model": "unused/hub-id", "convert": [{"layers": "all", "mixer": "mom", "options": options}]}
     with pytest.raises(Exception, match=match):
         surgery.load_plan(plan, registry)
 
@@ -445,7 +445,7 @@ def test_liger_over_mom_defaults_to_moms_weight_map(registry: Any) -> None:
     import surgery
 
     rule = {"mixer": "liger_attention", "options": {"window": 4, "recurrent": {"mixer": "mom"}}}
-    plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, registry)
+    plan = surgery.load_plan({"version": 2, "model": "unused/hub-id", "convert": [rule]}, registry)
     assert plan.convert[0].weights == "mom_from_attention"
-    assert surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [{"mixer": "liger_attention"}]},
+    assert surgery.load_plan({"version": 2, "model": "unused/hub-id", "convert": [{"mixer": "liger_attention"}]},
                              registry).convert[0].weights == "copy_qkvo"  # fmt: skip

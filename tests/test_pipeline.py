@@ -31,7 +31,7 @@ def test_run_writes_model_card_and_a_model_that_loads(tiny_with_tokenizer, tmp_p
     model_dir, data = tiny_with_tokenizer
     plan_path = tmp_path / "plan.yaml"
     plan_path.write_text(yaml.safe_dump({
-        "version": 1, "model": str(model_dir), "output": str(tmp_path / "run"),
+        "version": 2, "model": str(model_dir), "output": str(tmp_path / "run"),
         "convert": [{"layers": "all", "mixer": "liger_attention", "options": {"window": 4}}],
         "recover": {"data": {"source": str(data.train), "seq_len": 64, "max_records": 4},
                     "stages": {"lora": {"max_steps": 3, "save_steps": 2, "batch_size": 2}}},
@@ -56,7 +56,7 @@ def test_run_writes_model_card_and_a_model_that_loads(tiny_with_tokenizer, tmp_p
 
 def _stage_plan(model_dir: Path, data: demo.DataPaths, path: Path, output: str | None) -> Path:
     plan = {
-        "version": 1, "model": str(model_dir),
+        "version": 2, "model": str(model_dir),
         "convert": [{"layers": "all", "mixer": "gla"}],
         "recover": {"data": {"source": str(data.train), "seq_len": 64, "max_records": 4},
                     "stages": {"lora": {"max_steps": 2, "save_steps": 2}}},

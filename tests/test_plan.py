@@ -46,7 +46,7 @@ def test_valid_plan_resolves_defaults(tmp_path: Path, tiny_dir: str, registry) -
 
 
 def test_default_weight_map_and_options_are_filled(registry) -> None:
-    plan = load_plan({"version": 1, "model": "some/hub-id", "convert": [{"mixer": "swa"}]}, registry)
+    plan = load_plan({"version": 2, "model": "some/hub-id", "convert": [{"mixer": "swa"}]}, registry)
     rule = plan.convert[0]
     assert rule.weights == registry.mixer("swa").default_weights
     assert rule.options == registry.mixer("swa").Options()  # validated once, into the mixer's own class
@@ -54,7 +54,7 @@ def test_default_weight_map_and_options_are_filled(registry) -> None:
 
 
 def test_all_problems_are_reported_together(registry) -> None:
-    data = {"version": 1, "model": "x/y", "convert": [{"mixer": "softmx"}, {"mixer": "softmax", "weights": "nope"}]}
+    data = {"version": 2, "model": "x/y", "convert": [{"mixer": "softmx"}, {"mixer": "softmax", "weights": "nope"}]}
     with pytest.raises(PlanError) as err:
         load_plan(data, registry)
     locs = [loc for loc, _ in err.value.problems]
@@ -91,7 +91,7 @@ def test_schema_has_every_mixers_and_stages_options(registry) -> None:
 
 
 def test_recover_stages_are_checked_against_the_registry(registry) -> None:
-    base = {"version": 1, "model": "x/y", "convert": [{"mixer": "gla"}]}
+    base = {"version": 2, "model": "x/y", "convert": [{"mixer": "gla"}]}
     with pytest.raises(PlanError, match=r"recover.stages.lorra: unknown stage 'lorra'; did you mean 'lora'"):
         load_plan({**base, "recover": {"stages": ["lorra"]}}, registry)
     with pytest.raises(PlanError, match=r"recover.stages.lora.lrr: unknown key 'lrr'; did you mean 'lr'"):
@@ -106,3 +106,20 @@ def test_recover_stages_are_checked_against_the_registry(registry) -> None:
     assert [s.name for s in stages] == ["attention_transfer", "lora"]
     assert stages[0].options.lr == 5e-3 and stages[0].needs_teacher() and not stages[1].needs_teacher()
     assert load_plan(plan.to_dict(), registry) == plan
+
+
+def test_a_version_1_plan_is_migrated_to_the_one_spelling_of_a_nested_mixer(registry) -> None:
+    """Version 1's spellings (MoM's recurrence/recurrence_options, a branch's options beside Liger's own) load as
+    version 2's ``recurrent: {mixer, options}``; in a version 2 plan the same keys are located errors."""
+    from surgery.plan import PLAN_VERSION, PlanError, load_plan
+
+    v1 = {"version": 1, "model": "unused/hub-id", "convert": [
+        {"layers": [0], "mixer": "liger_attention", "options": {"recurrent": "gsa", "num_slots": 8, "window": 4}},
+        {"layers": [1], "mixer": "mom", "options": {"recurrence": "gsa", "recurrence_options": {"num_slots": 4}}}]}
+    plan = load_plan(v1, registry)
+    assert plan.version == PLAN_VERSION == 2
+    liger, mom = (rule.options for rule in plan.convert)
+    assert liger.recurrent.mixer == "gsa" and liger.recurrent.options.num_slots == 8 and liger.window == 4
+    assert mom.recurrent.mixer == "gsa" and mom.recurrent.options.num_slots == 4
+    with pytest.raises(PlanError, match="convert.0.options.num_slots: unknown key 'num_slots'"):
+        load_plan({**v1, "version": 2}, registry)

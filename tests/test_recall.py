@@ -18,7 +18,7 @@ from tests.models import tiny_model
 
 def _convert(mixer: str, options: dict[str, Any], seed: int = 0) -> Any:
     torch.manual_seed(seed)
-    plan = surgery.load_plan({"version": 1, "model": "unused/hub-id",
+    plan = surgery.load_plan({"version": 2, "model": "unused/hub-id",
                               "convert": [{"layers": "all", "mixer": mixer, "options": options}]})  # fmt: skip
     return surgery.convert(plan, tiny_model("llama"))
 

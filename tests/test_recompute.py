@@ -26,7 +26,7 @@ CASES = [
 
 
 def converted(mixer: str, options: dict[str, Any], registry: Any) -> nn.Module:
-    plan = {"version": 1, "model": "unused", "convert": [{"layers": "all", "mixer": mixer, "options": options}]}
+    plan = {"version": 2, "model": "unused", "convert": [{"layers": "all", "mixer": mixer, "options": options}]}
     model = surgery.convert(surgery.load_plan(plan, registry), tiny_model("llama"))
     return model.train()
 

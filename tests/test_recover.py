@@ -489,7 +489,7 @@ def test_plan_recover_section_with_a_registered_mixer(data: Path, probe: Tensor,
     import surgery
 
     plan = surgery.load_plan(
-        {"version": 1, "model": "unused/hub-id", "output": str(tmp_path), "convert": [{"mixer": "gla"}],
+        {"version": 2, "model": "unused/hub-id", "output": str(tmp_path), "convert": [{"mixer": "gla"}],
          "recover": {"data": {"source": str(data), "seq_len": 64}, "stages": {"lora": {"max_steps": 6, "lr": 1e-2}}}},
         registry,
     )  # fmt: skip

@@ -128,7 +128,7 @@ def test_entry_point_plugin_is_listed(example_site: Path) -> None:
 
 def test_entry_point_plugin_works_from_a_plan(example_site: Path, tiny_dir: str, tmp_path: Path) -> None:
     plan = tmp_path / "plan.yaml"
-    plan.write_text(f"version: 1\nmodel: {tiny_dir}\noutput: {tmp_path / 'out'}\nconvert:\n"
+    plan.write_text(f"version: 2\nmodel: {tiny_dir}\noutput: {tmp_path / 'out'}\nconvert:\n"
                     "  - layers: '1'\n    mixer: causal_mean\n    options: {damping: 0.5}\n")  # fmt: skip
     out = _surgery(["check", str(plan)], example_site)
     assert out.returncode == 0, out.stderr
@@ -156,7 +156,7 @@ def test_copies_of_a_plan_share_its_registry(registry) -> None:
 
     from surgery.plan import load_plan
 
-    plan = load_plan({"version": 1, "model": "x/y", "convert": [{"mixer": "gla"}], "recover": {"stages": ["lora"]}},
+    plan = load_plan({"version": 2, "model": "x/y", "convert": [{"mixer": "gla"}], "recover": {"stages": ["lora"]}},
                      registry)  # fmt: skip
     again = copy.deepcopy(plan)
     assert again.registry is registry and again == plan

@@ -17,7 +17,7 @@ from tests.models import tiny_model
 
 
 def _plan(**rule: Any) -> dict[str, Any]:
-    return {"version": 1, "model": "unused/hub-id",
+    return {"version": 2, "model": "unused/hub-id",
             "convert": [{"layers": "all", "mixer": "liger_attention", "options": {"window": 2}} | rule]}
 
 
@@ -45,7 +45,7 @@ def test_a_window_that_covers_the_sequence_does_no_damage() -> None:
 
 
 def test_hybrid_plan_removes_kept_layers_from_every_rule() -> None:
-    raw = {"version": 1, "model": "m",
+    raw = {"version": 2, "model": "m",
            "convert": [{"layers": "0-3", "mixer": "gla"}, {"layers": [4, 5], "mixer": "swa"}]}
     out = hybrid_plan(raw, [1, 4], 6)
     assert [r["layers"] for r in out["convert"]] == [[0, 2, 3], [5]]

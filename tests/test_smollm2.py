@@ -41,7 +41,7 @@ def test_identity_conversion_of_smollm2_is_exact(ids: torch.Tensor, registry) ->
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR).eval()
     with torch.no_grad():
         ref = model(ids).logits
-    plan = surgery.load_plan({"version": 1, "model": str(MODEL_DIR), "convert": [{"mixer": "softmax"}]}, registry)
+    plan = surgery.load_plan({"version": 2, "model": str(MODEL_DIR), "convert": [{"mixer": "softmax"}]}, registry)
     surgery.convert(plan, model)
     assert sum(isinstance(m, Mixer) for m in model.modules()) == 30
     with torch.no_grad():

@@ -29,7 +29,7 @@ GEN = dict(do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_g
 def convert(mixer: str, options: dict | None = None, layers: Any = "all", arch: str = "llama") -> Any:
     torch.manual_seed(0)
     rule = {"layers": layers, "mixer": mixer, "options": options or {}}
-    plan = surgery.load_plan({"version": 1, "model": "unused/hub-id", "convert": [rule]}, REGISTRY)
+    plan = surgery.load_plan({"version": 2, "model": "unused/hub-id", "convert": [rule]}, REGISTRY)
     return surgery.convert(plan, tiny_model(arch))
 
 
