@@ -5,7 +5,10 @@ gets every column, on the demo's full local sets (``surgery fetch-demo`` builds 
 
 - passkey accuracy at 1K, 2K and 4K tokens (20 items each, depths stratified over the context) and on the 4-key
   variant (20 items, ~1K tokens): greedy exact match by teacher forcing (every key token is the argmax);
-- held-out token perplexity on the 20 held-out 512-token windows, all positions and positions >= 256;
+- held-out token perplexity on the 20 held-out 512-token windows, all positions and positions >= 256 (a window +
+  sinks + memory of 512 pairs sees such a window whole: these columns cannot tell it from the base);
+- long-context token perplexity on 2,048-token windows of the long held-out articles (``wiki_long``'s windows), all
+  positions and positions >= 1,024: where a constant-memory conversion must remember;
 - next-sentence accuracy (acc_norm, lm-eval's definition) on all 100 items;
 - decode memory per sequence after a 4K-token prefill: the bytes of every layer's cache (states, window, sinks,
   memory; keys and values of softmax layers), batch 1, fp32.
@@ -24,6 +27,7 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -90,6 +94,34 @@ def nextsent_acc(model: torch.nn.Module, tokenizer: Any, items: list[dict[str, A
     return hits / len(items)
 
 
+def long_windows(data: demo.DataPaths, tokenizer: Any, n: int | None = None) -> list[torch.Tensor]:
+    """``wiki_long``'s 2,048-token windows (its two rows per window joined), as token ids ``[1 + 2048]`` after the
+    EOS token lm-eval puts before a request with no context."""
+    rows = _rows(data.long_ppl)
+    out = []
+    for head, tail in zip(rows[0::2], rows[1::2]):
+        ids = tokenizer(head["continuation"] + tail["continuation"], add_special_tokens=False)["input_ids"]
+        out.append(torch.tensor([tokenizer.eos_token_id] + ids[: head["n_tokens"] + tail["n_tokens"]]))
+    return out[:n]
+
+
+def long_ppl(model: torch.nn.Module, windows: list[torch.Tensor], split: int = 1024) -> dict[str, float]:
+    """Token perplexity over ``windows``: every position, and positions >= ``split`` (what must be remembered)."""
+    nll = {"all": 0.0, "late": 0.0}
+    count = {"all": 0, "late": 0}
+    with torch.no_grad():
+        for ids in windows:
+            ids = ids.to(_device(model))
+            logits = model(ids[None]).logits[0, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")
+            nll["all"] += loss.sum().item()
+            nll["late"] += loss[split:].sum().item()
+            count["all"] += loss.numel()
+            count["late"] += loss[split:].numel()
+    return {"long_ppl": math.exp(nll["all"] / count["all"]), "long_ppl_late": math.exp(nll["late"] / count["late"]),
+            "n_long": len(windows)}
+
+
 def decode_bytes(model: torch.nn.Module, tokenizer: Any, item: dict[str, Any]) -> int:
     """Bytes of the generation cache for one sequence after prefilling ``item``'s prompt (about 4K tokens)."""
     from transformers import DynamicCache
@@ -121,6 +153,7 @@ def measure(model: torch.nn.Module, tokenizer: Any, data: demo.DataPaths, window
     for m in mixers:
         m.reset_stats()
     row.update(token_ppl(model, windows))
+    row.update(long_ppl(model, long_windows(data, tokenizer)))
     counts = [m.stats()["tokens_per_memory"] for m in mixers if "tokens_per_memory" in m.stats()]
     if counts:  # MoM: (token, choice) pairs each memory of each layer got on the held-out windows
         row["tokens_per_memory"] = counts
@@ -275,16 +308,20 @@ def build(name: str, raw: dict[str, Any], base: torch.nn.Module, tokenizer: Any,
 
 def table(rows: dict[str, dict[str, Any]], base: dict[str, Any] | None) -> str:
     head = ["row", "passkey 1K", "2K", "4K", "multi-key", "token ppl", "x base", "ppl pos>=256", "x base",
-            "next-sent acc", "decode MB/seq @4K"]  # fmt: skip
+            "long ppl", "x base", "long ppl pos>=1024", "x base", "next-sent acc", "decode MB/seq @4K"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
         n, m = r.get("n_passkey", "?"), r.get("n_nextsent", "?")
         cells = [name] + [f"{r[k]:.2f}" for k in ("passkey_1k", "passkey_2k", "passkey_4k", "passkey_multi")]
-        for k in ("ppl", "ppl_pos256"):
-            cells += [f"{r[k]:.2f}", f"{r[k] / base[k]:.3f}" if base else "–"]
+        for k in ("ppl", "ppl_pos256", "long_ppl", "long_ppl_late"):
+            if k not in r:  # a row measured before the long-context columns existed
+                cells += ["–", "–"]
+                continue
+            cells += [f"{r[k]:.2f}", f"{r[k] / base[k]:.3f}" if base and k in base else "–"]
         cells += [f"{r['nextsent']:.2f}", f"{r['decode_bytes_4k'] / 2**20:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"\nn = {n} items per passkey column, {m} next-sentence items.")
+    w = next((r["n_long"] for r in rows.values() if "n_long" in r), "?")
+    lines.append(f"\nn = {n} items per passkey column, {m} next-sentence items, {w} long windows of 2,048 tokens.")
     return "\n".join(lines) + "\n"
 
 

@@ -115,8 +115,15 @@ def test_build_is_deterministic_and_cached(built: demo.DataPaths, tmp_path: Path
 def test_task_yamls_point_at_the_data(built: demo.DataPaths) -> None:
     import yaml
 
+    class Loader(yaml.SafeLoader):  # lm-eval's !function tag names a helper beside the YAML
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: ("function", loader.construct_scalar(node)))
     for name, task in tasks.LOCAL_TASKS.items():
-        cfg = yaml.safe_load((built.tasks_dir / f"{name}.yaml").read_text())
+        cfg = yaml.load((built.tasks_dir / f"{name}.yaml").read_text(), Loader=Loader)  # noqa: S506
+        if "process_results" in cfg:
+            module = cfg["process_results"][1].split(".")[0]
+            assert (built.tasks_dir / f"{module}.py").is_file(), name
         assert cfg["task"] == name
         assert Path(cfg["dataset_kwargs"]["data_files"]["test"]) == getattr(built, task.data_attr)
         assert task.metric in [m["metric"] for m in cfg["metric_list"]]
@@ -188,3 +195,20 @@ def test_fetch_demo_truncated(tmp_path: Path) -> None:
     assert demo.fetch_demo(tmp_path, n_layers=2) == out and (out / "model.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="n_layers=0"):
         demo.fetch_demo(tmp_path, n_layers=0)
+
+
+def test_long_windows_are_two_requests_of_held_out_tokens(built: demo.DataPaths, heldout_text: dict[str, str]) -> None:
+    """wiki_long: per 2,048-token window of a long held-out article, its first 1,024 tokens after nothing and its
+    last 1,024 after the first; window 0 of every article first."""
+    rows = _rows(built.long_ppl)
+    assert len(rows) % 2 == 0 and len(rows) >= 40
+    for head, tail in zip(rows[0::2], rows[1::2]):
+        assert (head["late"], tail["late"]) == (False, True) and head["title"] == tail["title"]
+        assert head["context"] == "" and tail["context"] == head["continuation"]
+        assert head["n_tokens"] == tail["n_tokens"] == tasks.LONG_SPLIT
+        assert _flat(head["continuation"] + tail["continuation"]).strip() in heldout_text[head["title"]]
+    windows = [r["window"] for r in rows[0::2]]
+    assert windows == sorted(windows)  # all windows 0, then all windows 1, ...
+    titles = [r["title"] for r in rows[0::2] if r["window"] == 0]
+    assert len(titles) == len(set(titles)) >= 10
+    assert tasks.tasks_written(built.tasks_dir) and (built.tasks_dir / "long_ppl.py").is_file()

@@ -59,7 +59,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> demo.DataPaths:
 
 def _spec(data: demo.DataPaths, **kw: Any) -> EvalSpec:
     kw.setdefault("tasks", tuple(LOCAL))
-    return EvalSpec(include=(data.tasks_dir,), batch_size=2, max_length=2560, **kw)
+    kw.setdefault("max_length", 2560)
+    return EvalSpec(include=(data.tasks_dir,), batch_size=2, **kw)
 
 
 def test_same_model_twice_gives_ratio_one(tokenizer: Any, data: demo.DataPaths, tmp_path: Path) -> None:
@@ -191,3 +192,55 @@ def test_smollm2_beats_a_random_model(tokenizer: Any, data: demo.DataPaths) -> N
     res = evaluate(rand, _spec(data, tasks=("wiki_ppl",), limit=2), real, tokenizer)
     r = res["tasks"]["wiki_ppl"]
     assert r["base"] < 200 < r["converted"] and r["ratio"] > 10
+
+
+def test_long_task_pools_tokens_and_reports_the_late_positions(tokenizer: Any, data: demo.DataPaths) -> None:
+    """wiki_long through lm-eval: token_perplexity pools every token of both halves, token_perplexity_late only
+    the second halves; both reported rows match a direct computation of the model's log-likelihoods."""
+    model = _tiny_llama(len(tokenizer), seed=3)
+    spec = _spec(data, tasks=("wiki_long",), limit=4, metrics={"wiki_long": ("token_perplexity", "token_perplexity_late")},
+                 max_length=4096)
+    res = evaluate(model, spec, model, tokenizer)
+    assert list(res["tasks"]) == ["wiki_long", "wiki_long/token_perplexity_late"]
+    rows = [json.loads(line) for line in data.long_ppl.read_text().splitlines()][:4]  # two windows
+    assert [r["late"] for r in rows] == [False, True, False, True]
+    nll, n, nll_late, n_late = 0.0, 0, 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            ctx = tokenizer(r["context"])["input_ids"] if r["context"] else [tokenizer.eos_token_id]
+            cont = tokenizer(r["continuation"], add_special_tokens=False)["input_ids"]
+            logp = model(torch.tensor([ctx + cont])).logits[0, len(ctx) - 1:-1].log_softmax(-1)
+            ll = logp[torch.arange(len(cont)), torch.tensor(cont)].sum().item()
+            nll, n = nll - ll, n + r["n_tokens"]
+            if r["late"]:
+                nll_late, n_late = nll_late - ll, n_late + r["n_tokens"]
+    all_row, late_row = res["tasks"]["wiki_long"], res["tasks"]["wiki_long/token_perplexity_late"]
+    assert all_row["metric"] == "token_perplexity" and not all_row["higher_is_better"]
+    assert late_row["task"] == "wiki_long" and late_row["metric"] == "token_perplexity_late"
+    assert math.isclose(all_row["base"], math.exp(nll / n), rel_tol=1e-3)
+    assert math.isclose(late_row["base"], math.exp(nll_late / n_late), rel_tol=1e-3)
+    with pytest.raises(ValueError, match="no metric 'token_perplexity_lat'"):
+        evaluate(model, _spec(data, tasks=("wiki_long",), limit=2, metrics={"wiki_long": ("token_perplexity_lat",)},
+                              max_length=4096), model, tokenizer)
+
+
+def test_before_recovery_column_notes_and_chart(tokenizer: Any, data: demo.DataPaths, tmp_path: Path) -> None:
+    """A third model (the conversion before recovery) gets its own column and ratio; notes are numbered under the
+    table; the chart draws a ratio of exactly 1 as parity."""
+    from surgery.evaluate import _verdict, score
+
+    base, other = _tiny_llama(len(tokenizer), seed=0), _tiny_llama(len(tokenizer), seed=1)
+    spec = _spec(data, tasks=("wiki_ppl", "passkey_1k"), limit=2, notes={"wiki_ppl": "exact by construction"})
+    before = score(other, tokenizer, spec)
+    res = evaluate(base, spec, base, tokenizer, tmp_path, before=before)
+    ppl = res["tasks"]["wiki_ppl"]
+    assert ppl["ratio"] == 1.0 and ppl["before"] != ppl["base"]
+    assert ppl["before_ratio"] == pytest.approx(ppl["before"] / ppl["base"])
+    assert ppl["note"] == "exact by construction" and "note" not in res["tasks"]["passkey_1k"]
+    table = format_table(res)
+    assert "| converted (no recovery) | ÷ base | recovered | ÷ base | n |" in table
+    assert "wiki_ppl [1]" in table and "[1] exact by construction" in table
+    assert (tmp_path / "results.png").stat().st_size > 0
+    assert _verdict(1.0, True, None) == "parity" and _verdict(1.0004, True, None) == "parity"
+    assert _verdict(1.2, True, None) == "worse" and _verdict(0.8, True, None) == "better"
+    assert _verdict(0.9, False, 0.15) == "parity" and _verdict(0.5, False, 0.1) == "worse"
