@@ -182,6 +182,23 @@ def _mom(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def _main_job(tokens: int | None = None, **stage: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """examples/demo.yaml (the main job: window + sinks + memory, LoRA distilled at 2,048 tokens), its recovery
+    budget set to ``tokens`` and its stage options updated with ``stage``."""
+
+    def plan(raw: dict[str, Any]) -> dict[str, Any]:
+        main = yaml.safe_load(Path("examples/demo.yaml").read_text())
+        main["model"] = raw["model"]
+        main["recover"]["data"]["source"] = raw["recover"]["data"]["source"]
+        lora = main["recover"]["stages"]["lora"]
+        lora.update(stage)
+        if tokens is not None:
+            lora["tokens"] = tokens
+        return main
+
+    return plan
+
+
 def _training_free(mixer: str, **options: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
     def plan(raw: dict[str, Any]) -> dict[str, Any]:
         raw = copy.deepcopy(raw)
@@ -275,6 +292,10 @@ ROWS: dict[str, Row] = {
     "swa64_sinks4_mem512": (_MEM512, {}, None, None),
     "hybrid4_longsel_mem512": (lambda raw: _keep_softmax(_selected(4, "long"))(_MEM512(raw)), {}, None, None),
     "hybrid4_even_mem512": (lambda raw: _keep_softmax(evenly_spaced(4))(_MEM512(raw)), {}, None, None),
+    # The main job: swa64_sinks4_mem512 recovered with LoRA distilled from the base at 2,048 tokens (20K tokens),
+    # and the same with 5x the tokens.
+    "main": (_main_job(), {}, None, None),
+    "main_100k": (_main_job(102400), {}, None, None),
 }
 
 

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import Tensor, nn
+
+import surgery
 from transformers import PreTrainedTokenizerFast, TrainerCallback
 
 from surgery.mixer import Mixer, MixContext
@@ -514,3 +516,31 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(recover_train, "cpu_has_bf16", lambda: True)
     caplog.clear()
     assert recover_train.use_bf16(TrainOptions(precision="bf16")) and not caplog.records
+
+
+@pytest.mark.parametrize("combine", ["fixed", "shared"])
+def test_recovery_with_the_memory_evicting_pulls_towards_the_teacher(data: Path, probe: Tensor, tmp_path: Path,
+                                                                     combine: str) -> None:
+    """The main job's recipe on a tiny model: window + sinks + a retrieval memory that evicts within the training
+    chunks (4 + 1 + 8 keys of 64). Attention transfer with the memory and sinks in place lowers each layer's MSE,
+    then LoRA distillation lowers the KL; with ``combine: shared`` the recurrent term's gains train too."""
+    teacher = tiny_model("llama", num_hidden_layers=2)
+    options = {"window": 4, "sinks": 1, "memory": 8, "memory_chunk": 4}
+    options.update({"combine": "shared", "shared_bias": 0.0} if combine == "shared" else {"w_swa": 1.0, "w_rec": 0.0})
+    rule = {"layers": "all", "mixer": "liger_attention", "options": options}
+    plan = surgery.load_plan({"version": 2, "model": "unused/hub-id", "convert": [rule]})
+    model = surgery.convert(plan, copy.deepcopy(teacher))
+    mse0, kl0 = layer_mse(model, teacher, probe), next_token_kl(model, teacher, probe)
+    gains0 = [m.null_bias.detach().clone() for m in model.modules() if hasattr(m, "null_bias")]
+    spec = RecoverSpec.model_validate(
+        {"stages": {"attention_transfer": {"max_steps": 12, "lr": 3e-3, "save_steps": 100},
+                    "lora": {"max_steps": 12, "lr": 3e-3, "loss": "distill", "save_steps": 100}},
+         "data": {"source": str(data), "seq_len": 64}, "lora": {"targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}}
+    )  # fmt: skip
+    out = recover(model, spec=spec, tokenizer=char_tokenizer(), out=tmp_path, teacher=teacher)
+    mse1, kl1 = layer_mse(out, teacher, probe), next_token_kl(out, teacher, probe)
+    assert all(a < b for a, b in zip(mse1, mse0, strict=True)), (mse0, mse1)
+    assert kl1 < 0.9 * kl0, (kl0, kl1)
+    gains1 = [m.null_bias.detach() for m in out.modules() if hasattr(m, "null_bias")]
+    assert len(gains1) == (2 if combine == "shared" else 0)
+    assert all(not torch.equal(a, b) for a, b in zip(gains0, gains1, strict=True))

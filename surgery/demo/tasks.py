@@ -132,12 +132,13 @@ def nextsent_items(articles: list[tuple[str, str]], n_items: int = 100, seed: in
 
 # ---------------------------------------------------------------------------------------------- passkey
 
-# Neutral, number-free filler so the key is the only number in the haystack.
-_FILLER = ("The river runs past the old mill. Birds sing in the trees by the road. "
-           "A light wind moves the tall grass. Clouds drift slowly over the hills. ")
-_FILLER_CHARS_PER_TOKEN = 4.43  # SmolLM2 tokenizer on _FILLER (measured; the slow test checks the sizes)
-_PROMPT_HEAD = ("A pass key is hidden in the long text below. Read the text, remember the pass key, "
-                "and answer the question at the end.\n\n")
+# Filler: a handful of short, plain, number-free sentences repeated. SmolLM2-135M finds a key stated in such a
+# haystack; in natural prose (held-out news of the gensim wheel, tried in December 2026) it misses half of them at
+# 2K tokens, so a probe built on prose could not show what a conversion loses. The key is the only number there.
+_FILLER = ("The sea is calm. The road is long. The day is warm. On we go. Back and forth again. ")
+_FILLER_CHARS_PER_TOKEN = 3.5  # SmolLM2 tokenizer on _FILLER (measured; the slow test checks the sizes)
+_PROMPT_HEAD = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
+                "memorize it. I will quiz you about it.\n\n")
 _QUESTION = "\n\nWhat is the pass key? The pass key is"
 
 
@@ -207,7 +208,8 @@ def multikey_items(n_tokens: int = 1024, n_keys: int = 4, n_items: int = 20, see
             if j in by_slot:
                 parts.append(by_slot[j])
             parts.append(sent)
-        head = _PROMPT_HEAD.replace("A pass key is", f"{n_keys} pass keys are").replace("the pass key", "them")
+        head = (f"There are {n_keys} important pieces of information hidden inside a lot of irrelevant text. Find them and "
+            "memorize them. I will quiz you about one of them.\n\n")
         question = f"\n\nWhat is the {names[asked]} pass key? The {names[asked]} pass key is"
         items.append({"prompt": head + " ".join(parts) + question, "target": " " + keys[asked],
                       "passkey": keys[asked], "asked": names[asked], "keys": dict(zip(names, keys)),
