@@ -52,7 +52,7 @@ class Outcome:
 
 def _plan(mixer: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     rule = {"layers": "all", "mixer": mixer, "options": options or {}}
-    return {"version": 1, "model": "unused/hub-id", "convert": [rule]}
+    return {"version": 2, "model": "unused/hub-id", "convert": [rule]}
 
 
 def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:

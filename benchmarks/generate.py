@@ -57,7 +57,7 @@ def build(cfg_kwargs: dict[str, Any], dtype: torch.dtype, device: str, seed: int
 def convert(model: Any, mixer: str) -> Any:
     registry = load_registry(autoload=False)
     rule = {"layers": "all", "mixer": mixer, "options": MIXERS[mixer]}
-    plan = surgery.load_plan({"version": 1, "model": "random/llama", "convert": [rule]}, registry)
+    plan = surgery.load_plan({"version": 2, "model": "random/llama", "convert": [rule]}, registry)
     return surgery.convert(plan, model)
 
 

@@ -80,7 +80,7 @@ def worker(job: dict[str, Any]) -> None:
     model = LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa")).to(torch.bfloat16)
     world = world_size()
     plan = load_plan({
-        "version": 1, "model": "random-llama-3.2-1b-shape", "dtype": "bfloat16",
+        "version": 2, "model": "random-llama-3.2-1b-shape", "dtype": "bfloat16",
         "convert": [{"layers": "all", "mixer": job["mixer"], "options": MIXERS[job["mixer"]]}],
         "recover": {"data": {"source": job["data"], "seq_len": job["seq"]}, "distributed": job["mode"],
                     "stages": {"lora": {"max_steps": job["steps"], "batch_size": 1, "grad_accum": world,

@@ -64,7 +64,7 @@ def build(mixer: str | None, tiny: bool, max_len: int, device: torch.device, dty
     finally:
         torch.set_default_dtype(old)
     if mixer is not None:
-        plan = surgery.load_plan({"version": 1, "model": "unused", "convert": [{"layers": "all", "mixer": mixer}]})
+        plan = surgery.load_plan({"version": 2, "model": "unused", "convert": [{"layers": "all", "mixer": mixer}]})
         model = surgery.convert(plan, model)
         model.to(device=device, dtype=dtype)  # parameters the mixer created new
         for m in model.modules():

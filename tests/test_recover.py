@@ -26,10 +26,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import Tensor, nn
-
-import surgery
 from transformers import PreTrainedTokenizerFast, TrainerCallback
 
+import surgery
 from surgery.mixer import Mixer, MixContext
 from surgery.recovery import load_adapter
 from surgery.recovery import recover as recover_result
