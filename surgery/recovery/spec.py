@@ -123,6 +123,14 @@ class RecoverSpec(Options):
         return out
 
     @model_validator(mode="after")
+    def _teacher_forcing_under_ddp(self) -> RecoverSpec:
+        if self.distributed == "fsdp" and "attention_transfer" in self.stages:
+            from surgery.recovery.stages.attention_transfer import FSDP_REFUSAL
+
+            raise ValueError(f"attention_transfer {FSDP_REFUSAL}")
+        return self
+
+    @model_validator(mode="after")
     def _keep_registry(self, info: ValidationInfo) -> RecoverSpec:
         # Kept with the spec (and its copies): recovery builds its stages from the spec alone.
         self._registry = registry_of(info)
