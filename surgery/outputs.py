@@ -66,6 +66,39 @@ class RunPaths:
         return self.root / "report.json"
 
 
+#: What torchrun and accelerate launch set in every process they start; surgery trusts RANK only with all of them.
+LAUNCHER_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launch() -> tuple[int, int]:
+    """``(rank, world size)`` from a launcher's environment, checked; ``(0, 1)`` when no launcher started us.
+
+    A stray ``RANK=1`` (or ``WORLD_SIZE``) left in a shell would make this process skip every write and wait on
+    peers that do not exist, so the variables count only when a launcher's whole set is there and consistent.
+
+    Raises:
+        OutputError: a partial or inconsistent set (the message names the variables and the way out).
+    """
+    env = os.environ
+    if "RANK" not in env and "WORLD_SIZE" not in env:
+        return 0, 1
+    missing = [k for k in LAUNCHER_KEYS if k not in env]
+    if missing:
+        given = ", ".join(f"{k}={env[k]}" for k in LAUNCHER_KEYS if k in env)
+        raise OutputError(f"the environment sets {given} but not {', '.join(missing)}: surgery trusts RANK and "
+                          "WORLD_SIZE only under torchrun or accelerate launch (which set all of them); unset them or "
+                          "start the command with a launcher")  # fmt: skip
+    try:
+        rank_, local, world = int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"])
+    except ValueError:
+        raise OutputError(f"RANK={env['RANK']!r}, LOCAL_RANK={env['LOCAL_RANK']!r}, WORLD_SIZE="
+                          f"{env['WORLD_SIZE']!r}: not integers") from None  # fmt: skip
+    if not (world >= 1 and 0 <= rank_ < world and 0 <= local <= rank_):
+        raise OutputError(f"RANK={rank_}, LOCAL_RANK={local}, WORLD_SIZE={world} are inconsistent (need 0 <= "
+                          "LOCAL_RANK <= RANK < WORLD_SIZE)")  # fmt: skip
+    return rank_, world
+
+
 def run_paths(plan: Any, output: str | os.PathLike | None = None) -> RunPaths:
     """The paths of ``plan``'s run: ``output`` if given, else the plan's ``output:``, else ``runs/surgery``."""
     root = output if output is not None else (getattr(plan, "output", None) or DEFAULT_OUTPUT)
@@ -264,9 +297,7 @@ class OutputLock:
         import fcntl
         import stat
 
-        from surgery.recovery.distributed import is_main
-
-        if not is_main():
+        if launch()[0] != 0:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:

@@ -21,14 +21,9 @@ from torch import Tensor, nn
 
 from surgery.hookspecs import hookimpl
 from surgery.mixer import Mixer
+from surgery.recovery.spec import FSDP_REFUSAL
 from surgery.recovery.stage import TrainOptions
 from surgery.recovery.stage import Stage, StageContext
-
-
-#: Why FSDP2 is refused for this stage: the teacher-forced layers' outputs do not reach the students, so FSDP2's
-#: unshard-for-backward hooks (on the layers' outputs) never fire and the backward meets freed parameters.
-FSDP_REFUSAL = ("runs under DDP only (distributed: ddp): teacher forcing cuts the path FSDP2 unshards the layers "
-                "along for the backward; use ddp for this stage's run")
 
 
 class AttentionTransfer:
