@@ -167,11 +167,16 @@ def memory_branch(
         cand_ok = ok_buf & ~is_sink
     else:
         cand_ok = ok_buf
-    # Blocks are aligned to each row's real tokens (left padding shifts a row by its padding), so each row has its
-    # own consolidation points; spans split at the union of them, and a row consolidates only at its own.
-    real = (aux["mem_real"] if "mem_real" in aux else torch.zeros(B, dtype=torch.long, device=dev))
-    real = real + (valid.long().sum(1) if valid is not None else T)
-    pad = (seen + T - real).tolist()  # left padding of each row (one sync per call, not per token)
+    # Blocks are aligned to each row's first real token (left padding shifts a row by its padding; right padding
+    # does not shift it), so each row has its own consolidation points; spans split at the union of them, and a row
+    # consolidates only at its own. ``mem_start``: that token's position, -1 while a row has none yet.
+    start = aux["mem_start"] if "mem_start" in aux else torch.full((B,), -1, dtype=torch.long, device=dev)
+    if valid is not None:
+        here = torch.where(valid.any(1), seen + valid.long().argmax(1), torch.full_like(start, -1))
+    else:
+        here = torch.full_like(start, seen)
+    start = torch.where(start >= 0, start, here)
+    pad = torch.where(start >= 0, start, torch.full_like(start, seen + T)).tolist()  # one sync per call
     mem = {name: t[:, :, : filled(n, chunk, window, pad, seen)] for name, t in mem.items()}
     cuts = {p: [p - pb >= window + chunk and (p - pb - window) % chunk == 0 for pb in pad]
             for p in range(seen, seen + T)}
@@ -218,7 +223,7 @@ def memory_branch(
                            null(rec) if null is not None else None))  # fmt: skip
     keep = window + chunk
     mem = {name: _grow(t, n) for name, t in mem.items()}  # the cache holds all n slots
-    new_aux = {f"mem_{name}": t for name, t in mem.items()} | {"win_fk": fw[:, :, -keep:].clone(), "mem_real": real}
+    new_aux = {f"mem_{name}": t for name, t in mem.items()} | {"win_fk": fw[:, :, -keep:].clone(), "mem_start": start}
     rec = torch.cat(recs, 1) if recs[0] is not None else None
     return torch.cat(outs, 2), rec, state, (kw, vw, vb), new_aux
 

@@ -82,8 +82,8 @@ class LigerAttention(Mixer):
             0.0, ge=0, le=1,
             description="training only: probability of dropping the window branch for a sequence (its weight goes "
                         "to the recurrent branch), so the recurrence learns to carry context (arXiv 2510.05901)")
-        w_swa: float = Field(0.5, description="weight of the sliding-window branch (combine: fixed)")
-        w_rec: float = Field(0.5, description="weight of the recurrent branch (combine: fixed)")
+        w_swa: float = Field(0.5, ge=0, description="weight of the sliding-window branch (combine: fixed)")
+        w_rec: float = Field(0.5, ge=0, description="weight of the recurrent branch (combine: fixed)")
         combine: Literal["fixed", "shared"] = Field(
             "fixed", description="fixed: w_swa * softmax + w_rec * recurrent (Liger); shared: one normalizer over "
                                  "the softmax's keys and the recurrent state (LoLCATs, LoLA)")
