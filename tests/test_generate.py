@@ -162,8 +162,19 @@ def test_benchmark_runs_at_tiny_size(tmp_path: Path) -> None:
     bench_main(["--tiny", "--batch", "2", "--context", "16", "--new-tokens", "4", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     names = {(r["model"], r["mode"]) for r in rows}
-    assert {("base", "eager"), ("gla", "eager"), ("liger_attention", "eager")} <= names
+    assert {("base", "eager"), ("gla", "eager"), ("liger_attention", "eager"), ("memory", "eager")} <= names
     assert all(r["tok_per_s"] > 0 for r in rows if "error" not in r)
+    assert not [r for r in rows if "error" in r and r["model"] == "memory"]  # the main job's recipe decodes
+
+
+def test_benchmark_takes_a_rule_and_a_plan(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.generate import main as bench_main
+
+    rows = bench_main(["--tiny", "--batch", "2", "--context", "16", "--new-tokens", "3", "--base-modes", "none", "--modes", "eager",
+                       "--mixers", "mem={mixer: liger_attention, options: {window: 2, sinks: 1, memory: 4, "
+                       "memory_chunk: 2, w_swa: 1.0, w_rec: 0.0}}", "examples/swa-only.yaml"])  # fmt: skip
+    assert [(r["model"], "error" in r) for r in rows] == [("mem", False), ("swa-only", False)]
 
 
 # -- GPU: the captured step decodes exactly what the eager step decodes ------------------------------------------
