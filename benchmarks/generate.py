@@ -2,12 +2,15 @@
 transformers path (StaticCache + torch.compile reduce-overhead), in one run.
 
 Default shape: Llama-3-8B from a config (random bf16 weights; 32 layers, hidden 4096, 32 q / 8 kv heads, head dim
-128, intermediate 14336, vocab 128256). Converted mixers: gla and liger_attention (window 64). Batches 1, 8, 64;
-contexts 2K .. 128K. Per point: decode tok/s (new tokens of all rows per second, prefill excluded) and peak memory.
+128, intermediate 14336, vocab 128256). Converted: gla, liger_attention (window 64) and ``memory``, the main job's
+recipe (``examples/demo.yaml``: window 64, 4 sinks, a 512-pair retrieval memory, ``w_rec: 0``); ``--mixers`` takes
+mixer names, rules and example plans (``benchmarks/conversions.py``). Batches 1, 8, 64; contexts 2K .. 128K. Per
+point: decode tok/s (new tokens of all rows per second, prefill excluded) and peak memory.
 
     python benchmarks/generate.py --out benchmarks/results/generate-h200.jsonl            # the full grid
     python benchmarks/generate.py --modes graph compile --batch 8 --context 2048 32768    # compile vs graph
     python benchmarks/generate.py --tiny                                                  # CPU, CI
+    python benchmarks/generate.py --mixers gla memory=examples/demo.yaml --batch 8        # the memory recipe
 
 Context for converted models: the decode state has the same size at any context, so a step's work does not depend
 on it; by default the prompt is 16 tokens and the decoder is then moved to position L (RoPE positions and counters),
@@ -33,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import surgery  # noqa: E402
+from benchmarks.conversions import MEMORY, Conversion, parse_all  # noqa: E402
 from surgery.generate import Decoder  # noqa: E402
 from surgery.registry import load_registry  # noqa: E402
 
@@ -41,7 +45,9 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
                  rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)  # fmt: skip
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)  # fmt: skip
+#: A bare mixer name's options here.
 MIXERS = {"gla": {}, "liger_attention": {"window": 64}}
+CONVERSIONS = [*MIXERS, MEMORY]
 
 
 def build(cfg_kwargs: dict[str, Any], dtype: torch.dtype, device: str, seed: int = 0) -> Any:
@@ -54,11 +60,13 @@ def build(cfg_kwargs: dict[str, Any], dtype: torch.dtype, device: str, seed: int
     return model.eval()
 
 
-def convert(model: Any, mixer: str) -> Any:
+def convert(model: Any, mixer: Conversion | str) -> Any:
+    """``model`` converted by ``mixer``: a ``Conversion`` or a mixer name (with its ``MIXERS`` options)."""
     registry = load_registry(autoload=False)
-    rule = {"layers": "all", "mixer": mixer, "options": MIXERS[mixer]}
-    plan = surgery.load_plan({"version": 2, "model": "random/llama", "convert": [rule]}, registry)
-    return surgery.convert(plan, model)
+    if isinstance(mixer, str):
+        mixer = Conversion(mixer, [{"layers": "all", "mixer": mixer, "options": MIXERS.get(mixer, {})}])
+    plan = surgery.load_plan(mixer.plan(), registry)
+    return surgery.convert(plan, model).to(dtype=next(model.parameters()).dtype)
 
 
 def sync(device: str) -> None:
@@ -150,7 +158,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--context", type=int, nargs="+", default=[2048, 8192, 32768, 131072])
     ap.add_argument("--new-tokens", type=int, default=64, help="timed decode steps per point")
-    ap.add_argument("--mixers", nargs="*", default=list(MIXERS), choices=list(MIXERS))
+    ap.add_argument("--mixers", nargs="*", default=CONVERSIONS, metavar="SPEC",
+                    help="mixer names, rules ({mixer: NAME, options: {...}}) or example plans, LABEL=SPEC to name "
+                         "the row (default: gla, liger_attention and memory=examples/demo.yaml)")
     ap.add_argument("--modes", nargs="+", default=["eager", "graph"], choices=["eager", "graph", "compile"],
                     help="converted models: decode step eager, CUDA graph, or torch.compile reduce-overhead")
     ap.add_argument("--base-modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile", "none"],
@@ -181,12 +191,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 f.write(json.dumps(row) + "\n")
 
     points = [(b, c) for b in args.batch for c in args.context]
-    for name in ["base", *args.mixers]:
+    conversions = {c.label: c for c in parse_all(args.mixers, MIXERS)}
+    for name in ["base", *conversions]:
         reset_peak(device)
         model = build(cfg, dtype, device)
         weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
         if name != "base":
-            model = convert(model, name)
+            model = convert(model, conversions[name])
         modes = [m for m in args.base_modes if m != "none"] if name == "base" else args.modes
         for mode in modes:
             for b, c in points:

@@ -114,6 +114,11 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
 
             rows[label]["train_ms"][f"{B}x{T}"] = cuda_time(step, args.repeat)
             torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            step()  # peak above what the layer and its input hold: activations, kernel buffers
+            rows[label].setdefault("train_peak_gb", {})[f"{B}x{T}"] = (torch.cuda.max_memory_allocated() - before) / 2**30
+            torch.cuda.empty_cache()
         mixer.eval()
         for B in args.batch:
             for context in args.contexts:
@@ -124,15 +129,19 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
                     one = torch.randn(B, 1, LLAMA3_8B.hidden_size, device="cuda", dtype=torch.bfloat16)
                     step_ctx = MixContext(None, None, None, cache, {})
                     rows[label]["decode_ms"][f"B{B}@{context}"] = cuda_time(lambda: mixer.mix(one, step_ctx), 50)
+                rows[label].setdefault("prefill_peak_gb", {})[f"B{B}@{context}"] = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.reset_peak_memory_stats()
                 del cache, prefill
                 torch.cuda.empty_cache()
         print(json.dumps({label: rows[label]}), flush=True)
     lines = ["| workload | gla ms | mom ms | mom / gla |", "|---|---|---|---|"]
-    for kind in ("train_ms", "decode_ms"):
-        for key, g in rows["gla"][kind].items():
-            m = rows["mom"][kind][key]
-            lines.append(f"| {'fwd+bwd' if kind == 'train_ms' else 'decode step'} {key} | {g:.3f} | {m:.3f} | "
-                         f"{m / g:.2f} |")  # fmt: skip
+    names = {"train_ms": "fwd+bwd", "decode_ms": "decode step", "train_peak_gb": "fwd+bwd peak GB",
+             "prefill_peak_gb": "prefill + decode peak GB"}  # fmt: skip
+    for kind, what in names.items():
+        for key, g in rows["gla"].get(kind, {}).items():
+            m = rows["mom"].get(kind, {}).get(key)
+            if m is not None:
+                lines.append(f"| {what} {key} | {g:.3f} | {m:.3f} | {m / g:.2f} |")
     print("\n".join(lines))
     return {"device": torch.cuda.get_device_name(), "shape": "llama-3-8b attention, bf16", **rows}
 

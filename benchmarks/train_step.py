@@ -12,8 +12,13 @@ Llama at T = 64 on the CPU (fp32), so that CI can call it.
 Converted layers recompute their token mixing in the backward on CUDA (``Mixer.recompute``, the training default);
 ``--stored`` adds a row per mixer that keeps those activations instead.
 
-    python benchmarks/train_step.py [--tiny] [--lengths 4096 16384] [--mixers gla gsa] [--stored] [--profile]
-                                    [--steps 3] [--out r.json]
+``--mixers`` takes mixer names, rules and example plans (``benchmarks/conversions.py``): ``gla``,
+``'{mixer: liger_attention, options: {window: 64, memory: 512}}'``, ``examples/liger-gla.yaml``, each optionally
+labelled ``LABEL=SPEC``. The default rows are the four mixers and ``memory``, the main job's recipe
+(``examples/demo.yaml``: window 64, 4 sinks, a 512-pair retrieval memory, ``w_rec: 0``).
+
+    python benchmarks/train_step.py [--tiny] [--lengths 4096 16384] [--mixers gla memory=examples/demo.yaml]
+                                    [--stored] [--profile] [--steps 3] [--out r.json]
 """
 
 from __future__ import annotations
@@ -31,9 +36,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import surgery  # noqa: E402
+from benchmarks.conversions import MEMORY, Conversion, parse_all  # noqa: E402
 from surgery.mixer import Mixer  # noqa: E402
 
 MIXERS = ["gla", "hgrn2", "gsa", "liger_attention"]
+#: The default rows (``--mixers``): the mixers with their default options, and the main job's memory recipe.
+CONVERSIONS = [*MIXERS, MEMORY]
 
 
 def llama_config(tiny: bool, max_len: int) -> Any:
@@ -49,10 +57,11 @@ def llama_config(tiny: bool, max_len: int) -> Any:
                        max_position_embeddings=max_len)
 
 
-def build(mixer: str | None, tiny: bool, max_len: int, device: torch.device, dtype: torch.dtype,
+def build(mixer: Conversion | str | None, tiny: bool, max_len: int, device: torch.device, dtype: torch.dtype,
           recompute: bool | None = None) -> Any:
-    """A freshly initialised model (same seed every time), converted to ``mixer`` unless None, all weights frozen;
-    ``recompute`` sets every mixer's ``Mixer.recompute`` (None: the default, on for CUDA)."""
+    """A freshly initialised model (same seed every time), converted by ``mixer`` (a ``Conversion``, or a mixer
+    name) unless None, all weights frozen; ``recompute`` sets every mixer's ``Mixer.recompute`` (None: the default,
+    on for CUDA)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -64,8 +73,9 @@ def build(mixer: str | None, tiny: bool, max_len: int, device: torch.device, dty
     finally:
         torch.set_default_dtype(old)
     if mixer is not None:
-        plan = surgery.load_plan({"version": 2, "model": "unused", "convert": [{"layers": "all", "mixer": mixer}]})
-        model = surgery.convert(plan, model)
+        if isinstance(mixer, str):
+            mixer = Conversion(mixer, [{"layers": "all", "mixer": mixer}])
+        model = surgery.convert(surgery.load_plan(mixer.plan()), model)
         model.to(device=device, dtype=dtype)  # parameters the mixer created new
         for m in model.modules():
             if isinstance(m, Mixer):
@@ -149,7 +159,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="2-layer tiny Llama, T = 64, on the CPU")
     ap.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths (default 4K 16K 32K)")
-    ap.add_argument("--mixers", nargs="+", default=MIXERS, choices=MIXERS)
+    ap.add_argument("--mixers", nargs="+", default=CONVERSIONS, metavar="SPEC",
+                    help="mixer names, rules ({mixer: NAME, options: {...}}) or example plans, LABEL=SPEC to name "
+                         "the row (default: the four mixers and memory=examples/demo.yaml)")
     ap.add_argument("--stored", action="store_true",
                     help="also run each mixer with its activations kept (Mixer.recompute = False): rows 'MIXER/stored'")
     ap.add_argument("--profile", action="store_true", help="also print each model's top kernels of one step")
@@ -162,13 +174,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if not torch.cuda.is_available():
             raise SystemExit("benchmarks/train_step.py needs CUDA (or --tiny for the CPU)")
         device, dtype, lengths = torch.device("cuda"), torch.bfloat16, args.lengths or [4096, 16384, 32768]
+    conversions = parse_all(args.mixers)
     rows: list[dict[str, Any]] = []
     for T in lengths:
         base: dict[str, Any] | None = None
-        variants = [(m, None) for m in args.mixers] + ([(m, False) for m in args.mixers] if args.stored else [])
+        variants = [(m, None) for m in conversions] + ([(m, False) for m in conversions] if args.stored else [])
         for mixer, recompute in [(None, None), *variants]:
-            name = (mixer or "base") + ("/stored" if recompute is False else "")
+            name = (mixer.label if mixer else "base") + ("/stored" if recompute is False else "")
             row: dict[str, Any] = {"model": name, "T": T}
+            if mixer is not None:
+                row["convert"] = mixer.rules
             model = None
             try:
                 model = build(mixer, args.tiny, max(lengths), device, dtype, recompute)

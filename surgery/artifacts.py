@@ -149,11 +149,10 @@ def _state_dict_files(path: Path) -> list[Path]:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise ArtifactError(f"{index}: not a safetensors index ({type(exc).__name__}: {exc})") from None
-        root = path.resolve()
         for name in names:
-            # A crafted index must not make us read files elsewhere on disk (absolute paths, "..").
-            target = (path / name).resolve()
-            if not isinstance(name, str) or Path(name).is_absolute() or root not in target.parents:
+            # A crafted index must not make us read files elsewhere on disk (absolute paths, ".."). Checked on the
+            # names, not on resolved paths: the Hugging Face cache keeps shards as links to blobs outside.
+            if not isinstance(name, str) or Path(name).is_absolute() or os.path.normpath(name).startswith(".."):
                 raise ArtifactError(f"{index}: weight map names {name!r}, which is outside {path}")
         return [path / n for n in names]
     single = path / "model.safetensors"
@@ -197,7 +196,83 @@ def _stored_plan(cfg_file: Path, data: dict[str, Any], registry: Any = None) -> 
     return plan.model_copy(update={"model": data.get("model", "")})
 
 
+#: Bytes per element of the safetensors dtypes surgery may meet.
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
+_MAX_HEADER = 100 * 2**20
+
+
+def _headers(files: list[Path]) -> dict[str, tuple[str, list[int]]]:
+    """``{tensor: (dtype, shape)}`` from the safetensors headers alone, each checked against its file's size before
+    anything is allocated (a crafted header cannot make us read or allocate more than the file holds)."""
+    out: dict[str, tuple[str, list[int]]] = {}
+    for f in files:
+        try:
+            size = f.stat().st_size
+            with f.open("rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if n < 2 or n > min(_MAX_HEADER, size - 8):
+                    raise ArtifactError(f"{f}: not a safetensors file (header of {n} bytes in a {size}-byte file)")
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"{f}: cannot read the safetensors header ({type(exc).__name__}: {exc})") from None
+        if not isinstance(header, dict):
+            raise ArtifactError(f"{f}: the safetensors header is not a JSON object")
+        body = size - 8 - n
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape, (start, end) = entry["dtype"], [int(d) for d in entry["shape"]], entry["data_offsets"]
+                count = 1
+                for d in shape:
+                    count *= d
+                ok = (dtype in _DTYPE_BYTES and all(d >= 0 for d in shape) and 0 <= start <= end <= body
+                      and end - start == count * _DTYPE_BYTES[dtype])  # fmt: skip
+            except (KeyError, TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ArtifactError(f"{f}: tensor {name!r} has a header that does not fit the file "
+                                    f"({str(entry)[:200]})")  # fmt: skip
+            if name in out:
+                raise ArtifactError(f"{f}: tensor {name!r} is stored twice")
+            out[name] = (dtype, shape)
+    return out
+
+
+def _check_index(path: Path, files: list[Path]) -> None:
+    """A sharded model's index must say where each tensor is, truthfully: every tensor it names is in that file."""
+    index = path / INDEX
+    if not index.exists():
+        return
+    weight_map = json.loads(index.read_text())["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise ArtifactError(f"{index}: weight_map is not a mapping")
+    stored = {name: f.name for f in files for name in _headers([f])}
+    wrong = sorted(n for n, f in weight_map.items() if stored.get(n) != Path(str(f)).name)
+    extra = sorted(set(stored) - set(weight_map))
+    if wrong or extra:
+        name = (wrong or extra)[0]
+        raise ArtifactError(f"{index}: the index does not match the files: tensor {name!r} is "
+                            f"{'in ' + stored[name] if name in stored else 'in no file'}, the index says "
+                            f"{weight_map.get(name, 'nothing')}")  # fmt: skip
+
+
+def _check_tensors(path: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Refuse weights surgery never writes: a non-finite value, or an integer tensor for a floating parameter (a
+    quantized checkpoint would be cast silently into garbage)."""
+    params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    for name, t in state.items():
+        own = params.get(name)
+        if own is not None and own.is_floating_point() and not t.is_floating_point():
+            raise ArtifactError(f"{path}: tensor {name!r} is stored as {t.dtype}; surgery saves floating-point "
+                                "weights (a quantized or altered checkpoint?)")  # fmt: skip
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ArtifactError(f"{path}: tensor {name!r} holds NaN or infinite values; the model is damaged")
+
+
 def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    _headers(files)  # checked before safetensors allocates anything
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -242,10 +317,14 @@ def load(path: str | os.PathLike, dtype: Any = None, device: Any = None, registr
         dtype = DTYPES[dtype]
     if dtype is None or dtype == "auto":
         dtype = DTYPES[plan.dtype]
+    files = _state_dict_files(path)
+    _check_index(path, files)
+    _fits_the_files(path, base_config, plan, files)
     with no_init_weights():  # every parameter is overwritten below; skip the random init
         model = AutoModelForCausalLM.from_config(base_config, dtype=dtype)
         apply_plan(model, plan, map_weights=False)
-    state = _read_tensors(_state_dict_files(path))
+    state = _read_tensors(files)
+    _check_tensors(path, model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
     # transformers stores tied tensors once (output embeddings, shared layers); after tie_weights they are shared.
@@ -255,11 +334,33 @@ def load(path: str | os.PathLike, dtype: Any = None, device: Any = None, registr
         raise ArtifactError(f"{path}: saved tensors do not fit the plan's model: missing {missing}, unexpected {unexpected}")
     records = _read_manifest(path)
     if records is not None:
+        built = [(r.path, r.mixer) for r in model.surgery.manifest]
+        if [(r.path, r.mixer) for r in records] != built:
+            raise ArtifactError(f"{path / MANIFEST}: its layers do not match the stored plan's (it lists "
+                                f"{[(r.path, r.mixer) for r in records][:2]}..., the plan builds {built[:2]}...)")
         model.surgery.manifest = records
     model = model.to(dtype=dtype)
     if device is not None and not isinstance(device, dict) and device != "auto":
         model = model.to(device)
     return model.eval()
+
+
+def _fits_the_files(path: Path, base_config: Any, plan: Any, files: list[Path]) -> None:
+    """Build the model on the meta device (no memory) and refuse a config that describes far more parameters than
+    the files hold, before the real model allocates them (a crafted config cannot ask for gigabytes)."""
+    stored = 0
+    for _, shape in _headers(files).values():
+        count = 1
+        for d in shape:
+            count *= d
+        stored += count
+    with torch.device("meta"):
+        shell = AutoModelForCausalLM.from_config(base_config)
+        apply_plan(shell, plan, map_weights=False)
+    wanted = sum(p.numel() for p in shell.parameters())  # tied parameters once
+    if wanted > 2 * stored + 2**20:
+        raise ArtifactError(f"{path}: config.json describes a model of {wanted:,} parameters, but the files hold "
+                            f"{stored:,} values; the config or the files are damaged")  # fmt: skip
 
 
 def _param(model: nn.Module, name: str) -> Any:

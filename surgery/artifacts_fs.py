@@ -11,9 +11,11 @@ A crash at any point leaves, under ``<name>``, either the previous complete dire
 load renames it back). Leftover temporary directories and a stale ``.<name>.old`` are removed by the next save.
 
 Ownership: every saved directory holds ``.surgery``, a JSON marker listing the entries surgery wrote. ``save``
-refuses to replace a non-empty directory without it (unless ``force``), refuses a path that is a file, and carries
-over into the new directory every entry of the old one that the marker does not list (files the user added), so
-nothing of the user's is deleted. An added entry whose name the new save also writes is refused unless ``force``.
+refuses to replace a non-empty directory without it (unless ``force``), refuses a path that is a file or a link, and
+carries over into the new directory every entry of the old one that the marker does not list (files the user added;
+with ``force``, every entry of an unmarked directory), so nothing of the user's is deleted. An entry of the user's
+whose name the new save also writes is refused, ``force`` or not: ``force`` never overwrites a user's file. Only a
+``.<name>.old`` that surgery marked is renamed back or removed; a user's own is refused.
 Saves to one path must not run concurrently: the second would clean the first's temporary directory.
 """
 
@@ -55,10 +57,10 @@ def _ours(directory: Path) -> bool:
 
 
 def recover_interrupted(path: Path) -> None:
-    """Undo what a killed save left: ``.<name>.old`` without ``<name>`` is renamed back (load and save call this)."""
+    """Undo what a killed save left: a marked ``.<name>.old`` without ``<name>`` is renamed back (load and save call
+    this). A ``.<name>.old`` without the marker is the user's and stays where it is."""
     old = _old(path)
-    # Renaming back destroys nothing, so it is done even for a directory a forced save replaced.
-    if not path.exists() and not path.is_symlink() and old.is_dir():
+    if not path.exists() and not path.is_symlink() and old.is_dir() and not old.is_symlink() and _ours(old):
         old.rename(path)
 
 
@@ -72,8 +74,8 @@ def _clean_leftovers(path: Path) -> None:
             if _ours(entry) or not any(entry.iterdir()):
                 shutil.rmtree(entry)
     old = _old(path)
-    if old.exists() and path.exists():
-        if not _ours(old):
+    if old.exists() or old.is_symlink():
+        if old.is_symlink() or not old.is_dir() or not _ours(old):
             raise ArtifactError(f"{old} exists and was not written by surgery; move it away to save to {path}")
         shutil.rmtree(old)
 
@@ -81,7 +83,10 @@ def _clean_leftovers(path: Path) -> None:
 def _user_entries(path: Path, force: bool) -> list[Path]:
     """Entries of the existing ``path`` that surgery did not write (to carry over); refuse what is not ours."""
     if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise ArtifactError(f"{path} exists and is not a directory: save() writes a directory; choose another path")
+        raise ArtifactError(f"{path} exists and is not a directory (or is a link): save() writes a directory; choose "
+                            "another path")  # fmt: skip
+    if (path / MARKER).is_symlink():
+        raise ArtifactError(f"{path / MARKER} is a symbolic link, not surgery's marker; remove it")
     if not path.exists():
         return []
     listed = _marker_files(path)
@@ -89,9 +94,9 @@ def _user_entries(path: Path, force: bool) -> list[Path]:
         if any(path.iterdir()) and not force:
             raise ArtifactError(
                 f"{path} is a non-empty directory that surgery did not write (no {MARKER} marker); refusing to "
-                "replace it (pass force=True to replace it entirely)"
+                "write into it (pass force=True to add the model beside its files: none is deleted)"
             )
-        return []
+        return [p for p in sorted(path.iterdir()) if p.name != MARKER]  # forced: every entry is the user's
     return [p for p in sorted(path.iterdir()) if p.name != MARKER and p.name not in listed]
 
 
@@ -109,13 +114,9 @@ def _make_temp_dir(path: Path) -> Path:
 def _carry_over(entries: list[Path], tmp: Path, force: bool) -> None:
     for src in entries:
         dst = tmp / src.name
-        if dst.exists():
-            if not force:
-                raise ArtifactError(
-                    f"{src} was not written by surgery and the new save writes the same name; move it away or pass "
-                    "force=True to overwrite it"
-                )
-            continue  # forced: the new file wins
+        if dst.exists() or dst.is_symlink():
+            raise ArtifactError(f"{src} was not written by surgery and the new save writes the same name; move it "
+                                "away (surgery never overwrites a file it did not write, force or not)")
         # Copied, not moved: until the swap the old directory must stay complete.
         if src.is_dir() and not src.is_symlink():
             shutil.copytree(src, dst, symlinks=True)
@@ -137,12 +138,14 @@ def write_atomically(path: Path, write: Callable[[Path], None], force: bool = Fa
         _carry_over(user, tmp, force)
         (tmp / MARKER).write_text(json.dumps({"written_by": "surgery", "files": written}, indent=1))
         old = _old(path)
-        if path.exists():
+        moved = path.exists()
+        if moved:
             path.rename(old)
         tmp.rename(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         recover_interrupted(path)  # a failure between the two renames must not leave <name> missing
         raise
-    shutil.rmtree(_old(path), ignore_errors=True)
+    if moved:  # only the directory this save moved aside; every entry of the user's was carried over
+        shutil.rmtree(old, ignore_errors=True)
     return path

@@ -11,6 +11,7 @@ import json
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 from pathlib import Path
 
 from surgery.errors import SurgeryError
@@ -81,9 +82,16 @@ def cmd_plan_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch_demo(args: argparse.Namespace) -> int:
-    from surgery.demo import prepare_demo
+    from surgery.demo import default_root, prepare_demo
+    from surgery.outputs import OutputError, OutputLock, refuse_link
 
-    model_dir, data = prepare_demo(Path(args.root) if args.root else None)
+    root = Path(args.root) if args.root else default_root()
+    refuse_link(root / "smollm2-135m", "the demo's model directory")
+    refuse_link(root / "data", "the demo's data directory")
+    if root.exists() and not root.is_dir():
+        raise OutputError(f"--root {root} is a file, not a directory")
+    with OutputLock(root, name=".surgery-demo.lock"):  # two fetch-demo runs never build one root at once
+        model_dir, data = prepare_demo(root)
     print(f"model: {model_dir}\ndata:  {data.root}")
     return 0
 
@@ -102,6 +110,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from surgery.evaluate import format_table
     from surgery.pipeline import eval_command
 
+    if args.limit is not None and not (0 < args.limit < 2**31):
+        from surgery.errors import PlanError
+
+        raise PlanError([("--limit", f"{args.limit}: documents per task (>= 1) or a fraction (< 1), above 0")])
     print(format_table(eval_command(surgery.load_plan(args.plan), limit=args.limit)))
     return 0
 
@@ -114,7 +126,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from surgery.errors import PlanError
     from surgery.generate import run_generate
+
+    if args.max_new_tokens < 1:
+        raise PlanError([("--max-new-tokens", f"{args.max_new_tokens}: generate at least one token")])
 
     write = lambda text: print(text, end="", flush=True)  # noqa: E731
     res = run_generate(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens, capture=args.capture,
@@ -129,7 +145,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_select(args: argparse.Namespace) -> int:
     from surgery.select import select
 
-    damage, _ = select(args.plan, args.keep, tokens=args.tokens, out=args.out, seq_len=args.seq_len, data=args.data)
+    damage, _ = select(args.plan, args.keep, tokens=args.tokens, out=args.out, seq_len=args.seq_len, data=args.data,
+                       ranking=args.ranking)  # fmt: skip
     rows = [[str(i), f"{damage.kl[i]:.4f}", "softmax" if i in damage.keep(args.keep) else ""] for i in damage.ranking]
     print(_table(rows, ["layer", "KL to base (nats/token)", "kept"]))
     if args.out:
@@ -143,8 +160,15 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     return lm_eval_main(args.args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one located line (``surgery convert: error: ...``) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="surgery", description=__doc__.splitlines()[0])
+    p = _Parser(prog="surgery", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -183,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "else 512); longer chunks weigh the long-range dependence a window or memory loses")
     sel.add_argument("--data", help="calibration text (a .txt/.jsonl file or directory, or a hub dataset); default: "
                      "the plan's recover.data")
-    sel.add_argument("-o", "--out", help="write the hybrid plan here (YAML; the ranking next to it as .json)")
+    sel.add_argument("-o", "--out", help="write the hybrid plan here (YAML), and nothing else")
+    sel.add_argument("--ranking", help="write the per-layer KL and the ranking here (JSON)")
     add("fetch-demo", cmd_fetch_demo, "build the offline demo model and data", plan=False).add_argument("--root")
     (lm := sub.add_parser("lm-eval", help="lm-eval's own CLI; --model_args pretrained=DIR reads saved models", prefix_chars="\0", add_help=False)).set_defaults(fn=cmd_lm_eval) or lm.add_argument("args", nargs=argparse.REMAINDER)  # every argument, even -h, goes to lm-eval  # fmt: skip
     plugins = sub.add_parser("plugins", help="plugin commands").add_subparsers(dest="sub", required=True)
@@ -198,7 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors and -h: argparse has printed them; callers in-process get the code
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return int(args.fn(args) or 0)
     except SurgeryError as exc:

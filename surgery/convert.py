@@ -279,10 +279,11 @@ def _keep_pretrained_dtypes(mixer: Mixer, src: dict[str, Tensor]) -> None:
 
 
 def _probe(mixer: Mixer, m: Match, registry: Registry, ref: Tensor) -> None:
-    """Run a 3-token forward through a new mixer: a plugin returning the wrong shape is named here, not later
-    inside the model's code."""
+    """Run a 3-token forward through a new mixer (its weights mapped): a plugin returning the wrong shape, or a
+    non-finite output (a NaN weight, a division by zero), is named here, not later as a NaN model saved."""
     hidden = mixer.site.dims.hidden_size
-    x = torch.zeros(1, 3, hidden, device=ref.device, dtype=ref.dtype)
+    gen = torch.Generator().manual_seed(0)
+    x = (0.1 * torch.randn(1, 3, hidden, generator=gen)).to(device=ref.device, dtype=ref.dtype)
     was = mixer.training
     mixer.eval()
     try:
@@ -299,6 +300,10 @@ def _probe(mixer: Mixer, m: Match, registry: Registry, ref: Tensor) -> None:
         raise PlanError([(f"convert.{m.rule}.mixer", f"layer {m.layer}: mixer '{m.mixer}' "
                           f"({registry.origin('mixer', m.mixer)}) returned {got} for an input [1, 3, {hidden}]; "
                           f"a mixer must return [B, T, {hidden}]")])  # fmt: skip
+    if out.device.type != "meta" and not bool(torch.isfinite(out).all()):
+        raise PlanError([(f"convert.{m.rule}.mixer", f"layer {m.layer}: mixer '{m.mixer}' "
+                          f"({registry.origin('mixer', m.mixer)}) returned non-finite values (NaN or inf) for a "
+                          "finite probe input; check its options and the layer's weights")])  # fmt: skip
 
 
 def apply_plan(model: nn.Module, plan: Plan, map_weights: bool = True) -> nn.Module:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, TypedDict
 
-from pydantic import Field, NonNegativeInt, PositiveInt, field_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 from torch import nn
 
 from surgery.mixer import Options
@@ -91,7 +91,26 @@ class EvalSpec(Options):
     before_recovery: bool = Field(
         True, description="in a run that recovers, also score the converted model before recovery (one more pass)")
     batch_size: PositiveInt = Field(4, description="lm-eval batch size")
-    max_length: int = Field(2560, ge=64, description="longest input in tokens")
+    max_length: int = Field(2560, ge=64, le=1 << 20, description="longest input in tokens")
+    trust_code: bool = Field(
+        False, description="run Python code that task YAMLs under include name (!function); local task files are "
+                           "code (surgery's own demo helpers need no trust)")
+
+    @model_validator(mode="after")
+    def _names_and_code(self) -> EvalSpec:
+        from surgery.options import did_you_mean
+        from surgery.task_code import task_code, untrusted_message
+
+        for key, names in (("limits", self.limits), ("metrics", self.metrics)):
+            stray = [n for n in names if n not in self.tasks]
+            if stray:
+                raise ValueError(f"eval.{key} names {stray[0]!r}, which is not in eval.tasks"
+                                 f"{did_you_mean(stray[0], self.tasks)}")  # fmt: skip
+        if not self.trust_code:
+            code = task_code(self.include)
+            if code:
+                raise ValueError(f"eval.include: {untrusted_message(code)}")
+        return self
 
     @field_validator("tasks")
     @classmethod
@@ -129,9 +148,15 @@ def _spec(spec: EvalSpec | None, tasks: list[str] | None, limit: int | float | N
 def _task_manager(spec: EvalSpec) -> Any:
     from lm_eval.tasks import TaskManager
 
+    from surgery.errors import PlanError
+    from surgery.task_code import task_code, untrusted_message
+
     missing = [str(d) for d in spec.include if not Path(d).is_dir()]
     if missing:
-        raise ValueError(f"eval.include: no such directory: {', '.join(missing)}")
+        raise PlanError([("eval.include", f"no such directory: {', '.join(missing)}")])
+    code = [] if spec.trust_code else task_code(spec.include)
+    if code:  # checked again here: the files may have changed since the plan was validated
+        raise PlanError([("eval.include", untrusted_message(code))])
     local = {p.stem for d in spec.include for p in Path(d).glob("*.yaml")}
     # Indexing lm-eval's own ~15K task configs takes ~10 s: skip it when every task is a local one.
     manager = TaskManager(include_path=[str(d) for d in spec.include] or None,
@@ -141,7 +166,7 @@ def _task_manager(spec: EvalSpec) -> Any:
         if name not in known:
             near = difflib.get_close_matches(name, known, n=3)
             hint = f"; did you mean {', '.join(near)}?" if near else ""
-            raise ValueError(f"eval.tasks: lm-eval knows no task {name!r}{hint}")
+            raise PlanError([("eval.tasks", f"lm-eval knows no task {name!r}{hint}")])
     return manager
 
 
@@ -437,19 +462,24 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
         axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.suptitle("converted vs base (green: better, grey: parity, red: worse; bars: ±1 s.e.)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 
 def write_results(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    """Write ``results.json``, ``results.md`` and ``results.png`` into ``out_dir`` (created)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "results.json", "md": out_dir / "results.md", "png": out_dir / "results.png"}
-    paths["json"].write_text(json.dumps(results, indent=1))
+    """Write ``results.json``, ``results.md`` and ``results.png`` into ``out_dir`` (created and marked as surgery's;
+    never through a link, never over a file surgery did not write: ``surgery.outputs.write_owned``)."""
+    from surgery.outputs import refuse_links_under, temporary_file, write_owned
+
+    refuse_links_under(out_dir)
     st = results.get("settings", {})
     note = (f"\nlm-eval {st.get('lm_eval', '?')}, batch size {st.get('batch_size', '?')}, max length "
             f"{st.get('max_length', '?')}; wall time base {st.get('seconds', {}).get('base', '?')} s, converted "
             f"{st.get('seconds', {}).get('converted', '?')} s. Same tasks, documents and settings for both.\n")
-    paths["md"].write_text(format_table(results) + note)
-    plot_results(results, paths["png"])
+    paths = {"json": write_owned(out_dir, "results.json", json.dumps(results, indent=1)),
+             "md": write_owned(out_dir, "results.md", format_table(results) + note)}
+    write_owned(out_dir, "results.png", b"")  # claims the name (refused if the user's), then the chart replaces it
+    with temporary_file(out_dir / "results.png") as tmp:
+        plot_results(results, tmp)
+    paths["png"] = out_dir / "results.png"
     return paths

@@ -64,19 +64,25 @@ def fail(errors: list[InitErrorDetails], title: str = "Options") -> NoReturn:
     raise ValidationError.from_exception_data(title, errors)
 
 
+#: The largest magnitude of any number in options (2**53: every integer below it is exact as a float, too).
+MAX_NUMBER = 2**53
+
+
 class Options(BaseModel):
     """Base of every plugin's options and of the plan's sections: unknown keys are errors, values are immutable.
 
     An unknown key is reported as ``unknown key 'gate_rnk'; did you mean 'gate_rank'?`` at its own location.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Floats are finite unless a field says otherwise (Field(allow_inf_nan=True)): a NaN weight or an infinite
+    # gradient clip validates into a model that can never load again (its stored plan would not validate).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @model_validator(mode="wrap")
     @classmethod
     def _unknown_keys(cls, data: Any, handler: Callable[[Any], Any]) -> Any:
         try:
-            return handler(data)
+            out = handler(data)
         except ValidationError as err:
             ours = [e for e in err.errors() if e["type"] == "extra_forbidden" and len(e["loc"]) == 1]
             if not ours:
@@ -90,6 +96,13 @@ class Options(BaseModel):
                 else:
                     errors.append(problem(e["loc"], e["msg"].removeprefix("Value error, "), e.get("input"), e["type"]))
             fail(errors, err.title)
+        # Numbers are bounded before anything is sized from them (a 1e20 step count, a 2**62 buffer).
+        big = [(k, v) for k, v in getattr(out, "__dict__", {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) > MAX_NUMBER]
+        if big:
+            fail([problem((k,), f"{v!r} is beyond any sane value (at most 2**53 in magnitude)", v) for k, v in big],
+                 cls.__name__)  # fmt: skip
+        return out
 
 
 def registry_of(info: ValidationInfo | None) -> RegistryLike:

@@ -27,7 +27,8 @@ from torch import nn
 
 from surgery.artifacts import load, save
 from surgery.convert import convert, load_model, load_tokenizer
-from surgery.outputs import OutputError, OutputLock, check_writable, claim_dir, run_paths, write_owned
+from surgery.outputs import (OutputError, OutputLock, check_writable, claim_dir, refuse_links_under, run_paths,
+                             write_owned)  # fmt: skip
 from surgery.plan import Plan
 from surgery.recovery.distributed import is_main, world_size
 
@@ -90,7 +91,15 @@ class Run:
     def saved_or_converted(self) -> nn.Module:
         """The converted model of ``surgery convert`` (``<output>/convert``), else converted now."""
         if (self.paths.convert / "config.json").exists():
-            return load(self.paths.convert, registry=self.plan.registry)
+            model = load(self.paths.convert, registry=self.plan.registry)
+            from surgery.recovery.loop import converted_by
+
+            stored, wanted = converted_by(model), {k: v for k, v in self.plan.to_dict().items() if k in ("convert", "dtype")}
+            if stored != wanted:
+                keys = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+                raise OutputError(f"{self.paths.convert} was converted by a different plan (differs in: "
+                                  f"{', '.join(keys)}); run surgery convert again (or remove it) to use this one")
+            return model
         print(f"[surgery] no converted model in {self.paths.convert}; converting now", flush=True)
         return self.converted()
 
@@ -158,9 +167,13 @@ def run(
     from surgery.card import model_card
 
     ctx = Run(plan, output=output, base_model=model, force=force)
+    _saves_merged(plan)
+    _not_the_base_model(plan, ctx.paths.root)
     root = _claim_root(ctx, force)
     report = RunReport()
     with OutputLock(root):
+        for sub in (ctx.paths.recover, ctx.paths.eval):
+            refuse_links_under(sub)
         t = time.perf_counter()
         converted = ctx.converted()
         report.wall_s["convert"] = time.perf_counter() - t
@@ -200,15 +213,45 @@ def run(
     return report
 
 
+def _saves_merged(plan: Plan) -> None:
+    """``surgery run`` and ``surgery recover`` save a model that loads alone: a plan asking for the unmerged
+    ``PeftModel`` (the Python API's ``recover.merge: false``) is refused before any work."""
+    if plan.recover is not None and not plan.recover.merge:
+        from surgery.errors import PlanError
+
+        raise PlanError([("recover.merge", "false returns the unmerged PeftModel to Python callers "
+                                           "(surgery.recover); surgery run and surgery recover save a merged model, and "
+                                           "the adapter is in <output>/recover/adapter either way: remove merge: false")])
+
+
+def _not_the_base_model(plan: Plan, target: Path) -> None:
+    """Refuse an output that is (or holds, or lies inside) the plan's own model directory: a save there would mix
+    the converted model into the base model the plan reads."""
+    model = Path(plan.model)
+    if not model.exists():
+        return  # a hub id: its files live in the HF cache, which surgery never writes
+    a, b = model.resolve(), target.absolute().resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise OutputError(f"output {target} is the plan's own model directory {plan.model} (or holds it); choose "
+                          "another output")  # fmt: skip
+
+
 def convert_command(plan: Plan, output: str | Path | None = None, force: bool = False) -> Path:
-    """``surgery convert``: convert and save to ``<output>/convert`` (or ``output`` itself when given)."""
+    """``surgery convert``: convert and save to ``<output>/convert`` (or ``output`` itself when given), under the
+    run's lock (a ``recover`` of the same run cannot see ``convert/`` replaced under it)."""
     ctx = Run(plan, force=force)
     target = Path(output) if output is not None else ctx.paths.convert
+    _not_the_base_model(plan, target)
     check_writable(target, force)  # before the work, not after it
     if output is None:
-        claim_dir(ctx.paths.root, force=force)
-    model = ctx.converted()
-    ctx.save(model, target)
+        root = _claim_root(ctx, force)
+        lock = OutputLock(root)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = OutputLock(target.parent, name=f".{target.name}.lock")
+    with lock:
+        model = ctx.converted()
+        ctx.save(model, target)
     return target
 
 
@@ -217,8 +260,11 @@ def recover_command(plan: Plan, restart: bool = False, force: bool = False) -> P
     if plan.recover is None:
         raise OutputError("the plan has no recover: section")
     ctx = Run(plan, force=force)
+    _saves_merged(plan)
+    _not_the_base_model(plan, ctx.paths.root)
     root = _claim_root(ctx, force)
     with OutputLock(root):
+        refuse_links_under(ctx.paths.recover)
         result = ctx.recover(ctx.saved_or_converted(), resume=not restart)
         if not is_main():
             return ctx.paths.model  # rank 0 writes the model
@@ -289,7 +335,10 @@ def eval_command(plan: Plan, limit: float | None = None) -> Any:
     if plan.eval is None:
         raise OutputError("the plan has no eval: section")
     ctx = Run(plan)
-    return ctx.evaluate(ctx.final_or_converted(), limit=limit)
+    check_writable(ctx.paths.root)  # eval writes <output>/eval: only into a directory surgery made (before work)
+    model = ctx.final_or_converted()
+    with OutputLock(_claim_root(ctx, force=False)):
+        return ctx.evaluate(model, limit=limit)
 
 
 __all__ = ["Run", "RunReport", "convert_command", "eval_command", "evaluate_plan", "generate_sample", "recover_command",

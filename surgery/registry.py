@@ -114,7 +114,7 @@ class Registry:
                 continue
             try:
                 classes = list(impl() or [])
-            except Exception as exc:  # a broken plugin must be named, not crash with a bare traceback
+            except (Exception, SystemExit) as exc:  # a broken plugin is named, never the end of the program
                 raise PluginError(f"plugin {self._describe(plugin_name)} raised in {hook}(): {exc!r}") from exc
             for cls in classes:
                 self._add(kind, plugin_name, cls, base, self._table(kind))
@@ -217,19 +217,25 @@ def load_registry(
             dist = ep.dist.name if ep.dist is not None else "?"
             version = ep.dist.version if ep.dist is not None else "?"
             try:
+                # SystemExit too: a plugin calling sys.exit() at import must not end every command silently.
                 plugin = ep.load()
-            except Exception as exc:
+                if pm.is_registered(plugin):
+                    continue
+                pm.register(plugin, name=ep.name)
+            except (Exception, SystemExit) as exc:
                 message = f"plugin '{ep.name}' (distribution {dist} {version}) failed to load from '{ep.value}': {exc!r}"
                 if strict:
-                    raise PluginError(message) from exc
+                    raise PluginError(message) from None
                 broken[ep.name] = message
                 sources[ep.name] = (dist, version)
                 continue
-            if pm.is_registered(plugin):
-                continue
-            pm.register(plugin, name=ep.name)
             sources[ep.name] = (dist, version)
-    pm.check_pending()
+    try:
+        pm.check_pending()
+    except Exception as exc:  # pluggy's PluginValidationError: a hook no spec declares
+        if strict:
+            raise PluginError(f"a plugin implements an unknown hook: {exc}") from None
+        broken["(hooks)"] = str(exc)
     return Registry(pm, sources, broken, strict)
 
 

@@ -155,7 +155,7 @@ def memory_branch(
     # The dense buffer: cached tokens (at most W + C) followed by this call's.
     if layer is not None and layer.keys is not None:
         kw, vw, vb = layer.window_with(kr, vt, valid)
-        fw = torch.cat([aux["win_fk"], fk.float()], dim=2)
+        fw = torch.cat([_align(aux["win_fk"], layer.keys.shape[2]), fk.float()], dim=2)
     else:
         kw, vw, vb, fw = kr, vt, valid, fk.float()
     S = kw.shape[2]
@@ -167,11 +167,16 @@ def memory_branch(
         cand_ok = ok_buf & ~is_sink
     else:
         cand_ok = ok_buf
-    # Blocks are aligned to each row's real tokens (left padding shifts a row by its padding), so each row has its
-    # own consolidation points; spans split at the union of them, and a row consolidates only at its own.
-    real = (aux["mem_real"] if "mem_real" in aux else torch.zeros(B, dtype=torch.long, device=dev))
-    real = real + (valid.long().sum(1) if valid is not None else T)
-    pad = (seen + T - real).tolist()  # left padding of each row (one sync per call, not per token)
+    # Blocks are aligned to each row's first real token (left padding shifts a row by its padding; right padding
+    # does not shift it), so each row has its own consolidation points; spans split at the union of them, and a row
+    # consolidates only at its own. ``mem_start``: that token's position, -1 while a row has none yet.
+    start = aux["mem_start"] if "mem_start" in aux else torch.full((B,), -1, dtype=torch.long, device=dev)
+    if valid is not None:
+        here = torch.where(valid.any(1), seen + valid.long().argmax(1), torch.full_like(start, -1))
+    else:
+        here = torch.full_like(start, seen)
+    start = torch.where(start >= 0, start, here)
+    pad = torch.where(start >= 0, start, torch.full_like(start, seen + T)).tolist()  # one sync per call
     mem = {name: t[:, :, : filled(n, chunk, window, pad, seen)] for name, t in mem.items()}
     cuts = {p: [p - pb >= window + chunk and (p - pb - window) % chunk == 0 for pb in pad]
             for p in range(seen, seen + T)}
@@ -218,9 +223,107 @@ def memory_branch(
                            null(rec) if null is not None else None))  # fmt: skip
     keep = window + chunk
     mem = {name: _grow(t, n) for name, t in mem.items()}  # the cache holds all n slots
-    new_aux = {f"mem_{name}": t for name, t in mem.items()} | {"win_fk": fw[:, :, -keep:].clone(), "mem_real": real}
+    # ``mem_real`` (real tokens so far) and ``mem_pad`` (the first real token's position) give the one-token decode
+    # step its positions on the device (``decode_position``); ``mem_start`` is the same start, -1 while a row has none.
+    real = (aux["mem_real"] if "mem_real" in aux else torch.zeros(B, dtype=torch.long, device=dev))
+    real = real + (valid.long().sum(1) if valid is not None else T)
+    new_aux = {f"mem_{name}": t for name, t in mem.items()} | {
+        "win_fk": _align(fw, keep).clone(), "mem_start": start, "mem_real": real,
+        "mem_pad": torch.tensor(pad, device=dev)}
     rec = torch.cat(recs, 1) if recs[0] is not None else None
     return torch.cat(outs, 2), rec, state, (kw, vw, vb), new_aux
+
+
+def decodes_on_device(layer: MixerCacheLayer | None, T: int, valid: Tensor | None) -> bool:
+    """Whether this call is one real token per row over a static cache that a prefill filled: then
+    ``memory_decode_step`` runs it with fixed shapes and no host synchronisation (capturable in a CUDA graph)."""
+    return (layer is not None and layer.static and T == 1 and valid is None and layer.keys is not None
+            and "mem_real" in layer.aux)  # fmt: skip
+
+
+def decode_position(layer: MixerCacheLayer) -> Tensor:
+    """``[B]`` the absolute position of each row's next token, on the device (left padding + real tokens so far)."""
+    return layer.aux["mem_pad"] + layer.aux["mem_real"]
+
+
+def memory_decode_step(
+    qr: Tensor,
+    kr: Tensor,
+    vt: Tensor,
+    fk: Tensor,
+    valid: None,
+    layer: MixerCacheLayer,
+    window: int,
+    chunk: int,
+    n: int,
+    scale: float,
+    softcap: float | None,
+    sinks: dict[str, Tensor] | None,
+    state: State | None,
+    recur: Callable[[int, int, State | None], tuple[Tensor | None, State]],
+    null: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None, State, tuple[Tensor, Tensor, Tensor | None], dict[str, Tensor]]:
+    """``memory_branch`` for one real token per row over a static cache, with shapes fixed and every decision on
+    the device: capturable in a CUDA graph, and the same pairs, keys and state as ``memory_branch`` decoding.
+
+    The cached window holds exactly ``W + C`` slots (the oldest may be invalid). The token at real position ``r``
+    (``mem_real``) consolidates iff ``r >= W + C`` and ``r - W`` is a multiple of ``C``, and the block it consolidates
+    is then the window's first ``C`` slots; consolidation is computed for every row and kept where it is due. All
+    ``n`` memory slots are attended under their ``ok`` mask, where ``memory_branch`` reads only the fillable ones
+    (the masked ones weigh exactly zero). Arguments and returns are ``memory_branch``'s, with ``T = 1``.
+    """
+    B, Hq, _, D = qr.shape
+    H, K, Dv = kr.shape[1], fk.shape[-1], vt.shape[-1]
+    dev = qr.device
+    aux = layer.aux
+    Wk = layer.keys.shape[2]
+    real, pad = aux["mem_real"], aux["mem_pad"]
+    p = pad + real  # [B] absolute position of this token
+    kw, vw = torch.cat([layer.keys, kr], 2), torch.cat([layer.values, vt], 2)
+    fw = torch.cat([_align(aux["win_fk"], Wk), fk.float()], 2)
+    ok_buf = torch.cat([layer.valid, torch.ones(B, 1, dtype=torch.bool, device=dev)], 1)  # [B, Wk + 1]
+    pos = p[:, None] - Wk + torch.arange(Wk + 1, device=dev)  # absolute position of each buffer slot
+    cand_ok = ok_buf
+    if sinks is not None:
+        is_sink = ((sinks["sink_pos"][:, :, None] == pos[:, None, :]) & sinks["sink_ok"][:, :, None]).any(1)
+        cand_ok = ok_buf & ~is_sink
+    mem = {name: aux[f"mem_{name}"] for name in ("k", "v", "fk", "ok")}
+    cut = ((real >= window + chunk) & ((real - window) % chunk == 0)).view(B, 1, 1)
+    # Computed for every row and kept where due; on the CPU (never captured, syncs are free) only when due.
+    if dev.type != "cpu" or torch.compiler.is_compiling() or bool(cut.any()):
+        cand = {"k": kw[:, :, :chunk], "v": vw[:, :, :chunk], "fk": fw[:, :, :chunk],
+                "ok": cand_ok[:, None, :chunk].expand(B, H, chunk)}  # fmt: skip
+        st = state[0][..., :Dv] if state is not None else kr.new_zeros(B, H, K, Dv, dtype=torch.float32)
+        new = consolidate(mem, cand, st, n)
+        # Empty slots zeroed, as ``memory_branch`` leaves them: the cache then holds the same tensors either way.
+        new = {name: (t if name == "ok" else t.masked_fill(~new["ok"][..., None], 0)) for name, t in new.items()}
+        mem = {name: torch.where(cut if t.dim() == 3 else cut[..., None], t, mem[name]) for name, t in new.items()}
+    rec, state = recur(0, 1, state)
+    # Dense keys from the oldest unconsolidated block: real position C * floor((r - W) / C), or the first token.
+    base = pad + torch.where(real >= window, torch.div(real - window, chunk, rounding_mode="floor") * chunk, 0)
+    dense = (pos >= base[:, None]) & ok_buf
+    dense[:, -1] = True  # a query always sees itself
+    keys, vals = [mem["k"], kw], [mem["v"], vw]
+    vis = [mem["ok"][:, :, None, :], dense[:, None, None, :].expand(B, H, 1, Wk + 1)]
+    if sinks is not None:
+        sv = sinks["sink_ok"] & (sinks["sink_pos"] < base[:, None])
+        keys.insert(0, sinks["sink_k"])
+        vals.insert(0, sinks["sink_v"])
+        vis.insert(0, sv[:, None, None, :].expand(B, H, 1, sv.shape[1]))
+    out = attend(qr, torch.cat(keys, 2).to(qr.dtype), torch.cat(vals, 2).to(qr.dtype), torch.cat(vis, 3), scale,
+                 softcap, null(rec) if null is not None else None)  # fmt: skip
+    new_aux = {f"mem_{name}": t for name, t in mem.items()} | {"win_fk": fw[:, :, 1:], "mem_real": real + 1,
+                                                               "mem_pad": pad, "mem_start": aux["mem_start"]}  # fmt: skip
+    return out, rec, state, (kw, vw, ok_buf), new_aux
+
+
+def _align(t: Tensor, m: int) -> Tensor:
+    """``t`` ``[B, H, L, ...]`` right-aligned to ``m`` slots: its last ``m``, or zeros prepended (``win_fk`` has one
+    row per slot of the cached window, whose static form always holds ``W + C`` slots, the unwritten ones invalid)."""
+    L = t.shape[2]
+    if L >= m:
+        return t[:, :, L - m :]
+    return torch.cat([t.new_zeros(*t.shape[:2], m - L, *t.shape[3:]), t], dim=2)
 
 
 def _grow(t: Tensor, m: int) -> Tensor:

@@ -145,20 +145,58 @@ def calibration_ids(
     return torch.stack([chunks[i * step]["input_ids"] for i in range(n)])
 
 
+#: First line of every plan ``surgery select`` writes: what lets a later run replace it (and nothing else).
+SELECT_HEAD = "# written by surgery select: "
+
+
+def _check_out(path: Path, plan_path: Path, what: str) -> None:
+    """Refuse, before any work, an output that is the input plan, a link, a directory, or a file select did not
+    write (its first line is not ``SELECT_HEAD``; a ranking's JSON has ``"written_by": "surgery select"``)."""
+    from surgery.errors import OutputError
+    from surgery.outputs import refuse_link
+
+    refuse_link(path, what)
+    if path.exists() and plan_path.exists() and path.resolve() == plan_path.resolve():
+        raise OutputError(f"{what} {path} is the input plan; write the hybrid plan to another file")
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a directory; name a file")
+    if path.exists():
+        try:
+            text = path.read_text()[:4096]
+        except (OSError, UnicodeDecodeError):
+            text = ""
+        ours = text.startswith(SELECT_HEAD) or '"written_by": "surgery select"' in text
+        if not ours:
+            raise OutputError(f"{what} {path} exists and was not written by surgery select; move it away or choose "
+                              "another file")  # fmt: skip
+
+
 def select(plan_path: str | Path, keep: int, tokens: int = 2048, out: str | Path | None = None,
-           seq_len: int | None = None, data: str | Path | None = None) -> tuple[LayerDamage, dict[str, Any]]:  # fmt: skip
+           seq_len: int | None = None, data: str | Path | None = None,
+           ranking: str | Path | None = None) -> tuple[LayerDamage, dict[str, Any]]:  # fmt: skip
     """``surgery select``: measure ``plan_path``'s layers, write the hybrid plan keeping the ``keep`` worst.
 
-    Returns the measurement and the hybrid plan (dict). With ``out``, writes ``out`` (YAML) and ``out`` with
-    suffix ``.json`` (the per-layer KL and the ranking).
+    Returns the measurement and the hybrid plan (dict). With ``out``, writes ``out`` (YAML) and nothing else; with
+    ``ranking``, writes the per-layer KL and the ranking there (JSON). Neither may be the input plan nor a file
+    that ``surgery select`` did not write (checked before the measurement); both are written atomically.
     """
     import yaml
 
     from surgery.convert import load_model, load_tokenizer, num_layers
+    from surgery.outputs import write_file
     from surgery.plan import load_plan
 
+    if keep < 0:
+        raise PlanError([("--keep", f"{keep} is negative: name how many layers to keep as softmax attention")])
+    if tokens < 1:
+        raise PlanError([("--tokens", f"{tokens}: need at least one calibration token")])
+    plan = load_plan(plan_path)
+    for path, what in ((out, "--out"), (ranking, "--ranking")):
+        if path is not None:
+            _check_out(Path(path), Path(plan_path), what)
+    if out is not None and ranking is not None and Path(out).absolute() == Path(ranking).absolute():
+        raise PlanError([("--ranking", "names the same file as --out")])
     raw = yaml.safe_load(Path(plan_path).read_text())
-    plan = load_plan(raw)
     base = load_model(plan)
     tokenizer = load_tokenizer(plan)
     ids = calibration_ids(plan, tokenizer, tokens, seq_len, data)
@@ -167,9 +205,13 @@ def select(plan_path: str | Path, keep: int, tokens: int = 2048, out: str | Path
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        head = (f"# {Path(plan_path).name} with layers {damage.keep(keep)} kept as softmax attention: the {keep} "
-                f"whose conversion alone moves the next-token distribution most\n# (surgery select, KL to the base "
-                f"on {damage.tokens} calibration tokens; per layer in {out.with_suffix('.json').name}).\n")
-        out.write_text(head + yaml.safe_dump(hybrid, sort_keys=False))
-        out.with_suffix(".json").write_text(json.dumps(damage.to_dict() | {"keep": damage.keep(keep)}, indent=1))
+        where = f"per layer in {Path(ranking).name}" if ranking is not None else "per layer: surgery select --ranking"
+        head = (f"{SELECT_HEAD}{Path(plan_path).name} with layers {damage.keep(keep)} kept as softmax attention: the "
+                f"{keep} whose conversion alone moves the next-token distribution most\n# (KL to the base on "
+                f"{damage.tokens} calibration tokens; {where}).\n")
+        write_file(out, head + yaml.safe_dump(hybrid, sort_keys=False))
+    if ranking is not None:
+        Path(ranking).parent.mkdir(parents=True, exist_ok=True)
+        body = {"written_by": "surgery select"} | damage.to_dict() | {"keep": damage.keep(keep)}
+        write_file(Path(ranking), json.dumps(body, indent=1))
     return damage, hybrid

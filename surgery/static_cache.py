@@ -191,11 +191,19 @@ class StaticMixerLayer(MixerCacheLayer):
                 self.valid[row, W - n :].fill_(True)
             else:
                 self.valid[row, W - n :].copy_(src.valid[src_row, S - n :])
+        for name, t in src.aux.items():  # sinks, a retrieval memory: constant-size, batch first
+            buf = self.aux.get(name)
+            if buf is None:
+                buf = self.aux[name] = t.new_zeros(self.batch_size, *t.shape[1:])
+            self._check(f"aux '{name}' row", t[src_row], buf[row])
+            buf[row].copy_(t[src_row])
         self.seen = max(self.seen, src.seen)
         self.is_initialized = True
 
     def tensors(self) -> list[Tensor]:
-        return [*(self.states or ()), *(t for t in (self.keys, self.values, self.valid) if t is not None)]
+        """Every buffer: states, window, and the ``aux`` extras (all zero: no history)."""
+        return [*(self.states or ()), *(t for t in (self.keys, self.values, self.valid) if t is not None),
+                *self.aux.values()]  # fmt: skip
 
     def reset(self) -> None:
         """Zero everything in place (addresses stay, so a captured graph stays valid)."""

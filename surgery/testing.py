@@ -143,6 +143,10 @@ def conformance_suite(
             check_padding(reg, mixer, options, arch)
 
         @pytest.mark.parametrize("mixer,options,arch", cases)
+        def test_right_padding_equals_single_rows(self, mixer: str, options: dict, arch: str) -> None:
+            check_right_padding(reg, mixer, options, arch)
+
+        @pytest.mark.parametrize("mixer,options,arch", cases)
         def test_save_load_round_trip(self, mixer: str, options: dict, arch: str) -> None:
             check_round_trip(reg, mixer, options, arch)
 
@@ -214,6 +218,24 @@ def check_padding(registry: Registry, mixer: str, options: dict, arch: str) -> N
     for step, (both, row_a, row_b) in enumerate(zip(out.logits, out_a.logits, out_b.logits)):
         torch.testing.assert_close(both[0], row_a[0], rtol=1e-4, atol=2e-5, msg=f"row 0, step {step}")
         torch.testing.assert_close(both[1], row_b[0], rtol=1e-4, atol=2e-5, msg=f"row 1, step {step}")
+
+
+def check_right_padding(registry: Registry, mixer: str, options: dict, arch: str) -> None:
+    """One forward of a right-padded batch (attention mask 0 on the tail) == each row alone, at the real positions.
+
+    The padding tail holds real token ids (not zeros), so a mixer that lets them in, or that aligns anything (a
+    memory's consolidation points, a window) to the row's end rather than its start, differs here.
+    """
+    model = converted(registry, mixer, options, arch)
+    a, b = _ids(1, 17, seed=1), _ids(1, 7, seed=2)
+    batch = torch.cat([a, torch.cat([b, _ids(1, 10, seed=9)], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        la, lb = model(a).logits, model(b).logits
+        both = model(batch, attention_mask=mask).logits
+    torch.testing.assert_close(both[0], la[0], rtol=1e-4, atol=2e-5, msg="row 0 (no padding)")
+    torch.testing.assert_close(both[1, :7], lb[0], rtol=1e-4, atol=2e-5, msg="row 1 (right-padded)")
 
 
 def check_round_trip(registry: Registry, mixer: str, options: dict, arch: str) -> None:

@@ -213,7 +213,7 @@ def update_sinks(
     keys: Tensor,
     values: Tensor,
     valid: Tensor | None,
-    seen: int,
+    seen: int | Tensor,
     n: int,
 ) -> dict[str, Tensor]:
     """The first ``n`` real tokens of each row so far: the cached sinks completed from this call's tokens.
@@ -222,7 +222,8 @@ def update_sinks(
         layer_aux: the cache's ``aux`` (keys ``sink_k``/``sink_v`` ``[B, Hkv, n, D]``, ``sink_pos`` ``[B, n]``
             absolute positions, ``sink_ok`` ``[B, n]`` filled) or None (no cache, or nothing cached yet).
         keys, values: ``[B, Hkv, T, D]`` post-RoPE keys and values of this call; valid: ``[B, T]`` or None.
-        seen: absolute position of this call's first token.
+        seen: absolute position of this call's first token, or ``[B]`` per row (on the device: a captured decode
+            step, which then runs without a host synchronisation).
 
     Returns:
         The new ``sink_k``, ``sink_v``, ``sink_pos``, ``sink_ok``.
@@ -234,12 +235,12 @@ def update_sinks(
     else:
         sk, sv = keys.new_zeros(B, H, n, D), values.new_zeros(B, H, n, values.shape[-1])
         spos, sok = torch.zeros(B, n, dtype=torch.long, device=dev), torch.zeros(B, n, dtype=torch.bool, device=dev)
-    if bool(sok.all()):
+    if isinstance(seen, int) and bool(sok.all()):  # every sink filled: nothing to do (a sync, so not when captured)
         return {"sink_k": sk, "sink_v": sv, "sink_pos": spos, "sink_ok": sok}
     real = valid.to(torch.bool) if valid is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
     rank = sok.sum(1, keepdim=True) + real.long().cumsum(1) - 1  # slot of each real token
     slot = torch.where(real & (rank < n), rank, torch.full_like(rank, n))  # n: a dump slot, dropped below
-    pos = seen + torch.arange(T, device=dev).expand(B, T)
+    pos = (seen if isinstance(seen, int) else seen[:, None]) + torch.arange(T, device=dev).expand(B, T)
     idx = slot[:, None, :, None]
     sk = torch.cat([sk, sk[:, :, :1]], 2).scatter(2, idx.expand(B, H, T, D), keys.to(sk.dtype))[:, :, :n]
     sv = torch.cat([sv, sv[:, :, :1]], 2).scatter(2, idx.expand(B, H, T, sv.shape[-1]), values.to(sv.dtype))[:, :, :n]

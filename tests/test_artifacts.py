@@ -155,8 +155,46 @@ def test_refuses_a_directory_it_did_not_write(converted, tmp_path: Path) -> None
         surgery.save(converted, target)
     assert "\n" not in str(err.value)
     assert (target / "thesis.tex").read_text() == "years of work"
-    surgery.save(converted, target, force=True)
-    assert (target / "config.json").exists() and not (target / "thesis.tex").exists()
+    surgery.save(converted, target, force=True)  # forced in beside the user's file, which is kept
+    assert (target / "config.json").exists() and (target / "thesis.tex").read_text() == "years of work"
+    assert "thesis.tex" not in json.loads((target / MARKER).read_text())["files"]
+    surgery.save(converted, target)  # now ours, the user's file still carried over
+    assert (target / "thesis.tex").read_text() == "years of work"
+
+
+def test_force_never_overwrites_or_deletes_a_users_file(converted, tmp_path: Path) -> None:
+    target = tmp_path / "base"
+    target.mkdir()
+    (target / "config.json").write_text("{}")  # e.g. the plan's own base model directory
+    with pytest.raises(ArtifactError, match=r"config.json was not written by surgery .* force or not"):
+        surgery.save(converted, target, force=True)
+    assert (target / "config.json").read_text() == "{}" and sorted(p.name for p in target.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # no temporary directory left
+
+
+def test_a_users_hidden_old_directory_is_neither_renamed_nor_deleted(converted, tmp_path: Path) -> None:
+    old = tmp_path / ".m.old"
+    old.mkdir()
+    (old / "mine.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match=r"\.m\.old exists and was not written by surgery"):
+        surgery.save(converted, tmp_path / "m", force=True)
+    assert (old / "mine.txt").read_text() == "mine" and not (tmp_path / "m").exists()
+    surgery.save(converted, tmp_path / "n")
+    (tmp_path / ".n.old").write_text("a file of mine")
+    with pytest.raises(ArtifactError, match="was not written by surgery"):
+        surgery.save(converted, tmp_path / "n")
+    assert (tmp_path / ".n.old").read_text() == "a file of mine"
+
+
+def test_a_marker_that_is_a_link_is_refused(converted, tmp_path: Path) -> None:
+    target = tmp_path / "m"
+    target.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    (target / MARKER).symlink_to(victim)
+    with pytest.raises(ArtifactError, match="symbolic link"):
+        surgery.save(converted, target, force=True)
+    assert victim.read_text() == "keep"
 
 
 def test_refuses_a_file(converted, tmp_path: Path) -> None:

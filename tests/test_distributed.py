@@ -138,6 +138,31 @@ def test_two_processes_train_like_one_and_one_resumes_what_two_checkpointed(engi
     assert pickled_files(killed) == []
 
 
+def test_attention_transfer_under_fsdp_is_a_located_error(data: Path) -> None:
+    with pytest.raises(ValueError, match=r"attention_transfer runs under DDP only"):
+        make_spec(data).model_validate({"data": {"source": str(data)}, "distributed": "fsdp",
+                                        "stages": {"attention_transfer": {}, "lora": {}}})  # fmt: skip
+
+
+@pytest.mark.parametrize("engine", ["ddp"])
+def test_attention_transfer_then_lora_on_two_processes_equals_one(engine: str, data: Path, tmp_path: Path) -> None:
+    """The recommended recipe under DDP: the teacher-forced stage's loss leaves the forward in its output, so DDP
+    finds the adapters it trains (it marked them ready twice before); both stages match one process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    job = dict(data=str(data), max_steps=3, save_steps=100, batch_size=2, grad_accum=1, transfer=True)
+    run_child(1, out=str(one), **job)
+    run_child(2, out=str(two), distributed=engine, **job)
+    for stage in ("attention_transfer", "lora"):
+        a = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader((one / stage / "loss.csv").open())]
+        b = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader((two / stage / "loss.csv").open())]
+        assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3], (stage, a, b)
+        for (_, x), (_, y) in zip(a, b):
+            assert abs(x - y) <= 1e-3 * abs(x) + 1e-7, (stage, a, b)
+    w1, w2 = _adapter(one), _adapter(two)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-3, atol=1e-5)
+
+
 def _adapter(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -337,8 +362,16 @@ def _main(job: dict[str, Any]) -> None:
     spec = make_spec(job["data"], max_steps=job["max_steps"], save_steps=job["save_steps"],
                      batch_size=job["batch_size"], grad_accum=job["grad_accum"])  # fmt: skip
     spec = spec.model_copy(update={"distributed": job.get("distributed", "ddp")})
-    model, _ = converted()
-    recover(model, spec=spec, tokenizer=char_tokenizer(), out=job["out"], callbacks=[Hang()])
+    teacher = None
+    if job.get("transfer"):  # attention transfer, then LoRA (examples/demo-large.yaml's recipe)
+        raw = spec.model_dump(mode="json")
+        lora = raw["stages"]["lora"]
+        train = {k: lora[k] for k in ("max_steps", "save_steps", "batch_size", "grad_accum")}
+        raw["stages"] = {"attention_transfer": {**train, "lr": 1e-3}, "lora": lora}
+        spec = type(spec).model_validate(raw)
+    model, teacher = converted()
+    recover(model, spec=spec, tokenizer=char_tokenizer(), out=job["out"], callbacks=[Hang()],
+            teacher=teacher if job.get("transfer") else None)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -55,13 +55,20 @@ def test_custom_generate_through_model_generate() -> None:
     assert torch.equal(out, ref)
 
 
-def test_compiled_step_traces_and_decodes_like_eager() -> None:
+@pytest.mark.parametrize("options", [
+    {"window": 4}, {"window": 2, "memory": 3, "memory_chunk": 2, "sinks": 2},
+    {"window": 2, "memory": 3, "memory_chunk": 2, "sinks": 1, "combine": "shared", "shared_bias": 1.0},
+], ids=["window", "memory", "memory-shared"])  # fmt: skip
+def test_compiled_step_traces_and_decodes_like_eager(options: dict) -> None:
     """The torch.compile path, traced by dynamo with the eager backend (no compiler on CPU CI): one graph, same
-    tokens and logits as the eager step over the same static cache."""
+    tokens and logits as the eager step over the same static cache. No graph break also means no host
+    synchronisation and no data-dependent shape: what a CUDA graph capture needs (the retrieval memory's decode
+    step consolidates on the device)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    model = convert("liger_attention", {"window": 4}, [0, 2])
+    counters.clear()
+    model = convert("liger_attention", options, [0, 2])
     x, mask = padded_batch()
     ref = generate(model, x, mask, max_new_tokens=5, capture="eager", output_logits=True)
     dec = Decoder(model, 3, max_length=20, capture="compile", compile_backend="eager")
@@ -110,6 +117,37 @@ def test_cli_generate_streams_and_prints_tokens_per_second(tmp_path: Path, capsy
     assert "new tokens, batch 2:" in out and "tok/s decoding (eager)" in out
 
 
+def _every_option_set() -> list[Any]:
+    return [pytest.param(name, options, id=f"{name}-{i}") for name, cls in sorted(REGISTRY.mixers.items())
+            for i, options in enumerate(cls.test_options)]  # fmt: skip
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("mixer,options", _every_option_set())
+def test_cli_generate_decodes_a_saved_model_of_every_mixer_and_option(mixer: str, options: dict, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    """``surgery generate`` on a saved model of each mixer with each of its option sets (every option that shapes
+    the cache: windows, sinks, the retrieval memory, shared normalizers, branches): a two-token prompt and a
+    left-padded one-token one, so the static cache is allocated from a prefill shorter than every window (the main
+    job's model failed so) and fills while decoding (the memory consolidates several times). The streamed text is HF's greedy decode of
+    the loaded model over a DynamicCache."""
+    model = convert(mixer, options)
+    tok = _word_tokenizer()
+    surgery.save(model, tmp_path / "run" / "model", tokenizer=tok)
+    prompts = ["w5 w6", "w9"]
+    code = main(["generate", str(tmp_path / "run"), "--prompt", prompts[0], "--prompt", prompts[1],
+                 "--max-new-tokens", "12", "--capture", "eager", "--device", "cpu"])  # fmt: skip
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    loaded = surgery.load(tmp_path / "run" / "model").eval()
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = loaded.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=2)
+    want = tok.decode(ref[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert out.out.split("\n")[0] == want
+
+
 def test_cli_generate_names_a_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
     assert "no saved model (config.json)" in capsys.readouterr().err
@@ -124,14 +162,29 @@ def test_benchmark_runs_at_tiny_size(tmp_path: Path) -> None:
     bench_main(["--tiny", "--batch", "2", "--context", "16", "--new-tokens", "4", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     names = {(r["model"], r["mode"]) for r in rows}
-    assert {("base", "eager"), ("gla", "eager"), ("liger_attention", "eager")} <= names
+    assert {("base", "eager"), ("gla", "eager"), ("liger_attention", "eager"), ("memory", "eager")} <= names
     assert all(r["tok_per_s"] > 0 for r in rows if "error" not in r)
+    assert not [r for r in rows if "error" in r and r["model"] == "memory"]  # the main job's recipe decodes
+
+
+def test_benchmark_takes_a_rule_and_a_plan(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.generate import main as bench_main
+
+    rows = bench_main(["--tiny", "--batch", "2", "--context", "16", "--new-tokens", "3", "--base-modes", "none", "--modes", "eager",
+                       "--mixers", "mem={mixer: liger_attention, options: {window: 2, sinks: 1, memory: 4, "
+                       "memory_chunk: 2, w_swa: 1.0, w_rec: 0.0}}", "examples/swa-only.yaml"])  # fmt: skip
+    assert [(r["model"], "error" in r) for r in rows] == [("mem", False), ("swa-only", False)]
 
 
 # -- GPU: the captured step decodes exactly what the eager step decodes ------------------------------------------
 
 CUDA_CASES = [("gla", {}, "all"), ("liger_attention", {"window": 8}, "all"), ("liger_attention", {"window": 8}, [0, 2]),
-              ("hgrn2", {}, "all"), ("gsa", {"num_slots": 4}, "all"), ("swa", {"window": 8}, "all")]  # fmt: skip
+              ("hgrn2", {}, "all"), ("gsa", {"num_slots": 4}, "all"), ("swa", {"window": 8}, "all"),
+              # the main job's recipe at tiny size: the memory consolidates inside the captured step
+              ("liger_attention", {"window": 2, "sinks": 2, "memory": 4, "memory_chunk": 2, "w_rec": 0}, "all"),
+              ("liger_attention", {"window": 3, "sinks": 1, "memory": 3, "memory_chunk": 2, "combine": "shared",
+                                   "shared_bias": 0.0}, [0, 2])]  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -193,10 +246,12 @@ def test_fused_liger_decode_step_equals_the_two_branch_step(options: dict, monke
 
 
 @pytest.mark.gpu
-def test_slot_refill_under_a_captured_graph() -> None:
+@pytest.mark.parametrize("options", [{"window": 8}, {"window": 2, "sinks": 2, "memory": 4, "memory_chunk": 2}],
+                         ids=["window", "memory"])  # fmt: skip
+def test_slot_refill_under_a_captured_graph(options: dict) -> None:
     """The graph stays valid when a slot is reset and refilled (same buffers): row 1 decodes its new prompt as if
     alone, row 0 is untouched."""
-    model = convert("liger_attention", {"window": 8}, [0, 2], device="cuda")
+    model = convert("liger_attention", options, [0, 2], device="cuda")
     a, c = ids(1, 9, seed=1).cuda(), ids(1, 7, seed=3).cuda()
     dec = Decoder(model, 2, max_length=40, capture="graph")
     first = dec.prefill(torch.cat([a, a]))

@@ -19,7 +19,7 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("errors", ("surgery.errors",)),
     ("options", ("surgery.options",)),
     ("light contracts", ("surgery.hookspecs", "surgery.recovery.stage")),
-    ("path rules", ("surgery.outputs", "surgery.artifacts_fs")),
+    ("path rules", ("surgery.outputs", "surgery.artifacts_fs", "surgery.task_code")),
     ("sites", ("surgery.sites",)),
     ("kernels", ("surgery.kernels",)),
     ("caches", ("surgery.cache",)),

@@ -141,6 +141,106 @@ def test_dispatch_equals_masked_reference(T: int, padded: bool, registry: Any) -
         torch.testing.assert_close(a, b, **TOL, msg=name)
 
 
+@pytest.mark.parametrize("piece,backend", [(64, "torch"), (7, "torch"), (1, "torch"), (7, "triton")])
+def test_dispatch_in_pieces_equals_one_call(piece: int, backend: str, registry: Any) -> None:
+    """The packed rows walked ``piece`` at a time (segments cut mid-chunk continue from the previous piece's state,
+    segments a piece does not reach keep theirs) == one recurrence over all of them: outputs, states, gradients.
+    ``triton``: the chunk kernel in the interpreter, clipped ``cu_seqlens`` with empty segments included."""
+    from surgery.kernels.gla import chunk_gla
+
+    site = find_attention(tiny_model("llama"))[0]
+    cell = GLA(site, GLA.Options(), None, projections=False)
+
+    def recur(q, k, v, gate, valid, state, want_state, cu_seqlens=None):  # noqa: ANN001, ANN202
+        fq, fk, fv, gk, _ = cell.gla_form(q, k, v, gate, valid)
+        o, s = chunk_gla(fq, fk, fv, gk, None, 1.0, state[0] if state else None, want_state, cu_seqlens,
+                         backend=backend)  # fmt: skip
+        return o, ((s,) if want_state else None)
+
+    B, T, M, k, Hq, Hkv, D = 2, 23, 3, 2, 4, 2, 16
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, T, Hq, D, generator=g, requires_grad=True)
+    keys = torch.randn(B, T, M, Hkv, D, generator=g, requires_grad=True)
+    values = torch.randn(B, T, M, Hkv, D, generator=g, requires_grad=True)
+    logits = torch.randn(B, T, M, generator=g, requires_grad=True)
+    state = (torch.randn(B, M, Hkv, D, D, generator=g) * 0.1,)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :5] = False
+    routing = route(logits, k)
+    got, got_state = dispatch(recur, q, dense_rows(keys, values, None), routing, valid, state, True, piece=piece)
+    ref, ref_state = dispatch(recur, q, dense_rows(keys, values, None), routing, valid, state, True, piece=B * T * k)
+    torch.testing.assert_close(got, ref, **TOL)
+    torch.testing.assert_close(got_state[0], ref_state[0], **TOL)
+    probe = torch.randn(got.shape, generator=g)
+    grads = torch.autograd.grad((got * probe).sum() + got_state[0].sum(), (q, keys, values, logits),
+                                retain_graph=True)  # fmt: skip
+    ref_grads = torch.autograd.grad((ref * probe).sum() + ref_state[0].sum(), (q, keys, values, logits))
+    for name, a, b in zip(("q", "keys", "values", "router logits"), grads, ref_grads):
+        torch.testing.assert_close(a, b, **TOL, msg=name)
+
+
+def _largest_new_tensor(fn: Any) -> tuple[int, list[int]]:
+    """Run ``fn``; the bytes of the largest tensor any op allocated (views excluded), and every recurrence call's
+    row count (the T of each GLA kernel call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    import surgery.recurrent as recurrent_mod
+
+    class Largest(TorchDispatchMode):
+        size = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            out = func(*args, **(kwargs or {}))
+            seen = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                    self.size = max(self.size, t.untyped_storage().nbytes())
+            return out
+
+    calls: list[int] = []
+    real = recurrent_mod.run_gla
+
+    def counting(q, *args, **kwargs):  # noqa: ANN001, ANN202
+        calls.append(q.shape[1])
+        return real(q, *args, **kwargs)
+
+    recurrent_mod.run_gla = counting
+    try:
+        with Largest() as mode:
+            fn()
+    finally:
+        recurrent_mod.run_gla = real
+    return mode.size, calls
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["prefill", "training"])
+def test_no_tensor_is_per_memory_at_full_length(training: bool, registry: Any) -> None:
+    """MoM (8 memories, top 2, shared memory) on T tokens: no recurrence call runs more rows than the tokens, and
+    the largest tensor created (forward, and backward in training) is at most 1.5x GLA's at the same shape: nothing
+    is ``[M, T, ...]`` or ``[k, T, ...]`` (one recurrence over all ``k * T`` routed rows was 2x, a dense projection of
+    every memory ``M / 2``x the key)."""
+    B, T = 2, 192
+    sizes = {}
+    for name, options in (("gla", {}), ("mom", {"num_memories": 8, "topk": 2})):
+        model = convert("llama", name, options, registry)
+        layer = model.model.layers[0].self_attn
+        layer.train(training)
+        layer.recompute = False
+        x = torch.randn(B, T, model.config.hidden_size, requires_grad=training)
+        ctx = __import__("surgery.mixer", fromlist=["MixContext"]).MixContext(None, None, None, None, {})
+
+        def run() -> None:
+            with torch.set_grad_enabled(training):
+                y = layer.mix(x, ctx)
+                if training:
+                    y.float().square().mean().backward()
+
+        sizes[name], calls = _largest_new_tensor(run)
+        assert max(calls) <= B * T, (name, calls)
+    assert sizes["mom"] <= 1.5 * sizes["gla"], sizes
+
+
 @pytest.mark.parametrize("arch,options", [("qwen2", {}), ("qwen3", {"gate": "projection"})],
                          ids=["bias", "k-norm-gate-projection"])
 @pytest.mark.parametrize("T", [9, 1], ids=["prefill", "decode-step"])

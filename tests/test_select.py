@@ -72,16 +72,24 @@ def test_select_command_writes_a_loadable_hybrid_plan(tmp_path: Path, capsys: py
                                                             "stages": {"lora": {"tokens": 64}}}}
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
     out = tmp_path / "hybrid.yaml"
-    args = ["select", str(tmp_path / "plan.yaml"), "--keep", "1", "--tokens", "64", "-o", str(out)]
+    (tmp_path / "hybrid.json").write_text("my notes")  # a file select is not given: never written
+    args = ["select", str(tmp_path / "plan.yaml"), "--keep", "1", "--tokens", "64", "-o", str(out), "--ranking",
+            str(tmp_path / "ranking.json")]
     assert main(args) == 0
     printed = capsys.readouterr()
     assert "softmax" in printed.out and "hybrid plan written" in printed.out
     assert [line.split(" (")[0] for line in printed.err.splitlines() if line.startswith("select:")] == [
         f"select: chunk {i}/4" for i in range(1, 5)]  # progress: 64 tokens in chunks of the plan's 16
-    ranking = json.loads(out.with_suffix(".json").read_text())
+    ranking = json.loads((tmp_path / "ranking.json").read_text())
+    assert (tmp_path / "hybrid.json").read_text() == "my notes"
     hybrid = surgery.load_plan(str(out))
     assert len(hybrid.convert[0].layers) == 2 and ranking["keep"][0] not in hybrid.convert[0].layers
     assert ranking["tokens"] == 64
     assert main(args + ["--seq-len", "32"]) == 0  # longer calibration chunks: 2 of 32
-    assert json.loads(out.with_suffix(".json").read_text())["tokens"] == 64
+    assert json.loads((tmp_path / "ranking.json").read_text())["tokens"] == 64  # select's own files are replaced
     assert "select: chunk 2/2 (32 tokens" in capsys.readouterr().err
+    plan_text = (tmp_path / "plan.yaml").read_text()
+    assert main(["select", str(tmp_path / "plan.yaml"), "--keep", "1", "-o", str(tmp_path / "plan.yaml")]) == 2
+    assert main(["select", str(tmp_path / "plan.yaml"), "--keep", "1", "-o", str(tmp_path / "hybrid.json")]) == 2
+    assert "was not written by surgery select" in capsys.readouterr().err
+    assert (tmp_path / "plan.yaml").read_text() == plan_text and (tmp_path / "hybrid.json").read_text() == "my notes"

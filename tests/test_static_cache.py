@@ -135,7 +135,8 @@ def test_a_state_that_changes_shape_is_refused() -> None:
 
 @pytest.mark.parametrize("mixer,options,layers", [
     ("gla", {}, "all"), ("liger_attention", {"window": 3}, "all"), ("liger_attention", {"window": 3}, [0, 2]),
-    ("gsa", {"num_slots": 4}, "all"),
+    ("gsa", {"num_slots": 4}, "all"), ("liger_attention", {"window": 3, "sinks": 2}, "all"),
+    ("liger_attention", {"window": 2, "memory": 3, "memory_chunk": 2, "sinks": 2}, "all"),
 ])  # fmt: skip
 def test_a_slot_is_reset_and_refilled_without_touching_the_others(mixer: str, options: dict, layers: Any) -> None:
     """Rows of different lengths; row 1 is dropped mid-decode and a new prompt is prefilled into it: row 0 goes on
@@ -186,3 +187,20 @@ def test_eos_stops_a_row_and_pads_it_like_hf() -> None:
                              pad_token_id=0)  # fmt: skip
     assert torch.equal(out.sequences, ref[:, : out.sequences.shape[1]])
     assert (out.new_tokens[0, 3:] == 0).all()
+
+
+@pytest.mark.parametrize("options", [{"window": 3, "sinks": 2}, {"window": 2, "memory": 3, "memory_chunk": 2,
+                                                                  "sinks": 2}])  # fmt: skip
+def test_a_reused_decoder_forgets_the_last_batch(options: dict) -> None:
+    """A second prefill through the same static cache starts from nothing: sinks and memory (``aux``) are zeroed
+    with the states and the window, so the second batch decodes as through a fresh decoder."""
+    model = convert("liger_attention", options)
+    x, mask = padded_batch()
+    other = ids(2, 11, seed=7)
+    dec = Decoder(model, 2, capture="eager")
+    generate(model, other, max_new_tokens=8, decoder=dec)
+    again = generate(model, x, mask, max_new_tokens=6, decoder=dec, output_logits=True)
+    fresh = generate(model, x, mask, max_new_tokens=6, capture="eager", output_logits=True)
+    assert torch.equal(again.sequences, fresh.sequences)
+    for a, b in zip(again.logits, fresh.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -99,6 +99,33 @@ def _gguf_dir() -> Path:
     return d
 
 
+def _replace_ours(tmp: Path, out: Path) -> None:
+    """Move the fresh build ``tmp`` to ``out``, marked as surgery's (``.surgery`` lists its files).
+
+    An existing ``out`` (incomplete, or an older version) is removed only when every file in it is one the demo
+    writes: a name of the new build, or one its marker lists. Anything else is the user's, and the build is refused
+    with ``out`` left as it was.
+
+    Raises:
+        OutputError: ``out`` is a link or a file, or holds a file the demo did not write.
+    """
+    from surgery.outputs import MARKER, OutputError, refuse_link, write_file, written_files
+
+    refuse_link(out, "the demo's directory")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} is a file; move it away (surgery fetch-demo writes a directory there)")
+    new = {str(p.relative_to(tmp)) for p in tmp.rglob("*")}
+    write_file(tmp / MARKER, json.dumps({"written_by": "surgery fetch-demo", "files": sorted(new)}, indent=1))
+    if out.exists():
+        ours = new | written_files(out) | {MARKER}
+        foreign = sorted(str(p.relative_to(out)) for p in out.rglob("*") if str(p.relative_to(out)) not in ours)
+        if foreign:
+            raise OutputError(f"{out} holds {foreign[0]!r}, which surgery fetch-demo did not write; move it away (an "
+                              f"incomplete or older {out.name}/ is replaced only when everything in it is the demo's)")
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
 def _model_complete(d: Path) -> bool:
     return all((d / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
 
@@ -151,9 +178,7 @@ def fetch_demo(root: Path | None = None, n_layers: int | None = None) -> Path:
         tok.save_pretrained(tmp)
         if _model_complete(out):  # another process finished first
             return out
-        if out.exists():
-            shutil.rmtree(out)  # a leftover without weights: incomplete by construction
-        tmp.rename(out)
+        _replace_ours(tmp, out)  # a leftover without weights is replaced only when all of it is the demo's
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -301,9 +326,7 @@ def build_data_at(data_dir: Path, tokenizer: Any = None) -> DataPaths:
                  "nextsent_items": len(nextsent), "passkey_items": {str(k): len(v) for k, v in passkeys.items()},
                  "multikey_items": len(multikey), "long_windows": len(long_rows) // 2}
         t.stats.write_text(json.dumps(stats, indent=1))
-        if data_dir.exists():
-            shutil.rmtree(data_dir)  # incomplete or an older version: _data_complete said so
-        tmp.rename(data_dir)
+        _replace_ours(tmp, data_dir)  # incomplete or older (_data_complete said so), and only when all the demo's
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -40,7 +40,7 @@ from surgery.hookspecs import hookimpl
 from surgery.mixer import MixContext, Mixer, MixerDimsError, Options, apply_rope
 from surgery.options import did_you_mean, fail, lookup, problem
 from surgery.recurrent import RecurrentBranch
-from surgery.retrieval import memory_branch
+from surgery.retrieval import decode_position, decodes_on_device, memory_branch, memory_decode_step
 from surgery.sites.attention import AttentionSite
 from surgery.window import rope, swa_branch, update_sinks
 
@@ -82,8 +82,8 @@ class LigerAttention(Mixer):
             0.0, ge=0, le=1,
             description="training only: probability of dropping the window branch for a sequence (its weight goes "
                         "to the recurrent branch), so the recurrence learns to carry context (arXiv 2510.05901)")
-        w_swa: float = Field(0.5, description="weight of the sliding-window branch (combine: fixed)")
-        w_rec: float = Field(0.5, description="weight of the recurrent branch (combine: fixed)")
+        w_swa: float = Field(0.5, ge=0, description="weight of the sliding-window branch (combine: fixed)")
+        w_rec: float = Field(0.5, ge=0, description="weight of the recurrent branch (combine: fixed)")
         combine: Literal["fixed", "shared"] = Field(
             "fixed", description="fixed: w_swa * softmax + w_rec * recurrent (Liger); shared: one normalizer over "
                                  "the softmax's keys and the recurrent state (LoLCATs, LoLA)")
@@ -314,9 +314,10 @@ class LigerAttention(Mixer):
         vt = v.transpose(1, 2)
         fk = k.float().softmax(-1).transpose(1, 2)  # GLA's key features, what its state is read with
         valid = ctx.padding_mask
+        on_device = decodes_on_device(layer, T, valid)  # one token per row over a static cache: no host sync
         sinks = None
         if opts.sinks > 0:
-            seen = layer.seen if layer is not None else 0
+            seen = (decode_position(layer) if on_device else layer.seen) if layer is not None else 0
             sinks = update_sinks(layer.aux if layer is not None else None, kr, vt, valid, seen, opts.sinks)
 
         shared = opts.combine == "shared"
@@ -329,7 +330,8 @@ class LigerAttention(Mixer):
                 return None, self.recurrent.advance(*span)
             return self.recurrent.recurrent_output(*span, True)
 
-        swa, rec, state, (kw, vw, vb), aux = memory_branch(
+        branch = memory_decode_step if on_device else memory_branch
+        swa, rec, state, (kw, vw, vb), aux = branch(
             qr, kr, vt, fk, valid, layer, opts.window, opts.memory_chunk, opts.memory, self.scaling,
             self.site.dims.softcap, sinks, state, recur, self._null_logits if shared else None)
         if layer is not None:

@@ -9,6 +9,14 @@ and summed with the routing weights. Nothing loops over memories or sequences in
 back to the host: segment lengths come from a scatter-add, not ``bincount`` (which synchronises on CUDA to size its
 output).
 
+Memory: the routed rows are ``k`` times the tokens, so one recurrence over all of them would hold ``k`` outputs,
+queries and feature maps per token at once (at B = 16 x 32K on the Llama-3-8B shape, a 16 GiB output). Prefill and
+training instead walk the packed rows in pieces of at most half the tokens (``piece_rows``): a piece is a slice of
+the packed order with ``cu_seqlens`` clipped to it, its segments start from the states the previous piece ended in
+(a segment cut by a piece boundary continues exactly; one the piece does not reach keeps its state), its rows'
+queries and keys/values are gathered and projected for it alone, and its weighted output is added in place into
+the ``[B * T, ...]`` output. Piece sizes follow from the shapes alone (no sync); nothing is ever ``[M, T, ...]``.
+
 Decoding (one token per sequence) takes a shorter way: the ``B * k`` chosen states are gathered into a batch, run
 through the recurrence's token kernel, and written back; the other memories' states are not touched.
 """
@@ -130,12 +138,19 @@ class Packing:
         memory: ``[R]`` int64, the memory of each packed row (non-decreasing).
         ends: ``[M]`` int32, the end of memory m's rows (``torch._grouped_mm``'s ``offs``).
         topk: k, choices per token.
+        whole: every row (``order`` a permutation of ``[B * T * k]``), not a piece of them (``slice``).
     """
 
     order: Tensor
     memory: Tensor
     ends: Tensor
     topk: int
+    whole: bool = True
+
+    def slice(self, start: int, stop: int) -> Packing:
+        """Packed rows ``start:stop``, group ends relative to them (a piece of the packed order)."""
+        ends = (self.ends - start).clamp(0, stop - start).to(torch.int32)
+        return Packing(self.order[start:stop], self.memory[start:stop], ends, self.topk, whole=False)
 
     @property
     def token(self) -> Tensor:
@@ -144,8 +159,8 @@ class Packing:
 
     def tokens(self, x: Tensor) -> Tensor:
         """Each packed row's token row of ``x`` ``[B * T, ...]``: ``[R, ...]`` (a token's row appears k times)."""
-        if not (torch.is_grad_enabled() and x.requires_grad):
-            return x.index_select(0, self.token)
+        if not (torch.is_grad_enabled() and x.requires_grad) or not self.whole:
+            return x.index_select(0, self.token)  # a piece may hold both choices of a token: index_add backward
         return _TakeRepeated.apply(x, self.order, self.topk)
 
 
@@ -185,6 +200,14 @@ def pack(experts: Tensor, num_memories: int) -> tuple[Packing, Tensor]:
     return Packing(order, mem[order], ends, k), cu_seqlens
 
 
+def piece_rows(tokens: int, topk: int) -> int:
+    """Packed rows per recurrence call for ``tokens`` routed ``topk`` times: all of them when that is at most the
+    tokens (k = 1), else half the tokens (rounded up to a chunk of 64), so a call's rows never outnumber the tokens."""
+    if topk <= 1:
+        return tokens
+    return max(64, -(-tokens // 2 // 64) * 64)
+
+
 def dispatch(
     recur: Recur,
     q: Tensor,
@@ -193,6 +216,7 @@ def dispatch(
     valid: Tensor | None,
     state: tuple[Tensor, ...] | None,
     want_state: bool,
+    piece: int | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
     """The routed memories' output: ``sum_j weights_j * memory_{experts_j}(token)``, and their new states.
 
@@ -205,6 +229,7 @@ def dispatch(
         state: the recurrence's state tuple with every entry ``[B, M, ...]`` (one state per sequence and memory),
             or None for zeros.
         want_state: return the new state tuple (same layout).
+        piece: packed rows per recurrence call (default ``piece_rows``; the module docstring says why).
 
     Returns:
         ``o`` ``[B, T, Hq, D]`` fp32 and the state tuple or None.
@@ -212,6 +237,10 @@ def dispatch(
     B, T, k = routing.experts.shape
     M = routing.probs.shape[-1]
     packing, cu_seqlens = pack(routing.experts, M)
+    R = B * T * k
+    piece = piece_rows(B * T, k) if piece is None else piece
+    if T > 1 and piece < R:
+        return _in_pieces(recur, q, rows, routing, valid, state, want_state, packing, cu_seqlens, piece)
     k_s, v_s, g_s = rows(packing)
     q_s = packing.tokens(q.reshape(B * T, *q.shape[2:]))
     g_s = k_s if g_s is None else g_s
@@ -226,6 +255,51 @@ def dispatch(
     if not want_state or final is None:
         return out, None
     return out, tuple(s.view(M, B, *s.shape[1:]).transpose(0, 1).contiguous() for s in final)
+
+
+def _in_pieces(
+    recur: Recur,
+    q: Tensor,
+    rows: MemoryRows,
+    routing: Routing,
+    valid: Tensor | None,
+    state: tuple[Tensor, ...] | None,
+    want_state: bool,
+    packing: Packing,
+    cu_seqlens: Tensor,
+    piece: int,
+) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+    """``dispatch`` over the packed rows ``piece`` at a time, states carried from piece to piece, each piece's
+    weighted output added into ``[B * T, Hq, D]`` in place (``index_add``: the k choices of a token may share one)."""
+    B, T, k = routing.experts.shape
+    M = routing.probs.shape[-1]
+    R = B * T * k
+    q_flat = q.reshape(B * T, *q.shape[2:])
+    weights = routing.weights.reshape(R)
+    valid_flat = None if valid is None else valid.reshape(B * T)
+    st = None if state is None else tuple(s.transpose(0, 1).reshape(M * B, *s.shape[2:]) for s in state)
+    out: Tensor | None = None
+    for start in range(0, R, piece):
+        stop = min(R, start + piece)
+        part = packing.slice(start, stop)
+        token = part.token
+        k_s, v_s, g_s = rows(part)
+        g_s = k_s if g_s is None else g_s
+        q_s = part.tokens(q_flat)
+        valid_s = None if valid_flat is None else valid_flat.index_select(0, token)[None]
+        cu = (cu_seqlens - start).clamp(0, stop - start)
+        last = stop == R
+        o, st = recur(q_s[None], k_s[None], v_s[None], g_s[None], valid_s, st, want_state or not last, cu_seqlens=cu)
+        part_out = o[0].float() * weights[part.order][:, None, None]
+        if out is None:
+            out = part_out.new_zeros(B * T, *part_out.shape[1:])
+        out = out.index_add_(0, token, part_out)
+        del o, part_out, q_s, k_s, v_s, g_s
+    assert out is not None  # R >= 1
+    out = out.view(B, T, *out.shape[1:])
+    if not want_state or st is None:
+        return out, None
+    return out, tuple(s.view(M, B, *s.shape[1:]).transpose(0, 1).contiguous() for s in st)
 
 
 def _combine(o: Tensor, packing: Packing, routing: Routing) -> Tensor:

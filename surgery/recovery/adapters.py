@@ -22,6 +22,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from surgery.errors import ArtifactError, PlanError
 from surgery.mixer import Mixer
 from surgery.recovery.spec import LoraSpec
 
@@ -62,7 +63,7 @@ def target_modules(model: nn.Module, mixers: Sequence[tuple[str, Mixer]], lora: 
     for target in lora.targets:
         missing = [f"{p} ({type(m).__name__})" for p, m in mixers if f"{p}.{target}" not in names]
         if missing:
-            raise ValueError(
+            raise PlanError(
                 f"recover.lora.targets: converted layers have no module '{target}', so they would get no "
                 f"adapter: {_layer_list(missing)}"
             )
@@ -79,7 +80,7 @@ def check_coverage(model: nn.Module, mixers: Sequence[tuple[str, Mixer]], config
     matched = [name for name, _ in model.named_modules() if name and check_target_module_exists(config, name)]
     bare = [p for p, _ in mixers if not any(name.startswith(p + ".") for name in matched)]
     if bare:
-        raise ValueError(
+        raise PlanError(
             f"recover.lora: the LoRA targets ({config.target_modules}) give no adapter to {len(bare)} of "
             f"{len(mixers)} converted layers: {_layer_list(bare)}. Every converted layer must be adapted."
         )
@@ -154,7 +155,10 @@ def save_mixer_params(params: dict[str, nn.Parameter], directory: str | Path) ->
     """Write the mixers' own parameters to ``directory/mixer_params.safetensors`` (nothing when there are none)."""
     if params:
         tensors = {name: p.detach().to("cpu").contiguous() for name, p in params.items()}
-        save_file(tensors, str(Path(directory) / MIXER_PARAMS_FILE), metadata={"format": "pt"})
+        from surgery.outputs import temporary_file
+
+        with temporary_file(Path(directory) / MIXER_PARAMS_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
 def load_mixer_params(model: nn.Module, directory: str | Path, expected: Sequence[str] = ()) -> None:
@@ -167,13 +171,13 @@ def load_mixer_params(model: nn.Module, directory: str | Path, expected: Sequenc
     file = Path(directory) / MIXER_PARAMS_FILE
     if not file.exists():
         if expected:
-            raise ValueError(f"{file} is missing; it should hold {_layer_list(list(expected))}")
+            raise ArtifactError(f"{file} is missing; it should hold {_layer_list(list(expected))}")
         return
     own = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in load_file(str(file)).items():
             if name not in own or own[name].shape != tensor.shape:
-                raise ValueError(f"{file}: parameter '{name}' {tuple(tensor.shape)} does not fit the model")
+                raise ArtifactError(f"{file}: parameter '{name}' {tuple(tensor.shape)} does not fit the model")
             own[name].copy_(tensor)
 
 
@@ -191,7 +195,7 @@ def refuse_pickles(directory: str | Path) -> None:
     """
     for pattern in ("*.bin", "*.pt", "*.pth", "*.pkl"):
         for f in sorted(Path(directory).glob(pattern)):
-            raise ValueError(f"{f}: pickled weights are not loaded (they can run code); surgery reads safetensors only")
+            raise ArtifactError(f"{f}: pickled weights are not loaded (they can run code); surgery reads safetensors only")
 
 
 def wrap_for_adapter(model: nn.Module, directory: str | Path) -> PeftModel:
@@ -204,7 +208,7 @@ def wrap_for_adapter(model: nn.Module, directory: str | Path) -> PeftModel:
         config = LoraConfig(**{k: v for k, v in json.loads((directory / "adapter_config.json").read_text()).items()
                                if k in LoraConfig.__dataclass_fields__})  # fmt: skip
     except (OSError, ValueError, TypeError) as exc:
-        raise ValueError(f"{directory / 'adapter_config.json'}: not a readable LoRA adapter config ({exc})") from None
+        raise ArtifactError(f"{directory / 'adapter_config.json'}: not a readable LoRA adapter config ({exc})") from None
     config.inference_mode = False
     return get_peft_model(model, config)
 
@@ -217,10 +221,10 @@ def load_adapter_weights(peft_model: PeftModel, directory: str | Path) -> None:
     refuse_pickles(directory)
     file = Path(directory) / ADAPTER_FILE
     if not file.is_file():
-        raise ValueError(f"{directory} holds no {ADAPTER_FILE}")
+        raise ArtifactError(f"{directory} holds no {ADAPTER_FILE}")
     state = load_file(str(file))
     result = set_peft_model_state_dict(peft_model, state)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
-        raise ValueError(f"{directory}: adapter tensors the model has no place for: {_layer_list(unexpected)}")
+        raise ArtifactError(f"{directory}: adapter tensors the model has no place for: {_layer_list(unexpected)}")
     load_mixer_params(peft_model.get_base_model(), directory)

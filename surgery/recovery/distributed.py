@@ -31,16 +31,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from surgery.outputs import launch
+
 log = logging.getLogger("surgery.recover")
 
 
 def world_size() -> int:
-    """Processes of this run (``WORLD_SIZE``, set by torchrun and accelerate launch; 1 otherwise)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """Processes of this run (``WORLD_SIZE`` under torchrun or accelerate launch; 1 otherwise)."""
+    return launch()[1]
 
 
 def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    """This process's rank (``RANK`` under torchrun or accelerate launch; 0 otherwise)."""
+    return launch()[0]
 
 
 def is_main() -> bool:

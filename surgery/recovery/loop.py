@@ -33,7 +33,7 @@ from torch import nn
 from transformers import TrainerCallback, default_data_collator
 
 from surgery.mixer import Mixer
-from surgery.outputs import OutputError, OutputLock
+from surgery.outputs import OutputError, OutputLock, refuse_links_under, write_file
 from surgery.recovery.adapters import find_mixers, inject_lora, load_adapter_weights, load_mixer_params, lora_config
 from surgery.recovery.data import PackedChunks, load_chunks
 from surgery.recovery.distributed import barrier, init, is_main, is_sharded, shards, skeleton, unsharded
@@ -116,7 +116,8 @@ def recover(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(out):  # taken by rank 0 only (surgery.outputs): the processes of one run share the directory
-        _claim(out, spec, resume)
+        refuse_links_under(out)  # the Trainer, peft and shutil below would follow a planted link
+        _claim(out, spec, resume, model)
         chunks = load_chunks(spec.data, tokenizer)
         return _train(model, spec, chunks, out, resume, teacher, callbacks)
 
@@ -200,18 +201,27 @@ def _trained(out: Path) -> bool:
     return any(out.glob("*/done.json")) or any(out.glob("*/checkpoints/checkpoint-*"))
 
 
-def _claim(out: Path, spec: RecoverSpec, resume: bool) -> None:
-    """Make ``out`` this spec's directory: refuse to resume a different trained spec; move an old run aside.
+def converted_by(model: nn.Module) -> dict[str, Any]:
+    """What a recovery's weights depend on besides its own section: the ``convert:`` rules (mixers, options, weight
+    maps, layers) and the dtype of the plan ``model`` was converted by (empty for a model surgery did not convert)."""
+    info = getattr(model, "surgery", None)
+    plan = info.plan.to_dict() if info is not None and getattr(info, "plan", None) is not None else {}
+    return {k: plan[k] for k in ("convert", "dtype") if k in plan}
+
+
+def _claim(out: Path, spec: RecoverSpec, resume: bool, model: nn.Module | None = None) -> None:
+    """Make ``out`` this spec's directory: refuse to resume a different trained spec (its recover section, or the
+    conversion its model came from); move an old run aside.
 
     Every process checks, rank 0 writes, and no process goes on before it has (``barrier``).
     """
     spec_file = out / "spec.json"
-    current = spec.model_dump(mode="json")
+    current = spec.model_dump(mode="json") | {"converted_by": converted_by(model) if model is not None else {}}
     if resume and spec_file.exists() and _trained(out):
         changed = _weight_changes(json.loads(spec_file.read_text()), current)
         if changed:
             raise OutputError(
-                f"{out} holds a recovery run with a different recover section (differs in: {', '.join(changed)}); "
+                f"{out} holds a recovery run of a different plan (differs in: {', '.join(changed)}); "
                 "use another output, or restart (surgery recover --restart, or resume=False), which moves the old "
                 "run aside"
             )
@@ -226,7 +236,7 @@ def _claim(out: Path, spec: RecoverSpec, resume: bool) -> None:
             if p != aside and not p.name.startswith(("previous-", ".surgery")):
                 p.rename(aside / p.name)
         log.warning("recover: the earlier run in %s was moved to %s", out, aside)
-    spec_file.write_text(json.dumps(current, indent=1))
+    write_file(spec_file, json.dumps(current, indent=1))
     barrier()
 
 
@@ -313,6 +323,6 @@ def _run_stage(
                           seconds=round(time.perf_counter() - t0, 1),
                           extra={"mixer_stats": stats} if stats else {})  # fmt: skip
     if is_main():
-        done.write_text(json.dumps(asdict(summary)))
+        write_file(done, json.dumps(asdict(summary)))
     barrier()
     return summary

@@ -57,9 +57,9 @@ class TrainOptions(Options):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step in a single process")
     max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
     schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=10**7)
     tokens: int | None = Field(None, ge=1, description="token budget over all processes")
-    max_steps: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1, le=10**9)
     epochs: float = Field(1.0, gt=0)
     seed: int = 0
     save_steps: int = Field(100, ge=1)

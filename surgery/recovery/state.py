@@ -89,10 +89,13 @@ def save_state(obj: Any, directory: str | Path, name: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
     data = encode(obj, tensors)
+    from surgery.outputs import temporary_file, write_file
+
     if tensors:
-        save_file(tensors, str(directory / f"{name}.safetensors"), metadata={"format": "pt"})
+        with temporary_file(directory / f"{name}.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
     # The JSON last: it names the tensors, so its presence means the state is whole.
-    (directory / f"{name}.json").write_text(json.dumps({"format": 1, "state": data}))
+    write_file(directory / f"{name}.json", json.dumps({"format": 1, "state": data}))
 
 
 def has_state(directory: str | Path, name: str) -> bool:

@@ -28,7 +28,9 @@ from transformers import Trainer, TrainingArguments
 from transformers.training_args import ParallelMode
 from transformers.utils import is_torch_xla_available
 
+from surgery.errors import DataError
 from surgery.mixer import Mixer
+from surgery.outputs import temporary_file, write_file
 from surgery.recovery.stage import TrainOptions
 from surgery.recovery.stage import TrainingDiverged
 from surgery.recovery.adapters import save_mixer_params
@@ -164,12 +166,19 @@ def last_checkpoint(directory: Path) -> Path | None:
         ((int(m.group(1)), p) for p in directory.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()),
         reverse=True,
     )
-    for _, path in found:
+    for step, path in found:
         try:
-            json.loads((path / "trainer_state.json").read_text())
-            return path
+            state = json.loads((path / "trainer_state.json").read_text())
         except (OSError, ValueError):
             log.warning("skipping incomplete checkpoint %s", path)
+            continue
+        # The Trainer resumes at the state's global_step: one that is not the checkpoint's own would skip (or
+        # repeat) training and still end "finished".
+        stated = state.get("global_step") if isinstance(state, dict) else None
+        if type(stated) is not int or stated != step:
+            raise DataError(f"{path / 'trainer_state.json'}: global_step is {stated!r}, but the checkpoint is "
+                            f"checkpoint-{step}: the checkpoint was altered; restart (surgery recover --restart)")
+        return path
     return None
 
 
@@ -278,7 +287,7 @@ class StageTrainer(Trainer):
         self._write_adapter(out, state)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(str(out))
-        (out / TRAINING_ARGS_FILE).write_text(self.args.to_json_string())
+        write_file(out / TRAINING_ARGS_FILE, self.args.to_json_string())
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Every stock path into _save goes through save_model above; this one would write pickles.
@@ -353,11 +362,14 @@ def write_loss_curve(history: Sequence[dict[str, Any]], step_tokens: int, direct
         for e in history
         if "loss" in e and "step" in e
     ]
+    import io
+
     directory.mkdir(parents=True, exist_ok=True)
-    with (directory / "loss.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["step", "tokens", "loss", "lr"])
-        writer.writerows(rows)
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(["step", "tokens", "loss", "lr"])
+    writer.writerows(rows)
+    write_file(directory / "loss.csv", buf.getvalue())
     if not rows:
         return
     try:
@@ -375,5 +387,6 @@ def write_loss_curve(history: Sequence[dict[str, Any]], step_tokens: int, direct
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(directory / "loss.png")
+    with temporary_file(directory / "loss.png") as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)

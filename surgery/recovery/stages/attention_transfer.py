@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from surgery.hookspecs import hookimpl
 from surgery.mixer import Mixer
+from surgery.recovery.spec import FSDP_REFUSAL
 from surgery.recovery.stage import TrainOptions
 from surgery.recovery.stage import Stage, StageContext
 
@@ -32,10 +33,17 @@ class AttentionTransfer:
     mixer's own call arguments, records ``mse(mixer(x), teacher(x))`` and hands the *teacher's* output on. Every
     layer therefore sees exactly the hidden states of the original model (teacher forcing), the layers train
     jointly in one forward pass yet independently, and gradients never cross layers.
+
+    The summed loss leaves the forward as the model output's ``loss`` (set by a hook on ``top``, the module the
+    Trainer wraps): DDP with ``find_unused_parameters`` looks for the trainable parameters in the graph of the
+    forward's *output*, and the logits, computed from the teacher's hidden states, reach none of them. A loss
+    gathered outside the output made DDP mark every adapter unused at the end of the forward, then ready a second
+    time in the backward ("marked as ready twice").
     """
 
-    def __init__(self, pairs: Sequence[tuple[str, Mixer, nn.Module]]) -> None:
+    def __init__(self, pairs: Sequence[tuple[str, Mixer, nn.Module]], top: nn.Module | None = None) -> None:
         self.pairs = list(pairs)
+        self.top = top
         self.losses: list[Tensor] = []
         self._handles: list[Any] = []
 
@@ -44,7 +52,15 @@ class AttentionTransfer:
             teacher.requires_grad_(False)
             teacher.eval()
             self._handles.append(mixer.register_forward_hook(self._hook(teacher), with_kwargs=True))
+        if self.top is not None:
+            self._handles.append(self.top.register_forward_hook(self._attach))
         return self
+
+    def _attach(self, _module: nn.Module, _args: tuple, output: Any) -> Any:
+        if self.losses and isinstance(output, dict):
+            # ``loss``: a field the output already has (None without labels); DDP rebuilds the output by its fields.
+            output["loss"] = torch.stack(self.losses).sum()
+        return output
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
@@ -71,10 +87,11 @@ class AttentionTransfer:
         kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
         if _accepts(model, "logits_to_keep"):
             kwargs["logits_to_keep"] = 1  # the logits are unused: skip most of the LM head
-        model(**kwargs)
+        output = model(**kwargs)
         if len(self.losses) != len(self.pairs):
             raise RuntimeError(f"attention transfer: {len(self.losses)} of {len(self.pairs)} converted layers ran")
-        out = torch.stack(self.losses).sum()
+        attached = output.get("loss") if isinstance(output, dict) and self.top is not None else None
+        out = attached if attached is not None else torch.stack(self.losses).sum()
         self.losses.clear()
         return out
 
@@ -143,6 +160,12 @@ class AttentionTransferStage(Stage):
     def trainer(self, ctx: StageContext, **kwargs: Any) -> Iterator[Any]:
         if ctx.teacher is None:
             raise ValueError("attention_transfer needs the unconverted model as teacher")
+        from surgery.recovery.distributed import shards
+
+        if shards("ddp"):  # accelerate launch --use_fsdp (the plan's distributed: fsdp is refused in RecoverSpec)
+            from surgery.errors import PlanError
+
+            raise PlanError([("recover.stages.attention_transfer", FSDP_REFUSAL)])
         pairs = teacher_pairs(ctx.model, ctx.teacher)
         adapters = [p for n, p in ctx.peft_model.named_parameters() if "lora_" in n]
         if self.options.train == "mixer_params":
@@ -152,7 +175,7 @@ class AttentionTransferStage(Stage):
             for p in adapters:
                 p.requires_grad_(False)
         try:
-            with AttentionTransfer(pairs) as transfer:
+            with AttentionTransfer(pairs, top=ctx.peft_model) as transfer:
                 yield _transfer_trainer()(**kwargs, transfer=transfer)
         finally:
             for p in adapters:
