@@ -169,8 +169,9 @@ def memory_branch(
         cand_ok = ok_buf
     # Blocks are aligned to each row's first real token (left padding shifts a row by its padding; right padding
     # does not shift it), so each row has its own consolidation points; spans split at the union of them, and a row
-    # consolidates only at its own. ``mem_start``: that token's position, -1 while a row has none yet.
-    start = aux["mem_start"] if "mem_start" in aux else torch.full((B,), -1, dtype=torch.long, device=dev)
+    # consolidates only at its own. ``mem_start``: that token's position + 1, 0 while a row has none yet (so a cache
+    # reset to zeros, as a static cache's ``reset`` does, means "no real token yet").
+    start = (aux["mem_start"] - 1) if "mem_start" in aux else torch.full((B,), -1, dtype=torch.long, device=dev)
     if valid is not None:
         here = torch.where(valid.any(1), seen + valid.long().argmax(1), torch.full_like(start, -1))
     else:
@@ -224,11 +225,11 @@ def memory_branch(
     keep = window + chunk
     mem = {name: _grow(t, n) for name, t in mem.items()}  # the cache holds all n slots
     # ``mem_real`` (real tokens so far) and ``mem_pad`` (the first real token's position) give the one-token decode
-    # step its positions on the device (``decode_position``); ``mem_start`` is the same start, -1 while a row has none.
+    # step its positions on the device (``decode_position``); ``mem_start`` is the same start + 1 (0: none yet).
     real = (aux["mem_real"] if "mem_real" in aux else torch.zeros(B, dtype=torch.long, device=dev))
     real = real + (valid.long().sum(1) if valid is not None else T)
     new_aux = {f"mem_{name}": t for name, t in mem.items()} | {
-        "win_fk": _align(fw, keep).clone(), "mem_start": start, "mem_real": real,
+        "win_fk": _align(fw, keep).clone(), "mem_start": start + 1, "mem_real": real,
         "mem_pad": torch.tensor(pad, device=dev)}
     rec = torch.cat(recs, 1) if recs[0] is not None else None
     return torch.cat(outs, 2), rec, state, (kw, vw, vb), new_aux
