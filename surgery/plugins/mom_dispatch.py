@@ -248,13 +248,23 @@ def dispatch(
     if T == 1:
         return _decode_step(recur, q_s, k_s, v_s, g_s, valid_s, packing, routing, state, want_state)
     # Segments are (memory, sequence); the cache keeps states (sequence, memory).
-    init = None if state is None else tuple(s.transpose(0, 1).reshape(M * B, *s.shape[2:]) for s in state)
+    init = _segment_states(state, M, B)
     o, final = recur(q_s[None], k_s[None], v_s[None], g_s[None], None if valid_s is None else valid_s[None], init,
                      want_state, cu_seqlens=cu_seqlens)  # fmt: skip
     out = _combine(o[0], packing, routing)
     if not want_state or final is None:
         return out, None
-    return out, tuple(s.view(M, B, *s.shape[1:]).transpose(0, 1).contiguous() for s in final)
+    return out, _sequence_states(final, M, B)
+
+
+def _segment_states(state: tuple[Tensor, ...] | None, M: int, B: int) -> tuple[Tensor, ...] | None:
+    """The cache's states ``[B, M, ...]`` as the recurrence's segments ``[M * B, ...]`` (memory-major), or None."""
+    return None if state is None else tuple(s.transpose(0, 1).reshape(M * B, *s.shape[2:]) for s in state)
+
+
+def _sequence_states(final: tuple[Tensor, ...], M: int, B: int) -> tuple[Tensor, ...]:
+    """The recurrence's segment states ``[M * B, ...]`` back in the cache's layout ``[B, M, ...]``."""
+    return tuple(s.view(M, B, *s.shape[1:]).transpose(0, 1).contiguous() for s in final)
 
 
 def _in_pieces(
@@ -277,7 +287,7 @@ def _in_pieces(
     q_flat = q.reshape(B * T, *q.shape[2:])
     weights = routing.weights.reshape(R)
     valid_flat = None if valid is None else valid.reshape(B * T)
-    st = None if state is None else tuple(s.transpose(0, 1).reshape(M * B, *s.shape[2:]) for s in state)
+    st = _segment_states(state, M, B)
     out: Tensor | None = None
     for start in range(0, R, piece):
         stop = min(R, start + piece)
@@ -299,7 +309,7 @@ def _in_pieces(
     out = out.view(B, T, *out.shape[1:])
     if not want_state or st is None:
         return out, None
-    return out, tuple(s.view(M, B, *s.shape[1:]).transpose(0, 1).contiguous() for s in st)
+    return out, _sequence_states(st, M, B)
 
 
 def _combine(o: Tensor, packing: Packing, routing: Routing) -> Tensor:
