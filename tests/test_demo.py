@@ -88,10 +88,10 @@ def test_passkey_items(built: demo.DataPaths) -> None:
         assert len(set(keys)) > 15  # keys vary
         for it in items:
             key = it["passkey"]
-            assert re.fullmatch(r"\d{5}", key) and it["target"] == " " + key
+            assert re.fullmatch(r"\d{5}", key) and it["target"] == key  # the digits alone: the prompt ends in "#"
             # The key is in the prompt, and it is the only number there: nothing else can be copied by mistake.
             assert set(re.findall(r"\d+", it["prompt"])) == {key}
-            assert it["prompt"].endswith("The pass key is")
+            assert it["prompt"].endswith("The pass key is #") and it["prompt"].count(f"#{key}") == 2
             assert 0.05 <= it["depth"] <= 0.95
             before = it["prompt"].index(key) / len(it["prompt"])
             assert abs(before - it["depth"]) < 0.1
@@ -172,6 +172,12 @@ def test_sizes_in_smollm2_tokens(built: demo.DataPaths) -> None:
         it = _rows(path)[0]
         size = len(tok(it["prompt"] + it["target"]).input_ids)
         assert 0.85 * n <= size <= 1.15 * n, (path.name, size)
+    # What lm-eval scores: the prompt's tokens, then the key's five digit tokens and nothing else (no bare space
+    # token, whose greedy match against " the" once decided the score of a key recalled right).
+    for path in (built.passkey_1k, built.passkey_2k, built.passkey_multi):
+        for it in _rows(path)[:3]:
+            ctx, whole = tok(it["prompt"]).input_ids, tok(it["prompt"] + it["target"]).input_ids
+            assert whole[: len(ctx)] == ctx and tok.convert_ids_to_tokens(whole[len(ctx) :]) == list(it["passkey"])
 
 
 @pytest.mark.slow

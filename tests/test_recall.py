@@ -37,7 +37,7 @@ def test_passkey_depths_spread_over_the_context(n_tokens: int) -> None:
     assert len(items) == 20 and depths[0] < 0.1 and depths[-1] > 0.9
     assert max(b - a for a, b in zip(depths, depths[1:])) < 0.1  # stratified: no large unprobed stretch
     for it in items:
-        assert it["prompt"].count(it["passkey"]) == 2 and it["target"] == " " + it["passkey"]
+        assert it["prompt"].count("#" + it["passkey"]) == 2 and it["target"] == it["passkey"]
 
 
 def test_multikey_items_ask_for_one_of_several_keys() -> None:
@@ -46,8 +46,8 @@ def test_multikey_items_ask_for_one_of_several_keys() -> None:
     for it in items:
         assert len(it["keys"]) == 4 and it["keys"][it["asked"]] == it["passkey"]
         for name, key in it["keys"].items():
-            assert it["prompt"].count(f"The {name} pass key is {key}.") == 1
-        assert it["prompt"].endswith(f"What is the {it['asked']} pass key? The {it['asked']} pass key is")
+            assert it["prompt"].count(f"The {name} pass key is #{key}.") == 1
+        assert it["prompt"].endswith(f"What is the {it['asked']} pass key? The {it['asked']} pass key is #")
     with pytest.raises(ValueError, match="n_keys"):
         tasks.multikey_items(n_keys=1)
 

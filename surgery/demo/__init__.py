@@ -48,7 +48,7 @@ N_HELDOUT = 20
 MIN_TRAIN = 40  # fewer means gensim's excerpt changed under us
 PPL_WINDOW_CHARS = 2000  # ~450 SmolLM2 tokens of Wikipedia prose (4.4 characters per token)
 PPL_WINDOWS_PER_ARTICLE = 2
-DATA_VERSION = 7  # bump when the builders or the task templates change: a data dir with another version is rebuilt
+DATA_VERSION = 8  # bump when the builders or the task templates change: a data dir with another version is rebuilt
 
 # Sections after which a Wikipedia article is only links and bibliography.
 _END_SECTIONS = re.compile(r"^=+\s*(see also|references|notes|further reading|external links|bibliography|"

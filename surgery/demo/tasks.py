@@ -141,7 +141,12 @@ _FILLER_CHARS_PER_TOKEN = 3.5  # SmolLM2 tokenizer on _FILLER (measured; the slo
 # SmolLM2 retrieves 0.60 of the 2K items; asked first and last, 0.95 (greedy generation, December 2026).
 _PROMPT_HEAD = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
                 "memorize it. I will ask you: what is the pass key?\n\n")
-_QUESTION = "\n\nWhat is the pass key? The pass key is"
+_QUESTION = "\n\nWhat is the pass key? The pass key is #"
+# Keys are written ``#12345``, and the target is the five digits after the ``#`` that ends the prompt. Written
+# ``... is 12345``, the target began with a bare space token (SmolLM2 splits digits, so `` 12345`` is ``" "`` then
+# five digits), and its greedy match was mostly a contest between ``" "`` and ``" the"``: the 4K items of the main
+# job's conversion had all five digits right and 0 of 20 exact (December 2026). The ``#`` leaves nothing but the key
+# to predict, for the base as for a conversion.
 
 
 def _haystack(n_tokens: int, n_needles: int) -> tuple[list[str], int]:
@@ -166,7 +171,7 @@ def passkey_items(n_tokens: int, n_items: int = 20, seed: int = 0) -> list[dict[
 
     The haystack repeats neutral sentences; the sentence stating the key sits at a depth (fraction of the filler
     before it) stratified over 0.05 ... 0.95, so every part of the context is probed; the prompt ends with the
-    question and the target is ``" " + key``.
+    question, which ends in ``#`` (keys are written ``#12345``), and the target is the key's five digits.
     """
     rng = random.Random(seed * 1_000_003 + n_tokens)
     haystack, n_sents = _haystack(n_tokens, 1)
@@ -174,9 +179,9 @@ def passkey_items(n_tokens: int, n_items: int = 20, seed: int = 0) -> list[dict[
     for depth in _depths(rng, n_items):
         key = str(rng.randrange(10_000, 100_000))
         at = round(depth * n_sents)
-        needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+        needle = f"The pass key is #{key}. Remember it. #{key} is the pass key."
         text = " ".join(haystack[:at] + [needle] + haystack[at:])
-        items.append({"prompt": _PROMPT_HEAD + text + _QUESTION, "target": " " + key, "passkey": key,
+        items.append({"prompt": _PROMPT_HEAD + text + _QUESTION, "target": key, "passkey": key,
                       "depth": round(at / n_sents, 3)})
     return items
 
@@ -185,7 +190,7 @@ _COLOURS = ("red", "blue", "green", "yellow", "white", "black", "orange", "purpl
 
 
 def multikey_items(n_tokens: int = 1024, n_keys: int = 4, n_items: int = 20, seed: int = 0) -> list[dict[str, Any]]:
-    """Multi-key passkey items: ``n_keys`` named keys (``the red pass key is 12345``) at spread depths; the question
+    """Multi-key passkey items: ``n_keys`` named keys (``the red pass key is #12345``) at spread depths; the question
     asks for one of them (its depth stratified over the items), the target is that key.
     """
     if not 2 <= n_keys <= len(_COLOURS):
@@ -204,7 +209,7 @@ def multikey_items(n_tokens: int = 1024, n_keys: int = 4, n_items: int = 20, see
         order = sorted(slots - {round(depth * n_sents)})
         rng.shuffle(order)
         at = {asked: round(depth * n_sents)} | {i: order.pop() for i in range(n_keys) if i != asked}
-        by_slot = {at[i]: f"The {names[i]} pass key is {keys[i]}. Remember it." for i in range(n_keys)}
+        by_slot = {at[i]: f"The {names[i]} pass key is #{keys[i]}. Remember it." for i in range(n_keys)}
         parts = []
         for j, sent in enumerate(haystack):
             if j in by_slot:
@@ -212,8 +217,8 @@ def multikey_items(n_tokens: int = 1024, n_keys: int = 4, n_items: int = 20, see
             parts.append(sent)
         head = (f"There are {n_keys} important pieces of information hidden inside a lot of irrelevant text. Find them and "
             f"memorize them. I will ask you: what is the {{asked}} pass key?\n\n")
-        question = f"\n\nWhat is the {names[asked]} pass key? The {names[asked]} pass key is"
-        items.append({"prompt": head.format(asked=names[asked]) + " ".join(parts) + question, "target": " " + keys[asked],
+        question = f"\n\nWhat is the {names[asked]} pass key? The {names[asked]} pass key is #"
+        items.append({"prompt": head.format(asked=names[asked]) + " ".join(parts) + question, "target": keys[asked],
                       "passkey": keys[asked], "asked": names[asked], "keys": dict(zip(names, keys)),
                       "depth": round(at[asked] / n_sents, 3)})
     return items
