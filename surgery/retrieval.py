@@ -45,22 +45,29 @@ def consolidate(
         The new memory, ``min(n, M_mem + M_cand)`` slots: the kept pairs first, in order of arrival, then empty ones.
     """
     both = {name: torch.cat([mem[name], cand[name]], dim=2) for name in ("k", "v", "fk", "ok")}
-    recon = torch.einsum("bhmk,bhkv->bhmv", both["fk"].float(), state.float())
-    score = 1 - torch.nn.functional.cosine_similarity(recon, both["v"].float(), dim=-1, eps=1e-6)
-    # Rounded, then ties to the older slot (a stable sort): a pair repeated in the text (same token, so the same key
-    # features and value) scores exactly alike in exact arithmetic, and prefill and decode must not pick between
-    # such pairs by rounding noise (their states differ in the last bits). 2**-12 is far above that noise and far
-    # below the score differences that matter.
-    score = (score * 4096).round().masked_fill(~both["ok"], NEG)
-    top = score.sort(dim=2, descending=True, stable=True).indices[..., :n]
-    # Kept pairs first, in order of arrival (ties above go to the older slot), empty slots last: readers may then
-    # stop at the number of slots that can be filled.
-    empty = ~both["ok"].gather(2, top)
-    top = top.gather(2, (top + empty * both["ok"].shape[2]).sort(dim=2).indices)
+    top = keep(both["fk"], both["v"], both["ok"], state, n)
     out = {name: both[name].gather(2, top[..., None].expand(-1, -1, -1, both[name].shape[-1]))
            for name in ("k", "v", "fk")}  # fmt: skip
     out["ok"] = both["ok"].gather(2, top)
     return out
+
+
+def keep(fk: Tensor, v: Tensor, ok: Tensor, state: Tensor, n: int) -> Tensor:
+    """Which ``n`` of ``M`` slots in order of arrival ``state`` reconstructs worst: ``fk`` ``[B, H, M, K]``, ``v``
+    ``[B, H, M, Dv]``, ``ok`` ``[B, H, M]`` (False: never kept before a True slot), ``state`` ``[B, H, K, Dv]`` ->
+    slot indices ``[B, H, min(n, M)]``, the kept slots first in order of arrival, then the empty ones."""
+    recon = torch.einsum("bhmk,bhkv->bhmv", fk.float(), state.float())
+    score = 1 - torch.nn.functional.cosine_similarity(recon, v.float(), dim=-1, eps=1e-6)
+    # Rounded, then ties to the older slot (a stable sort): a pair repeated in the text (same token, so the same key
+    # features and value) scores exactly alike in exact arithmetic, and prefill and decode must not pick between
+    # such pairs by rounding noise (their states differ in the last bits). 2**-12 is far above that noise and far
+    # below the score differences that matter.
+    score = (score * 4096).round().masked_fill(~ok, NEG)
+    top = score.sort(dim=2, descending=True, stable=True).indices[..., :n]
+    # Kept pairs first, in order of arrival (ties above go to the older slot), empty slots last: readers may then
+    # stop at the number of slots that can be filled.
+    empty = ~ok.gather(2, top)
+    return top.gather(2, (top + empty * ok.shape[2]).sort(dim=2).indices)
 
 
 def empty_memory(B: int, H: int, n: int, D: int, K: int, like: Tensor, Dv: int | None = None) -> dict[str, Tensor]:

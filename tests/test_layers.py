@@ -23,7 +23,8 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("sites", ("surgery.sites",)),
     ("kernels", ("surgery.kernels",)),
     ("caches", ("surgery.cache",)),
-    ("contracts", ("surgery.mixer", "surgery.recurrent", "surgery.window", "surgery.retrieval")),
+    ("contracts", ("surgery.mixer", "surgery.recurrent", "surgery.window", "surgery.retrieval",
+                   "surgery.retrieval_batched")),
     ("registry", ("surgery.registry",)),
     ("plugins", ("surgery.plugins",)),
     # The plan's sections that live beside the code that reads them: recover's and eval's specs. evaluate imports

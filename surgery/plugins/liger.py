@@ -39,6 +39,8 @@ from surgery.cache import mixer_cache
 from surgery.hookspecs import hookimpl
 from surgery.mixer import MixContext, Mixer, MixerDimsError, Options, apply_rope
 from surgery.options import did_you_mean, fail, lookup, problem
+from surgery import retrieval_batched
+from surgery.kernels.gla.states import gla_states_at
 from surgery.recurrent import RecurrentBranch
 from surgery.retrieval import decode_position, decodes_on_device, memory_branch, memory_decode_step
 from surgery.sites.attention import AttentionSite
@@ -330,10 +332,20 @@ class LigerAttention(Mixer):
                 return None, self.recurrent.advance(*span)
             return self.recurrent.recurrent_output(*span, True)
 
-        branch = memory_decode_step if on_device else memory_branch
-        swa, rec, state, (kw, vw, vb), aux = branch(
-            qr, kr, vt, fk, valid, layer, opts.window, opts.memory_chunk, opts.memory, self.scaling,
-            self.site.dims.softcap, sinks, state, recur, self._null_logits if shared else None)
+        null = self._null_logits if shared else None
+        if not on_device and retrieval_batched.applies(layer, valid, self.site.dims.softcap, null):
+            def states_at(first: int, step: int, count: int) -> Tensor:
+                _, fk_, fv, gk, gv = self.recurrent.gla_form(q, k, v, self.recurrent.gate_source(x, k), None)
+                return gla_states_at(fk_, fv, gk, gv, first, step, count)
+
+            swa, rec, state, (kw, vw, vb), aux = retrieval_batched.memory_batched(
+                qr, kr, vt, fk, layer, opts.window, opts.memory_chunk, opts.memory, self.scaling, sinks, states_at,
+                recur)  # fmt: skip
+        else:
+            branch = memory_decode_step if on_device else memory_branch
+            swa, rec, state, (kw, vw, vb), aux = branch(
+                qr, kr, vt, fk, valid, layer, opts.window, opts.memory_chunk, opts.memory, self.scaling,
+                self.site.dims.softcap, sinks, state, recur, null)  # fmt: skip
         if layer is not None:
             layer.commit(T, states=state, keys=kw, values=vw, valid=vb, aux=aux | (sinks or {}))
         if shared:
