@@ -6,9 +6,10 @@ the same result comes from three passes over the whole call:
 
 1. **States.** The recurrent state at every consolidation, positions ``W + jC`` (j >= 1), from one chunked pass
    (``surgery.kernels.gla.states.gla_states_at``: on CUDA, the Triton chunk kernel's state pass).
-2. **Selection.** The memory after each consolidation, as token indices ``[B, H, J, n]``: a loop over the J
-   consolidations on index tensors of ``n + C`` slots (``retrieval.keep``, the reference's own rule), with no
-   attention and no recurrence in it.
+2. **Selection.** The memory after each consolidation, as token indices ``[B, H, J, n]``: on CUDA one Triton
+   launch walks every consolidation (``surgery.kernels.liger.memory_select``); its PyTorch form, ``select_memories``,
+   loops over the J consolidations on index tensors of ``n + C`` slots (``retrieval.keep``, the reference's own
+   rule), with no attention and no recurrence in it.
 3. **Attention.** Span j holds the queries ``[W + jC, W + (j+1)C)``; each sees the sinks, the memory after
    consolidation j and the dense keys ``[jC, W + (j+1)C)`` (causally). Their keys are gathered into one
    ``[B, H, J, L]`` layout, ``L = sinks + n + W + C``, and every span is one row of a single SDPA call (spans as
@@ -108,10 +109,13 @@ def memory_batched(
     J = consolidation_count(T, window, chunk)
     rec, state = recur(0, T, None)
     head = min(T, window + chunk)  # queries before the first consolidation: causal attention over their prefix
-    rows = qr[:, :, :head].float().reshape(B, H, G * head, D)  # a query group's G heads as rows
+    # Attention in the inputs' dtype (fp32 models: fp32, as the reference; bf16 on the GPU: the gathered keys and
+    # what the backward keeps take half the memory), outputs in fp32.
+    rows = qr[:, :, :head].reshape(B, H, G * head, D)  # a query group's G heads as rows
     causal = torch.ones(head, head, dtype=torch.bool, device=dev).tril().repeat(G, 1)
-    out = [torch.nn.functional.scaled_dot_product_attention(rows, kr[:, :, :head].float(), vt[:, :, :head].float(),
-                                                            attn_mask=causal, scale=scale).reshape(B, Hq, head, Dv)]
+    out = [torch.nn.functional.scaled_dot_product_attention(rows, kr[:, :, :head].to(qr.dtype),
+                                                            vt[:, :, :head].to(qr.dtype), attn_mask=causal,
+                                                            scale=scale).reshape(B, Hq, head, Dv).float()]
     idx = ok = None
     if J > 0:
         cand_ok = torch.ones(B, T, dtype=torch.bool, device=dev)
@@ -120,7 +124,7 @@ def memory_batched(
             cand_ok &= ~((sinks["sink_pos"][:, :, None] == pos) & sinks["sink_ok"][:, :, None]).any(1)
         with torch.no_grad():
             states = states_at(window + chunk, chunk, J)
-            idx, ok = select_memories(fk, vt, cand_ok, states[..., :Dv], chunk, n)
+            idx, ok = _select(fk, vt, cand_ok, states[..., :Dv], chunk, n)
         out.append(_spans(qr, kr, vt, idx, ok, sinks, window, chunk, scale, J))
     o = torch.cat(out, 2)[:, :, :T]
     if layer is None:
@@ -135,6 +139,17 @@ def memory_batched(
         "mem_real": torch.full((B,), T, dtype=torch.long, device=dev),
         "mem_pad": torch.zeros(B, dtype=torch.long, device=dev)}  # fmt: skip
     return o, rec, state, (kr, vt, None), aux
+
+
+def _select(fk: Tensor, vt: Tensor, cand_ok: Tensor, states: Tensor, chunk: int, n: int) -> tuple[Tensor, Tensor]:
+    """``select_memories``: on CUDA the Triton kernel (every consolidation in one launch), else PyTorch."""
+    if fk.is_cuda:
+        try:
+            from surgery.kernels.liger.memory_select import memory_select_triton
+        except Exception:  # noqa: BLE001 - no usable Triton: the PyTorch loop
+            return select_memories(fk, vt, cand_ok, states, chunk, n)
+        return memory_select_triton(fk, vt, cand_ok, states, chunk, n)
+    return select_memories(fk, vt, cand_ok, states, chunk, n)
 
 
 def _take(x: Tensor, idx: Tensor) -> Tensor:
@@ -153,10 +168,11 @@ def _spans(qr: Tensor, kr: Tensor, vt: Tensor, idx: Tensor, ok: Tensor, sinks: d
     dev = qr.device
     end = W + (J + 1) * C  # the last span's last query + 1, at most T + C - 1
     pad = end - T
-    q = torch.nn.functional.pad(qr[:, :, W + C :].float(), (0, 0, 0, pad))  # [B, Hq, J * C, D]
+    dt = qr.dtype
+    q = torch.nn.functional.pad(qr[:, :, W + C :], (0, 0, 0, pad))  # [B, Hq, J * C, D]
     q = q.view(B, H, G, J, C, D).permute(0, 1, 3, 2, 4, 5)  # [B, H, J, G, C, D]
-    kp = torch.nn.functional.pad(kr.float(), (0, 0, 0, pad))
-    vp = torch.nn.functional.pad(vt.float(), (0, 0, 0, pad))
+    kp = torch.nn.functional.pad(kr.to(dt), (0, 0, 0, pad))
+    vp = torch.nn.functional.pad(vt.to(dt), (0, 0, 0, pad))
     # Dense keys of span j: [jC, jC + W + C), windows of W + C rows every C rows from row C.
     dk = kp[:, :, C:].unfold(2, W + C, C)[:, :, :J].transpose(-1, -2)  # [B, H, J, W + C, D]
     dv = vp[:, :, C:].unfold(2, W + C, C)[:, :, :J].transpose(-1, -2)
@@ -168,8 +184,8 @@ def _spans(qr: Tensor, kr: Tensor, vt: Tensor, idx: Tensor, ok: Tensor, sinks: d
     vis = [ok[:, :, :, None, :].expand(B, H, J, C, idx.shape[-1]), dense.expand(B, H, J, C, W + C)]
     if sinks is not None:
         s = sinks["sink_k"].shape[2]
-        keys.insert(0, sinks["sink_k"].float()[:, :, None].expand(B, H, J, s, D))
-        vals.insert(0, sinks["sink_v"].float()[:, :, None].expand(B, H, J, s, Dv))
+        keys.insert(0, sinks["sink_k"].to(dt)[:, :, None].expand(B, H, J, s, D))
+        vals.insert(0, sinks["sink_v"].to(dt)[:, :, None].expand(B, H, J, s, Dv))
         sv = sinks["sink_ok"][:, None, :] & (sinks["sink_pos"][:, None, :] < j[None, :, None] * C)  # [B, J, s]
         vis.insert(0, sv[:, None, :, None, :].expand(B, H, J, C, s))
     k_all = torch.cat(keys, 3).reshape(B * H * J, 1, -1, D)
@@ -178,4 +194,4 @@ def _spans(qr: Tensor, kr: Tensor, vt: Tensor, idx: Tensor, ok: Tensor, sinks: d
     o = torch.nn.functional.scaled_dot_product_attention(
         q.reshape(B * H * J, G, C, D), k_all.expand(-1, G, -1, -1), v_all.expand(-1, G, -1, -1), attn_mask=mask,
         scale=scale)  # fmt: skip
-    return o.view(B, H, J, G, C, Dv).permute(0, 1, 3, 2, 4, 5).reshape(B, Hq, J * C, Dv)
+    return o.view(B, H, J, G, C, Dv).permute(0, 1, 3, 2, 4, 5).reshape(B, Hq, J * C, Dv).float()

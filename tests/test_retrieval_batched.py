@@ -124,3 +124,16 @@ def test_states_at_chunk_starts_on_cuda(T: int) -> None:
     got = gla_states_at(k, v, gk, None, 64, 64, count)
     want = gla_states_at(k.cpu(), v.cpu(), gk.cpu(), None, 64, 64, count)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batched_equals_the_reference_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Window 64 and chunks of 64: the Triton state pass and the Triton selection, against the span loop."""
+    model = _model({"window": 64, "memory": 128, "memory_chunk": 64, "sinks": 4, "w_swa": 1.0, "w_rec": 0.0}).cuda()
+    x = _ids(2, 600).cuda()
+    ref, ref_grads = _run(model, x, False, monkeypatch)
+    out, grads = _run(model, x, True, monkeypatch)
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-4)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-2, atol=1e-5, msg=name)
