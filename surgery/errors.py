@@ -13,7 +13,7 @@ package may raise these.
 from __future__ import annotations
 
 __all__ = [
-    "ArtifactError", "AttentionReadError", "DataError", "MixerDimsError", "ModelNotFoundError", "OutputError",
+    "ArtifactError", "AttentionReadError", "DataError", "InputError", "MixerDimsError", "ModelNotFoundError", "OutputError",
     "PlanError", "PluginError", "RotaryReadError", "StaticCacheError", "SurgeryError", "TrainingDiverged",
     "UnknownNameError",
 ]  # fmt: skip
@@ -86,3 +86,7 @@ class TrainingDiverged(SurgeryError, RuntimeError):
 
 class StaticCacheError(SurgeryError, ValueError):
     """A layer's cache cannot live in static buffers (shape changed, batch differs, length exceeded)."""
+
+
+class InputError(SurgeryError, ValueError):
+    """A forward input a converted model cannot take (packed rows); the message says what to pass instead."""

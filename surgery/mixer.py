@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from surgery.errors import MixerDimsError
+from surgery.errors import InputError, MixerDimsError
 from surgery.kernels import transient_saves
 from surgery.options import Options  # re-exported: plugins import it from here
 from surgery.sites.attention import AttentionSite
@@ -56,11 +56,31 @@ def install_padding_hook(model: nn.Module, shared: SharedState) -> None:
         if mask is None and len(args) > 1 and isinstance(args[1], Tensor):
             mask = args[1]
         shared.padding_mask = mask if (mask is not None and mask.dim() == 2) else None
+        refuse_packed_rows(kwargs.get("position_ids"), shared.padding_mask)
 
     handle = getattr(model, "_surgery_padding_hook", None)
     if handle is not None:
         handle.remove()
     model._surgery_padding_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def refuse_packed_rows(position_ids: Any, padding_mask: Tensor | None) -> None:
+    """Raise ``InputError`` when ``position_ids`` ``[B, T]`` restart inside a row between two real tokens: rows
+    packed with several sequences (as flash-attention collators pack them). A converted layer keeps a recurrent
+    state, a window and a memory along the row, so it would carry one sequence into the next; the layers take one
+    sequence per row, padded. Left padding (position ids of pad tokens are arbitrary) is not a restart."""
+    if not isinstance(position_ids, Tensor) or position_ids.dim() != 2 or position_ids.shape[1] < 2:
+        return
+    T = position_ids.shape[1]
+    back = position_ids[:, 1:] <= position_ids[:, :-1]
+    if padding_mask is not None and padding_mask.shape[1] >= T:
+        real = padding_mask[:, -T:].to(device=back.device, dtype=torch.bool)
+        back = back & real[:, 1:] & real[:, :-1]
+    if bool(back.any()):  # one host sync per forward of more than one token
+        row, col = (int(i) for i in back.nonzero()[0])
+        raise InputError(f"packed rows: position_ids restart inside row {row} at column {col + 1}; the converted "
+                         f"layers keep a state, a window and a memory along each row and would carry one sequence "
+                         f"into the next. Pass one sequence per row, padded, with an attention_mask")
 
 
 @dataclass

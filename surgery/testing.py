@@ -31,7 +31,7 @@ from transformers import DynamicCache, PreTrainedModel
 from surgery.artifacts import load, save
 from surgery.cache import MixerCacheLayer, mixer_cache
 from surgery.convert import convert
-from surgery.errors import SurgeryError
+from surgery.errors import InputError, SurgeryError
 from surgery.hookspecs import hookimpl
 from surgery.mixer import MixContext, Mixer, MixerDimsError, WeightMap
 from surgery.options import Options
@@ -147,6 +147,10 @@ def conformance_suite(
             check_right_padding(reg, mixer, options, arch)
 
         @pytest.mark.parametrize("mixer,options,arch", cases)
+        def test_packed_rows_are_refused(self, mixer: str, options: dict, arch: str) -> None:
+            check_packed_rows(reg, mixer, options, arch)
+
+        @pytest.mark.parametrize("mixer,options,arch", cases)
         def test_save_load_round_trip(self, mixer: str, options: dict, arch: str) -> None:
             check_round_trip(reg, mixer, options, arch)
 
@@ -236,6 +240,25 @@ def check_right_padding(registry: Registry, mixer: str, options: dict, arch: str
         both = model(batch, attention_mask=mask).logits
     torch.testing.assert_close(both[0], la[0], rtol=1e-4, atol=2e-5, msg="row 0 (no padding)")
     torch.testing.assert_close(both[1, :7], lb[0], rtol=1e-4, atol=2e-5, msg="row 1 (right-padded)")
+
+
+def check_packed_rows(registry: Registry, mixer: str, options: dict, arch: str) -> None:
+    """A row packed with two sequences (``position_ids`` restarting inside it) is refused with ``InputError``, never
+    mixed into one state; position ids that only restart at left padding (as ``generate`` builds them) are not."""
+    import pytest
+
+    model = converted(registry, mixer, options, arch)
+    x = _ids(2, 12, seed=4)
+    packed = torch.cat([torch.arange(7), torch.arange(5)])[None].expand(2, -1)
+    with torch.no_grad(), pytest.raises(InputError, match="packed rows"):
+        model(x, position_ids=packed)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+    left = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        padded = model(x, attention_mask=mask, position_ids=left).logits
+        alone = model(x[1:, 3:]).logits
+    torch.testing.assert_close(padded[1, 3:], alone[0], rtol=1e-4, atol=2e-5)
 
 
 def check_round_trip(registry: Registry, mixer: str, options: dict, arch: str) -> None:
