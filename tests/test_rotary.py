@@ -212,3 +212,19 @@ def test_codegen_sharded_qkv_split_matches_its_forward() -> None:
         for name, expected in (("q", q), ("k", k), ("v", v)):
             got = nn.functional.linear(x, weights[f"{name}_proj.weight"])
             assert torch.equal(got, expected.reshape(2, 5, -1)), name
+
+
+def test_a_model_built_on_the_meta_device_reads_its_rotary() -> None:
+    """``surgery.load`` first builds the model on the meta device; reading how its attention rotates then probes the
+    rotary function with CPU tensors, not meta ones (a fresh process loading a saved model once failed here)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from surgery.sites import rotary
+
+    rotary._is_rotate_half.cache_clear()  # read afresh, as a fresh process would
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+        site = read_rotary("model.layers.0.self_attn", model.model.layers[0].self_attn, 8, ("q_norm", "k_norm"))
+    assert site.convention == "rotate_half"

@@ -309,9 +309,10 @@ def _is_rotate_half(fn: Callable[..., Any], tensors: tuple[str, ...], embeddings
     widths = [head_dim] + ([head_dim // 2] if head_dim % 4 == 0 else [])
     tried = False
     for dtype in (torch.float32, torch.bfloat16):
-        q, k = (torch.randn(2, 3, 5, head_dim, generator=gen).to(dtype) for _ in range(2))
+        # On the CPU by name: a model built on the meta device (``with torch.device("meta")``) reads its sites too.
+        q, k = (torch.randn(2, 3, 5, head_dim, generator=gen, device="cpu").to(dtype) for _ in range(2))
         for r in widths:
-            cos, sin = (torch.randn(2, 5, r, generator=gen).to(dtype) for _ in range(2))
+            cos, sin = (torch.randn(2, 5, r, generator=gen, device="cpu").to(dtype) for _ in range(2))
             try:
                 got = fn(**{tensors[0]: q, tensors[1]: k}, cos=cos, sin=sin, **dict(constants))
             except (RuntimeError, ValueError, IndexError, TypeError):
