@@ -138,16 +138,11 @@ def test_two_processes_train_like_one_and_one_resumes_what_two_checkpointed(engi
     assert pickled_files(killed) == []
 
 
-def test_attention_transfer_under_fsdp_is_a_located_error(data: Path) -> None:
-    with pytest.raises(ValueError, match=r"attention_transfer runs under DDP only"):
-        make_spec(data).model_validate({"data": {"source": str(data)}, "distributed": "fsdp",
-                                        "stages": {"attention_transfer": {}, "lora": {}}})  # fmt: skip
-
-
-@pytest.mark.parametrize("engine", ["ddp"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_attention_transfer_then_lora_on_two_processes_equals_one(engine: str, data: Path, tmp_path: Path) -> None:
-    """The recommended recipe under DDP: the teacher-forced stage's loss leaves the forward in its output, so DDP
-    finds the adapters it trains (it marked them ready twice before); both stages match one process."""
+    """The recommended recipe on two processes: the teacher-forced stage's loss leaves the forward in its output, so
+    DDP finds the adapters it trains (it marked them ready twice before), and under FSDP2 its backward passes every
+    layer's output, where FSDP2 gathers the layer's parameters (a zero path); both stages match one process."""
     one, two = tmp_path / "one", tmp_path / "two"
     job = dict(data=str(data), max_steps=3, save_steps=100, batch_size=2, grad_accum=1, transfer=True)
     run_child(1, out=str(one), **job)

@@ -142,10 +142,18 @@ def fsdp_arguments(model: nn.Module) -> dict[str, Any]:
     """
     layers = sorted(set(getattr(model, "_no_split_modules", None) or []))
     config: dict[str, Any] = {"version": 2, "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"}
-    if layers:
+    if layers and not wrapped(model):  # a later stage: an earlier one sharded it, and accelerate keeps it as it is
+        # (naming the layer class then fails: ``fully_shard`` renamed it, e.g. FSDPLlamaDecoderLayer)
         config["auto_wrap_policy"] = "TRANSFORMER_BASED_WRAP"
         config["transformer_layer_cls_to_wrap"] = layers
     return {"fsdp": True, "fsdp_config": config}
+
+
+def wrapped(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` (FSDP2) wraps any module of ``model``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def is_sharded(model: nn.Module) -> bool:

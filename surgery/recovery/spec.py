@@ -28,9 +28,6 @@ from surgery.recovery.stage import Stage
 
 #: Why FSDP2 is refused for this stage: the teacher-forced layers' outputs do not reach the students, so FSDP2's
 #: unshard-for-backward hooks (on the layers' outputs) never fire and the backward meets freed parameters.
-FSDP_REFUSAL = ("runs under DDP only (distributed: ddp): teacher forcing cuts the path FSDP2 unshards the layers "
-                "along for the backward; use ddp for this stage's run")
-
 
 class LoraSpec(Options):
     """LoRA adapters on the converted layers (peft), trained by every stage."""
@@ -127,12 +124,6 @@ class RecoverSpec(Options):
         if errors:
             fail(errors, cls.__name__)
         return out
-
-    @model_validator(mode="after")
-    def _teacher_forcing_under_ddp(self) -> RecoverSpec:
-        if self.distributed == "fsdp" and "attention_transfer" in self.stages:
-            raise ValueError(f"attention_transfer {FSDP_REFUSAL}")
-        return self
 
     @model_validator(mode="after")
     def _keep_registry(self, info: ValidationInfo) -> RecoverSpec:

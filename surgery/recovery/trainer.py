@@ -201,9 +201,11 @@ class StageTrainer(Trainer):
             raise ValueError(f"recover: training under {backend[0]} is not supported (its checkpoints are pickled); "
                              "run single-process, or with DDP or FSDP (recover.distributed) under torchrun / "
                              "accelerate launch")  # fmt: skip
-        # Names in the peft model (the Trainer's) of the mixers' own parameters, taken before FSDP replaces them.
-        ids = {id(p): name for name, p in mixer_params.items()}
-        self.mixer_names = {fqn: ids[id(p)] for fqn, p in self.model.named_parameters() if id(p) in ids}
+        # Names in the peft model (the Trainer's) of the mixers' own parameters, by name: ``fully_shard`` replaces
+        # parameter objects, so after an earlier stage sharded the model they are no longer the ones in
+        # ``mixer_params`` (peft names are the base model's behind a prefix).
+        self.mixer_names = {fqn: name for fqn, _ in self.model.named_parameters()
+                            for name in mixer_params if fqn == name or fqn.endswith("." + name)}  # fmt: skip
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()

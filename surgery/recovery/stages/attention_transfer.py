@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from surgery.hookspecs import hookimpl
 from surgery.mixer import Mixer
-from surgery.recovery.spec import FSDP_REFUSAL
+from surgery.recovery.distributed import wrapped
 from surgery.recovery.stage import TrainOptions
 from surgery.recovery.stage import Stage, StageContext
 
@@ -39,6 +39,11 @@ class AttentionTransfer:
     forward's *output*, and the logits, computed from the teacher's hidden states, reach none of them. A loss
     gathered outside the output made DDP mark every adapter unused at the end of the forward, then ready a second
     time in the backward ("marked as ready twice").
+
+    Under FSDP2 the backward must also pass through every layer's output: FSDP2 gathers a layer's sharded
+    parameters for the backward in a hook on that output, and reduces their gradients in one on its input. Teacher
+    forcing leaves both out of the loss's graph, so there each handed-on output is ``teacher + 0 * mixer`` and the
+    loss gains ``0 * logits``: the same values and gradients, with a (zero) path through every layer.
     """
 
     def __init__(self, pairs: Sequence[tuple[str, Mixer, nn.Module]], top: nn.Module | None = None) -> None:
@@ -46,6 +51,7 @@ class AttentionTransfer:
         self.top = top
         self.losses: list[Tensor] = []
         self._handles: list[Any] = []
+        self.through_layers = False  # set per forward: the model is sharded by FSDP2
 
     def __enter__(self) -> AttentionTransfer:
         for _, mixer, teacher in self.pairs:
@@ -59,7 +65,10 @@ class AttentionTransfer:
     def _attach(self, _module: nn.Module, _args: tuple, output: Any) -> Any:
         if self.losses and isinstance(output, dict):
             # ``loss``: a field the output already has (None without labels); DDP rebuilds the output by its fields.
-            output["loss"] = torch.stack(self.losses).sum()
+            loss = torch.stack(self.losses).sum()
+            if self.through_layers and output.get("logits") is not None:
+                loss = loss + 0 * output["logits"].float().sum()
+            output["loss"] = loss
         return output
 
     def __exit__(self, *exc: object) -> None:
@@ -77,6 +86,8 @@ class AttentionTransfer:
             with torch.no_grad():
                 target = teacher(*args, **kwargs)[0]
             self.losses.append(F.mse_loss(output[0].float(), target.float()))
+            if self.through_layers:
+                return (target + 0 * output[0], *output[1:])
             return (target, *output[1:])
 
         return hook
@@ -84,6 +95,7 @@ class AttentionTransfer:
     def loss(self, model: nn.Module, input_ids: Tensor) -> Tensor:
         """Sum over converted layers of the mean squared error on ``input_ids`` ``[B, T]``."""
         self.losses.clear()
+        self.through_layers = wrapped(model)
         kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
         if _accepts(model, "logits_to_keep"):
             kwargs["logits_to_keep"] = 1  # the logits are unused: skip most of the LM head
@@ -160,12 +172,6 @@ class AttentionTransferStage(Stage):
     def trainer(self, ctx: StageContext, **kwargs: Any) -> Iterator[Any]:
         if ctx.teacher is None:
             raise ValueError("attention_transfer needs the unconverted model as teacher")
-        from surgery.recovery.distributed import shards
-
-        if shards("ddp"):  # accelerate launch --use_fsdp (the plan's distributed: fsdp is refused in RecoverSpec)
-            from surgery.errors import PlanError
-
-            raise PlanError([("recover.stages.attention_transfer", FSDP_REFUSAL)])
         pairs = teacher_pairs(ctx.model, ctx.teacher)
         adapters = [p for n, p in ctx.peft_model.named_parameters() if "lora_" in n]
         if self.options.train == "mixer_params":
