@@ -91,13 +91,16 @@ def memory_batched(
     sinks: dict[str, Tensor] | None,
     states_at: Callable[[int, int, int], Tensor],
     recur: Callable[[int, int, State | None], tuple[Tensor | None, State]],
-) -> tuple[Tensor, Tensor | None, State, tuple[Tensor, Tensor, None], dict[str, Tensor] | None]:
+    output_used: bool = True,
+) -> tuple[Tensor, Tensor | None, State | None, tuple[Tensor, Tensor, None], dict[str, Tensor] | None]:
     """``memory_branch`` for a call that ``applies``: the same outputs, cache and gradients, batched.
 
     Args:
         qr, kr, vt, fk, window, chunk, n, scale, sinks, recur: as ``memory_branch``.
         states_at: ``(first, step, count) -> [B, H, count, K, Dv]`` fp32, the recurrent states after ``first + j *
             step`` tokens of this call (``gla_states_at`` on the branch's GLA form).
+        output_used: whether the recurrent output is mixed in (False with ``w_rec: 0``): without it and without a
+            cache, the recurrence does not run at all (the states come from ``states_at``).
 
     Returns:
         As ``memory_branch``; the aux is None without a cache.
@@ -107,7 +110,7 @@ def memory_batched(
     G = Hq // H
     dev = qr.device
     J = consolidation_count(T, window, chunk)
-    rec, state = recur(0, T, None)
+    rec, state = recur(0, T, None) if (output_used or layer is not None) else (None, None)
     head = min(T, window + chunk)  # queries before the first consolidation: causal attention over their prefix
     # Attention in the inputs' dtype (fp32 models: fp32, as the reference; bf16 on the GPU: the gathered keys and
     # what the backward keeps take half the memory), outputs in fp32.

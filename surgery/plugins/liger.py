@@ -340,7 +340,7 @@ class LigerAttention(Mixer):
 
             swa, rec, state, (kw, vw, vb), aux = retrieval_batched.memory_batched(
                 qr, kr, vt, fk, layer, opts.window, opts.memory_chunk, opts.memory, self.scaling, sinks, states_at,
-                recur)  # fmt: skip
+                recur, output_used=opts.w_rec != 0 or shared)  # fmt: skip
         else:
             branch = memory_decode_step if on_device else memory_branch
             swa, rec, state, (kw, vw, vb), aux = branch(
