@@ -30,10 +30,12 @@ case $what in
       2>&1 | tee "$OUT/gpu_suite.log" ;;
   train)
     timeout 580 python3 benchmarks/train_step.py --lengths 4096 8192 --steps 3 \
-      --mixers liger_attention memory=examples/demo.yaml --out "$OUT/train_step_issue25.json" \
+      --mixers liger_attention memory=examples/demo.yaml \
+      memory512=benchmarks/memory_w64_m512.yaml --out "$OUT/train_step_issue25.json" \
       2>&1 | tee "$OUT/train_step_issue25.log" ;;
   decode)
     timeout 580 python3 benchmarks/generate.py --mixers gla liger_attention memory=examples/demo.yaml \
+      memory512=benchmarks/memory_w64_m512.yaml \
       --batch 8 --context 2048 32768 --modes graph --base-modes compile --out "$OUT/generate_issue25.jsonl" \
       2>&1 | tee "$OUT/generate_issue25.log" ;;
   mom)
