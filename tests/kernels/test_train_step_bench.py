@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from benchmarks import train_step
 
@@ -13,7 +16,8 @@ def test_tiny_run_prints_a_row_per_model(capsys: pytest.CaptureFixture[str]) -> 
     names = [*train_step.MIXERS, "memory"]  # the default rows: the mixers and the main job's memory recipe
     assert [r["model"] for r in rows] == ["base", *names, *(m + "/stored" for m in names)]
     memory = next(r for r in rows if r["model"] == "memory")
-    assert memory["convert"][0]["options"]["memory"] == 512  # read from examples/demo.yaml
+    plan = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "demo.yaml").read_text())
+    assert memory["convert"][0]["options"] == plan["convert"][0]["options"]  # read from the main job's plan
     for r in rows:
         assert "error" not in r, r
         assert r["T"] == 64 and r["step_ms"] > 0 and r["tok_s"] > 0
