@@ -292,8 +292,11 @@ ROWS: dict[str, Row] = {
     "swa64_sinks4_mem512": (_MEM512, {}, None, None),
     "hybrid4_longsel_mem512": (lambda raw: _keep_softmax(_selected(4, "long"))(_MEM512(raw)), {}, None, None),
     "hybrid4_even_mem512": (lambda raw: _keep_softmax(evenly_spaced(4))(_MEM512(raw)), {}, None, None),
-    # The main job: swa64_sinks4_mem512 recovered with LoRA distilled from the base at 2,048 tokens (20K tokens),
-    # and the same with 5x the tokens.
+    # Window against memory at a fixed count of visible keys (docs/recall.md), training-free, 4 sinks, w_rec 0.
+    **{f"w{w}_m{m}": (_training_free(LIGER, window=w, sinks=4, memory=m, w_swa=1.0, w_rec=0.0), {}, None, None)
+       for w, m in ((64, 768), (64, 1024), (128, 448), (128, 512), (192, 384), (256, 320), (384, 192), (448, 128))},
+    # The main job (examples/demo.yaml: window 384 + 4 sinks + 192 pairs since 2026-12-08) recovered with LoRA
+    # distilled from the base at 2,048 tokens (20K tokens), and the same with 5x the tokens.
     "main": (_main_job(), {}, None, None),
     "main_100k": (_main_job(102400), {}, None, None),
 }
